@@ -1,0 +1,29 @@
+# nanoseek: `make test` and `make demo` work on a fresh clone with nothing but Python installed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-slow demo clean
+
+install: $(STAMP)
+
+# torch is pinned first: 2.13.0 is a local CPU wheel here; an unpinned torch would pull a CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -n 2 -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+demo: install
+	$(VENV)/bin/nanoseek demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,40 @@
+"""`nanoseek <command>`: one entry point; each command's module registers its own subparser.
+
+User errors (bad paths, bad configs, bad checkpoints) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that add commands with `register(subparsers)`, in the order `--help` lists them.
+COMMAND_MODULES = (
+    "nanoseek.data.cli",       # tokenizer, data
+    "nanoseek.interop.cli",    # convert
+    "nanoseek.infer.cli",      # generate
+    "nanoseek.demo",           # demo
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek recipe on a laptop.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

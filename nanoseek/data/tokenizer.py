@@ -1,0 +1,236 @@
+"""Byte-level BPE tokenizer with DeepSeek's special tokens and chat format.
+
+DeepSeek LLM (2401.02954, §2.1) trains a byte-level BPE with the HF `tokenizers` library, pre-tokenizes
+like GPT-2 so merges never cross character categories, and splits numbers into individual digits;
+`train_tokenizer` does the same at any vocabulary size. The special tokens and the chat format are
+DeepSeek-V3 / R1's, so a directory written here loads in `transformers.AutoTokenizer` and a real
+DeepSeek tokenizer directory loads in `load_tokenizer`.
+
+At runtime nanoseek only needs `tokenizers`; the chat format lives in `nanoseek.data.chat`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from nanoseek.data.chat import (
+    ASSISTANT, BOS, CHAT_TEMPLATE, END_THINK, EOS, PAD, SPECIAL_TOKENS, SPECIAL_TOKENS_RE, THINK, USER,
+    chat_segments, render_chat,
+)
+from nanoseek.data.corpus import iter_documents
+from nanoseek.utils import atomic_path
+
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tokens
+
+
+def _token_content(value) -> str | None:
+    # tokenizer_config.json stores special tokens either as strings or as AddedToken dicts.
+    return value.get("content") if isinstance(value, Mapping) else value
+
+
+def default_tokenizer_config() -> dict:
+    """tokenizer_config.json for a tokenizer trained here (transformers' generic fast tokenizer)."""
+    decoder = {
+        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        for i, t in enumerate(SPECIAL_TOKENS)
+    }
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": decoder,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus DeepSeek's special-token ids and chat format.
+
+    `encode` never adds special tokens on its own (pass add_bos/add_eos), but special-token strings in
+    the text are recognised, which is what lets rendered chats encode to their special ids.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None):
+        self.backend = backend
+        self.config = dict(config) if config is not None else default_tokenizer_config()
+        bos = _token_content(self.config.get("bos_token")) or BOS
+        eos = _token_content(self.config.get("eos_token")) or EOS
+        pad = _token_content(self.config.get("pad_token")) or PAD
+        # A DeepSeek-V3 base tokenizer has no <think> tokens (R1 added them), hence None is allowed there.
+        self.special_ids: dict[str, int | None] = {
+            name: backend.token_to_id(token)
+            for name, token in (("bos", bos), ("eos", eos), ("pad", pad), ("user", USER), ("assistant", ASSISTANT),
+                                ("think", THINK), ("end_think", END_THINK))
+        }
+        for name, token in (("bos", bos), ("eos", eos)):
+            if self.special_ids[name] is None:
+                raise ValueError(f"tokenizer has no {name} token {token!r} in its vocabulary")
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_ids["bos"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_ids["eos"]
+
+    @property
+    def pad_id(self) -> int:
+        # Some tokenizers ship without a pad token; padding with EOS is the usual stand-in and is masked anyway.
+        pad = self.special_ids["pad"]
+        return self.eos_id if pad is None else pad
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts at once (the Rust backend spreads them over all cores)."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: Sequence[Mapping], add_generation_prompt: bool = True, *,
+                    thinking: bool = False, strip_thinking: bool = False) -> str:
+        return render_chat(messages, add_generation_prompt, thinking=thinking, strip_thinking=strip_thinking)
+
+    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True, *,
+                            thinking: bool = False, strip_thinking: bool = False) -> list[int]:
+        """Token ids of the rendered conversation (starts with BOS; no other tokens are added)."""
+        return self.encode(render_chat(messages, add_generation_prompt, thinking=thinking, strip_thinking=strip_thinking))
+
+    def encode_chat(self, messages: Sequence[Mapping], add_generation_prompt: bool = False, *,
+                    thinking: bool = False, strip_thinking: bool = False) -> tuple[list[int], list[int]]:
+        """(ids, assistant_mask): the ids equal `apply_chat_template`'s; mask is 1 on the tokens an SFT
+        loss trains on (each assistant reply and its closing EOS) and 0 on prompts and role markers."""
+        ids: list[int] = []
+        mask: list[int] = []
+        for text, is_target in chat_segments(messages, add_generation_prompt, thinking, strip_thinking):
+            piece = self.encode(text)
+            ids += piece
+            mask += [int(is_target)] * len(piece)
+        return ids, mask
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (each atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        special_map = {k: self.config[k] for k in ("bos_token", "eos_token", "pad_token") if k in self.config}
+        files = {
+            "tokenizer.json": self.backend.to_str(pretty=True),
+            "tokenizer_config.json": json.dumps(self.config, indent=2, ensure_ascii=False),
+            "special_tokens_map.json": json.dumps(special_map, indent=2, ensure_ascii=False),
+        }
+        for name, text in files.items():
+            with atomic_path(directory / name) as tmp:
+                Path(tmp).write_text(text + "\n", encoding="utf-8")
+        return directory
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})"
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """Load tokenizer.json (+ tokenizer_config.json when present) from a tokenizer or model directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"tokenizer directory not found: {directory}")
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {directory} (expected {path})")
+    backend = tokenizers.Tokenizer.from_file(str(path))
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
+    return Tokenizer(backend, config)
+
+
+def _without_special_tokens(texts: Iterable[str]) -> Iterator[str]:
+    # The BPE trainer counts special-token strings as ordinary text (wasting merges on "<｜" etc.),
+    # so rendered chats are cut at them and the pieces are trained on separately.
+    for text in texts:
+        yield from (piece for piece in SPECIAL_TOKENS_RE.split(text) if piece)
+
+
+def train_tokenizer_from_texts(
+    texts: Iterable[str],
+    vocab_size: int,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    min_frequency: int = 2,
+    progress: bool = True,
+) -> Tokenizer:
+    """Train a byte-level BPE of `vocab_size` tokens (special tokens included) on an iterable of
+    documents; save it to `out_dir` when given. A corpus too small for that many merges yields fewer."""
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size must be an integer >= {MIN_VOCAB_SIZE} (256 byte tokens + {len(SPECIAL_TOKENS)} special), "
+            f"got {vocab_size!r}"
+        )
+    texts = iter(texts)
+    first = next(texts, None)
+    if first is None:
+        raise ValueError("tokenizer training input is empty: no documents to train on")
+
+    def all_texts():
+        yield first
+        yield from texts
+
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        # Every byte gets a token up front, so any text encodes and decodes back exactly.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    backend.train_from_iterator(_without_special_tokens(all_texts()), trainer)
+    tok = Tokenizer(backend)
+    if out_dir is not None:
+        tok.save(out_dir)
+    return tok
+
+
+def train_tokenizer(
+    sources: str | os.PathLike | Sequence[str | os.PathLike],
+    vocab_size: int,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    max_bytes: int | None = None,
+    seed: int | None = 0,
+    min_frequency: int = 2,
+    progress: bool = True,
+) -> Tokenizer:
+    """Train on local files/directories (.txt, .md, .jsonl, .parquet) and/or the built-in "stdlib"
+    corpus. `max_bytes` caps the text used; `seed` picks which files a capped run reads (see
+    `nanoseek.data.corpus.iter_documents`)."""
+    documents = iter_documents(sources, max_bytes=max_bytes, seed=seed)
+    return train_tokenizer_from_texts(documents, vocab_size, out_dir, min_frequency=min_frequency, progress=progress)

@@ -1,0 +1,197 @@
+"""Checkpoint I/O: FP8 (official layout), sharding, clear errors; config.json compatibility."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import nanoseek
+from nanoseek.config import ModelConfig
+from nanoseek.interop.hf import CheckpointError, to_hf_state_dict
+from nanoseek.quant.fp8 import dequantize_weight_blockwise, quantize_weight_blockwise
+
+# Widths that are not multiples of 128, so ragged edge blocks are exercised.
+FP8_SHAPES = dict(hidden_size=192, intermediate_size=320, moe_intermediate_size=160, kv_lora_rank=144,
+                  q_lora_rank=176, num_hidden_layers=2)
+
+
+def _official_fp8_checkpoint(model, path):
+    """Write DeepSeek-V3's released FP8 layout by hand: E4M3 weights + float32 weight_scale_inv per
+    128x128 block for the decoder's projections; everything else in bf16."""
+    tensors, reference = {}, {}
+    for key, t in to_hf_state_dict(model).items():
+        if t.dim() == 2 and key.startswith("model.layers.") and key.endswith("_proj.weight") and "eh_proj" not in key:
+            rows, cols = t.shape
+            nr, nc = -(-rows // 128), -(-cols // 128)
+            scale = torch.empty(nr, nc)
+            q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+            for i in range(nr):
+                for j in range(nc):
+                    block = t[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
+                    scale[i, j] = block.abs().max() / 448.0
+                    q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = (block / scale[i, j]).to(torch.float8_e4m3fn)
+            tensors[key], tensors[key + "_scale_inv"] = q, scale
+            deq = torch.empty(rows, cols)
+            for i in range(rows):  # the format's definition, element by element per row of blocks
+                deq[i] = q[i].float() * scale[i // 128].repeat_interleave(128)[:cols]
+            reference[key] = deq
+        else:
+            tensors[key] = t.to(torch.bfloat16)
+            reference[key] = tensors[key].float()
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_hf_dict()
+    cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                  "weight_block_size": [128, 128]}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return reference
+
+
+def test_fp8_checkpoint_reproduces_dequantized_weights_exactly(tmp_path, seed):
+    model = nanoseek.DeepSeekForCausalLM(ModelConfig.preset("tiny-v3", **FP8_SHAPES))
+    reference = _official_fp8_checkpoint(model, tmp_path)
+    loaded = nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.quantization_config is None
+    got = to_hf_state_dict(loaded)
+    n_fp8 = 0
+    for key, ref in reference.items():
+        if key.endswith("_scale_inv"):
+            continue
+        assert torch.equal(got[key], ref), key
+        n_fp8 += key.endswith("_proj.weight") and "eh_proj" not in key
+    assert n_fp8 > 20
+
+
+def test_fp8_save_roundtrip(tmp_path, seed):
+    model = nanoseek.DeepSeekForCausalLM(ModelConfig.preset("tiny-v3", **FP8_SHAPES)).eval()
+    model.save_pretrained(tmp_path, fp8=True)
+    raw = load_file(tmp_path / "model.safetensors")
+    assert raw["model.layers.0.self_attn.q_a_proj.weight"].dtype == torch.float8_e4m3fn
+    assert raw["model.layers.0.self_attn.q_a_proj.weight_scale_inv"].shape == (2, 2)
+    assert raw["model.embed_tokens.weight"].dtype == torch.float32
+    assert raw["model.layers.1.mlp.gate.weight"].dtype == torch.float32
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    loaded = nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 256, (1, 24))
+    with torch.no_grad():
+        a, b = model(ids).logits, loaded(ids).logits
+    assert (a - b).abs().max() > 0  # E4M3 rounding is there ...
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99  # ... and small
+    w = model.model.layers[0].self_attn.q_a_proj.weight
+    w_loaded = loaded.model.layers[0].self_attn.q_a_proj.weight
+    assert torch.equal(w_loaded, dequantize_weight_blockwise(*quantize_weight_blockwise(w)))
+
+
+def test_sharded_checkpoint_with_index(tmp_path, seed):
+    model = nanoseek.DeepSeekForCausalLM(ModelConfig.preset("tiny-v3")).eval()
+    model.save_pretrained(tmp_path, max_shard_size="200KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all((tmp_path / s).exists() for s in shards)
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in index["weight_map"]
+    assert "model.layers.3.enorm.weight" in index["weight_map"]  # MTP as layer num_hidden_layers
+    loaded = nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path)
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    model.save_pretrained(tmp_path)  # re-saving unsharded removes the stale shards and index
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path, seed):
+    model = nanoseek.DeepSeekForCausalLM(ModelConfig.preset("tiny-v3"))
+    model.save_pretrained(tmp_path / "ok")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "nope")
+
+    tensors = load_file(tmp_path / "ok" / "model.safetensors")
+    (tmp_path / "missing").mkdir()
+    (tmp_path / "missing" / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+    save_file({k: v for k, v in tensors.items() if "q_b_proj" not in k}, tmp_path / "missing" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing keys.*q_b_proj"):
+        nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "missing")
+
+    save_file({**tensors, "model.layers.0.extra.weight": torch.zeros(1)}, tmp_path / "missing" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="unexpected keys.*extra"):
+        nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "missing")
+
+    bad = dict(tensors)
+    bad["model.layers.0.self_attn.kv_b_proj.weight"] = torch.zeros(3, 3)
+    save_file(bad, tmp_path / "missing" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"kv_b_proj.weight has shape \(3, 3\)"):
+        nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "missing")
+
+    data = (tmp_path / "ok" / "model.safetensors").read_bytes()
+    (tmp_path / "missing" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read .*model.safetensors"):
+        nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "missing")
+
+    os.remove(tmp_path / "missing" / "model.safetensors")
+    (tmp_path / "missing" / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(CheckpointError, match="no \\*.safetensors.*pickle"):
+        nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "missing")
+
+
+def test_atomic_save_leaves_no_temp_files(tmp_path, seed):
+    model = nanoseek.DeepSeekForCausalLM(ModelConfig.preset("tiny-dense"))
+    model.save_pretrained(tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+# ---------------------------------------------------------------- config.json compatibility
+def test_transformers_configs_load_unchanged():
+    transformers = pytest.importorskip("transformers")
+    v3 = ModelConfig(**transformers.DeepseekV3Config().to_dict())
+    assert (v3.n_routed_experts, v3.num_experts_per_tok, v3.q_lora_rank) == (256, 8, 1536)
+    v2 = ModelConfig(**transformers.DeepseekV2Config(n_routed_experts=64, num_experts_per_tok=6).to_dict())
+    assert v2.scoring_func == "softmax" and v2.topk_method == "greedy" and not v2.norm_topk_prob
+
+
+def test_official_v3_config_json_loads():
+    """DeepSeek-V3's own config.json style: legacy rope_scaling, noaux_tc, scoring_func, quantization."""
+    official = {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
+        "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+        "num_nextn_predict_layers": 1, "num_attention_heads": 128, "num_key_value_heads": 128,
+        "n_shared_experts": 1, "n_routed_experts": 256, "ep_size": 1, "routed_scaling_factor": 2.5,
+        "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+        "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
+        "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 163840,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True, "rope_theta": 10000,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "weight_block_size": [128, 128]},
+    }
+    cfg = ModelConfig(**official)
+    assert cfg.rope_scaling["factor"] == 40 and cfg.rope_theta == 10000
+    assert abs(cfg.softmax_scale / (192 ** -0.5) - (0.1 * __import__("math").log(40) + 1) ** 2) < 1e-12
+    assert ModelConfig(**cfg.to_hf_dict()) == cfg
+
+
+@pytest.mark.parametrize("change,field,allowed", [
+    (dict(n_routed_experts=10), "n_routed_experts", "divisible by n_group"),
+    (dict(qk_rope_head_dim=15), "qk_rope_head_dim", "even"),
+    (dict(topk_group=5), "topk_group", "1..n_group"),
+    (dict(num_experts_per_tok=5), "num_experts_per_tok", "kept groups/devices hold only 4"),
+    (dict(scoring_func="relu"), "scoring_func", "sigmoid, softmax"),
+    (dict(topk_method="random"), "topk_method", "greedy"),
+    (dict(attention_type="linear"), "attention_type", "mla, mha"),
+    (dict(attention_type="gqa", num_key_value_heads=3), "num_key_value_heads", "divide"),
+    (dict(topk_devices=3, ep_size=2), "topk_devices", "1..ep_size"),
+    (dict(hidden_size=0), "hidden_size", "positive"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type", "default, yarn"),
+])
+def test_invalid_config_names_field_value_and_allowed(change, field, allowed):
+    with pytest.raises(ValueError) as e:
+        ModelConfig.preset("tiny-v3", **change)
+    msg = str(e.value)
+    assert field in msg and allowed in msg
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'tiny-v9'.*tiny-v3"):
+        ModelConfig.preset("tiny-v9")
