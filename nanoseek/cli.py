@@ -11,8 +11,11 @@ import sys
 # Modules that add commands with `register(subparsers)`, in the order `--help` lists them.
 COMMAND_MODULES = (
     "nanoseek.data.cli",       # tokenizer, data
+    "nanoseek.train.cli",      # pretrain
     "nanoseek.interop.cli",    # convert
     "nanoseek.infer.cli",      # generate
+    "nanoseek.infer.chat",     # chat
+    "nanoseek.infer.server",   # serve
     "nanoseek.demo",           # demo
 )
 

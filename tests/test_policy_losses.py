@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nanoseek.eval.metrics import cons_at_k, majority_answer, pass_at_k
+from nanoseek.eval.metrics import majority_answer, pass_at_k
 from nanoseek.train.policy_losses import (dpo_loss, group_advantages, grpo_loss, kl_penalty, token_entropy,
                                           token_logprobs)
 
@@ -102,6 +102,6 @@ def test_pass_at_k_matches_enumeration():
         pass_at_k(3, 4, 1)
 
 
-def test_cons_at_k():
+def test_majority_answer():
     assert majority_answer(["3", None, "4", "4", "3", ""]) == "3"  # tie: first seen
-    assert cons_at_k(["7", "7", "2"], "7") == 1.0 and cons_at_k([None, None], "7") == 0.0
+    assert majority_answer(["7", "2", "7"]) == "7" and majority_answer([None, ""]) is None

@@ -1,5 +1,5 @@
 """Sampling-based accuracy metrics of the R1 report: pass@k (unbiased estimator of Codex 2107.03374),
-cons@k (majority vote over k samples) and mean pass@1 over k samples."""
+cons@k (the majority answer of k samples, see eval.tasks) and mean pass@1 over k samples."""
 from __future__ import annotations
 
 from collections import Counter
@@ -21,8 +21,3 @@ def majority_answer(answers: Sequence[str | None]) -> str | None:
         return None
     best = max(counts.values())
     return next(a for a in answers if a and counts[a] == best)
-
-
-def cons_at_k(answers: Sequence[str | None], reference: str) -> float:
-    """1.0 when the majority answer of the k samples equals the reference."""
-    return float(majority_answer(answers) == reference)

@@ -1,9 +1,13 @@
-"""KV caches shared by every attention type.
+"""KV caches shared by every attention type, and their closed-form sizes (DeepSeek-V2 §2.1.4, Table 1).
 
-Each layer stores whatever its attention hands over per token: MLA its latent c_kv [kv_lora_rank]
-and RoPE key [qk_rope_head_dim] (DeepSeek-V2 §2.1.4), MHA/GQA/MQA their K and V [n_kv, head_dim].
-Buffers are allocated on first use at `max_len` positions; `length` is the number filled, and
-setting it lower rolls the cache back (speculative decoding).
+Each layer stores whatever its attention hands over per token: MLA one row [c_kv; k_pe] of
+kv_lora_rank + qk_rope_head_dim values (the latent and the RoPE key shared by all heads), MHA/GQA/MQA
+their K and V [n_kv, head_dim]. Buffers are allocated on first use at `max_len` positions; `length`
+is the number filled, and setting it lower rolls the cache back (speculative decoding). MTP modules
+have their own layers after the main ones (index num_hidden_layers + k).
+
+A batch of sequences shares the slot axis: shorter rows are left-padded (the attention mask hides the
+padding), which is what lets `shift`, `select` and `cat` add and drop rows of a running batch.
 """
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ class KVCache:
         self.buffers: list[tuple[torch.Tensor, ...] | None] = [None] * num_layers
         self.batch_size, self.max_len, self.dtype = batch_size, max_len, dtype
         self.length = 0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.buffers)
 
     def update(self, layer_idx: int, start: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Write new [B, S, ...] entries at positions start..start+S; return all [B, start+S, ...]."""
@@ -30,6 +38,68 @@ class KVCache:
             buf[:, start:end] = t
         return tuple(buf[:, :end].to(t.dtype) for buf, t in zip(bufs, new))  # a no-op unless stored narrower
 
+    # ------------------------------------------------------------------ batch surgery (continuous batching)
+    def reserve(self, max_len: int) -> None:
+        """Make room for `max_len` positions (grows by at least half again, so appends stay amortized)."""
+        if max_len <= self.max_len:
+            return
+        max_len = max(max_len, self.max_len + self.max_len // 2)
+        for i, bufs in enumerate(self.buffers):
+            if bufs is not None:
+                grown = []
+                for b in bufs:
+                    g = b.new_zeros(b.shape[0], max_len, *b.shape[2:])
+                    g[:, : self.length] = b[:, : self.length]
+                    grown.append(g)
+                self.buffers[i] = tuple(grown)
+        self.max_len = max_len
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (a 1-D index), in this order."""
+        self.buffers = [None if bufs is None else tuple(b.index_select(0, rows) for b in bufs) for bufs in self.buffers]
+        self.batch_size = int(rows.numel())
+
+    def shift(self, n: int) -> None:
+        """Move every entry n slots right (n > 0: left padding) or drop the first -n slots (n < 0)."""
+        if n == 0:
+            return
+        if n > 0:
+            self.reserve(self.length + n)
+        keep = self.length if n > 0 else self.length + n
+        for bufs in self.buffers:
+            for b in bufs or ():
+                src = b[:, self.length - keep: self.length].clone()
+                b[:, max(n, 0): max(n, 0) + keep] = src
+                if n > 0:
+                    b[:, :n] = 0
+        self.length += n
+
+    @staticmethod
+    def cat(caches: list["KVCache"], max_len: int | None = None) -> "KVCache":
+        """Stack caches of equal `length` along the batch axis (layers a cache never wrote are zeros)."""
+        length = caches[0].length
+        if any(c.length != length or c.num_layers != caches[0].num_layers for c in caches):
+            raise ValueError("KVCache.cat needs caches with the same length and number of layers")
+        max_len = max(max_len or 0, length)
+        out = KVCache(caches[0].num_layers, sum(c.batch_size for c in caches), max_len, caches[0].dtype)
+        out.length = length
+        for i in range(out.num_layers):
+            like = next((c.buffers[i] for c in caches if c.buffers[i] is not None), None)
+            if like is None:
+                continue
+            parts = []
+            for j, ref in enumerate(like):
+                buf = ref.new_zeros(out.batch_size, max_len, *ref.shape[2:])
+                row = 0
+                for c in caches:
+                    if c.buffers[i] is not None:
+                        buf[row: row + c.batch_size, :length] = c.buffers[i][j][:, :length]
+                    row += c.batch_size
+                parts.append(buf)
+            out.buffers[i] = tuple(parts)
+        return out
+
+    # ------------------------------------------------------------------ sizes
     def bytes_per_token_per_layer(self) -> int:
         """Bytes one token occupies in one layer's cache (per batch row)."""
         bufs = next(b for b in self.buffers if b is not None)
@@ -37,3 +107,19 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for bufs in self.buffers if bufs for b in bufs)
+
+
+def cache_elements_per_token(cfg, layers: int | None = None) -> int:
+    """Cached values per token (closed form): MLA (d_c + d_h^R)·l; MHA/GQA/MQA 2·n_kv·d_h·l."""
+    layers = cfg.num_hidden_layers if layers is None else layers
+    if cfg.is_mla:
+        return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers
+    return 2 * cfg.num_key_value_heads * cfg.attn_head_dim * layers
+
+
+def mha_elements_per_token(cfg, layers: int | None = None) -> int:
+    """The MHA cache the same model would need (V2 Table 1: 2·n_h·d_h·l), with d_h the per-head width
+    of the values (for MLA: v_head_dim = qk_nope_head_dim in every DeepSeek model)."""
+    layers = cfg.num_hidden_layers if layers is None else layers
+    d_h = cfg.v_head_dim if cfg.is_mla else cfg.attn_head_dim
+    return 2 * cfg.num_attention_heads * d_h * layers

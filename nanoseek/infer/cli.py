@@ -2,28 +2,54 @@
 from __future__ import annotations
 
 import argparse
-import os
+import sys
+import time
 
 
 def _run(args: argparse.Namespace) -> None:
     import torch
 
-    from nanoseek.data.tokenizer import load_tokenizer
-    from nanoseek.infer.generate import generate
-    from nanoseek.model.transformer import DeepSeekForCausalLM
+    from nanoseek.infer.chat import ReplyPrinter, load
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.sampling import SamplingParams
 
-    if not os.path.exists(os.path.join(args.model, "tokenizer.json")):
-        raise FileNotFoundError(f"{args.model} has no tokenizer.json; a model directory needs its tokenizer")
     torch.manual_seed(args.seed)
-    tok = load_tokenizer(args.model)
-    model = DeepSeekForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model, tok = load(args.model, args.dtype)
     if args.chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": args.prompt}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, thinking=args.thinking)
     else:
         ids = tok.encode(args.prompt, add_bos=True)
-    new = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, stop_tokens=[tok.eos_id])[0]
-    print(tok.decode(new, skip_special_tokens=True))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            stop_tokens=[] if args.ignore_eos else None, stop_strings=tuple(args.stop)).validate()
+    engine = Engine(model, tok, speculative=args.speculative)
+    color = {"auto": sys.stdout.isatty(), "always": True, "never": False}[args.color]
+    t0, n = time.perf_counter(), 0
+    if args.chat:
+        printer = ReplyPrinter(sys.stdout, color, args.thinking)
+        write = lambda text, final: printer.feed(text, final)  # noqa: E731
+    else:
+        write = lambda text, final: (sys.stdout.write(text), sys.stdout.flush())  # noqa: E731
+    if args.stream:
+        for deltas in engine.stream([ids], params):
+            for d in deltas:
+                n += len(d.tokens)
+                write(d.text, d.finish_reason is not None)
+    else:
+        c = engine.generate([ids], params)[0]
+        n = len(c.tokens)
+        write(c.text, True)
+    if args.chat:
+        printer.finish()
+    else:
+        print()
+    if args.stats:
+        dt = time.perf_counter() - t0
+        s = engine.stats
+        print(f"{n} tokens in {dt:.2f}s ({n / dt:.1f} tokens/s); tokens per forward {s.tokens_per_forward:.2f}"
+              + (f", draft acceptance {s.acceptance_rate:.1%}" if args.speculative else ""), file=sys.stderr)
 
 
 def register(subparsers) -> None:
@@ -31,10 +57,20 @@ def register(subparsers) -> None:
                               description="Generate text from a model directory (weights + tokenizer).")
     p.add_argument("--model", required=True, metavar="DIR", help="model directory with its tokenizer")
     p.add_argument("--prompt", required=True, help="the prompt text")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (thinking shown apart)")
+    p.add_argument("--system", default=None, help="system prompt (with --chat)")
+    p.add_argument("--thinking", action="store_true", help="with --chat: open the reply with <think> (R1 style)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (same output, fewer forwards)")
+    p.add_argument("--stats", action="store_true", help="print tokens/s (and draft acceptance) to stderr")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run)

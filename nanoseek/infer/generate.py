@@ -1,67 +1,31 @@
-"""Batched generation over the KV cache: prompts of different lengths are left-padded, prefilled in
-one forward, then decoded one token per step (MLA decodes over its latent cache, absorbed)."""
+"""`nanoseek.generate`: batched generation in one call (a thin layer over `nanoseek.infer.engine`).
+
+Prompts of different lengths are left-padded and prefilled in one forward, then decoded one token
+per step over the KV cache (MLA attends over its latent cache, absorbed), or up to two per step
+with MTP speculative decoding.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
-from nanoseek.infer.cache import KVCache
-from nanoseek.infer.sampling import apply_repetition_penalty, sample
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
 
 
-@torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-             stop_tokens: Sequence[int] | None = None, pad_id: int = 0) -> list[list[int]]:
-    """New token ids for each prompt (a stop token, default the model's eos, ends a row and is kept)."""
+             stop_tokens: Sequence[int] | None = None, pad_id: int | None = None, *,
+             stop_strings: Sequence[str] = (), tokenizer=None, speculative: bool = False) -> list[list[int]]:
+    """New token ids for each prompt. A stop token (default: the model's eos) ends its row and is kept;
+    a stop string (needs `tokenizer`) ends its row after the token that completes it. `seed` seeds
+    one generator for the whole batch. `speculative` drafts with the model's MTP module (same
+    output: greedy tokens are identical, sampled ones have the same distribution).
+    `pad_id` is accepted for compatibility: padding is masked, so its value never matters.
+    For text, log-probs (GRPO's sampling log-probs), streaming or statistics use `nanoseek.infer.Engine`."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    cfg, device = model.config, next(model.parameters()).device
-    vocab = cfg.vocab_size
-    if any(not 0 <= t < vocab for p in prompts for t in p):
-        raise ValueError(f"prompt token ids must be in [0, {vocab})")
-    if stop_tokens is None:
-        eos = cfg.eos_token_id
-        stop_tokens = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    B, longest = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, longest), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(B, longest, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        ids[b, longest - len(p):] = torch.tensor(list(p), device=device)
-        mask[b, longest - len(p):] = 1
-    padded = bool((mask == 0).any())
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = KVCache(cfg.num_hidden_layers, B, longest + max_new_tokens)
-    stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
-    seen, out = ids, []
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        logits = model(ids, attention_mask=mask if padded else None, position_ids=positions, cache=cache,
-                       logits_to_keep=1).logits[:, -1]
-        for _ in range(max_new_tokens):
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            token = sample(logits, temperature, top_k, top_p, generator)
-            token = torch.where(done, torch.full_like(token, pad_id), token)
-            out.append(token)
-            done |= torch.isin(token, stop)
-            if bool(done.all()) or len(out) == max_new_tokens:
-                break
-            seen = torch.cat([seen, token[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
-            logits = model(token[:, None], attention_mask=mask if padded else None, position_ids=positions,
-                           cache=cache).logits[:, -1]
-    finally:
-        model.train(was_training)
-    rows = torch.stack(out, dim=1).tolist() if out else [[] for _ in prompts]
-    result = []
-    for row in rows:
-        end = next((i + 1 for i, t in enumerate(row) if t in set(stop_tokens)), len(row))
-        result.append(row[:end])
-    return result
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed, stop_tokens=stop_tokens,
+                            stop_strings=tuple(stop_strings))
+    engine = Engine(model, tokenizer, speculative=speculative)
+    return [c.tokens for c in engine.generate(prompts, params)]

@@ -1,7 +1,58 @@
-"""Next-token selection: greedy, temperature, top-k, top-p (nucleus) and repetition penalty."""
+"""Next-token selection: greedy, temperature, top-k, top-p (nucleus) and repetition penalty.
+
+`distributions` turns a batch of logits into the distributions actually sampled from, each row with
+its own settings; speculative decoding needs these as tensors (it compares target and draft
+probabilities), ordinary decoding just draws from them.
+"""
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class SamplingParams:
+    """How one sequence is continued (every field may differ between the rows of a batch)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches top_p (1 = off)."""
+    repetition_penalty: float = 1.0
+    """CTRL-style: logits of tokens already in the prompt or the output are divided (if > 0) or
+    multiplied (if < 0) by it (1 = off)."""
+    stop_tokens: Sequence[int] | None = None
+    """Token ids that end the sequence and are kept in the output; None = the model's eos."""
+    stop_strings: Sequence[str] = ()
+    """Texts that end the sequence once decoded (needs a tokenizer); cut from the returned text."""
+    seed: int | None = None
+    """Seeds this row's own random generator (None = torch's global generator)."""
+    logprobs: bool = False
+    """Also return log p(token) under the model at this temperature (before top-k/top-p and penalty)."""
+
+    def validate(self) -> "SamplingParams":
+        checks = [
+            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "an integer >= 0"),
+            ("temperature", _finite(self.temperature) and self.temperature >= 0, ">= 0"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0, "> 0"),
+            ("stop_strings", all(isinstance(s, str) and s for s in self.stop_strings), "non-empty strings"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: must be {allowed}")
+        return self
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BT: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -12,21 +63,66 @@ def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BT: torch.Tensor, pen
     return logits_BV.scatter(1, seen_BT, torch.where(picked > 0, picked / penalty, picked * penalty))
 
 
+def penalize(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty_B: torch.Tensor) -> torch.Tensor:
+    """The same penalty with a per-row factor and a [B, V] mask of the tokens seen so far."""
+    p = penalty_B[:, None].to(logits_BV.dtype)
+    return torch.where(seen_BV, torch.where(logits_BV > 0, logits_BV / p, logits_BV * p), logits_BV)
+
+
+def distributions(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
+                  top_p_B: torch.Tensor) -> torch.Tensor:
+    """Per-row sampling distributions [B, V] (fp32); greedy rows (temperature 0) are one-hot."""
+    logits = logits_BV.float()
+    greedy = temperature_B == 0
+    scaled = logits / torch.where(greedy, 1.0, temperature_B.float())[:, None]
+    V = logits.shape[-1]
+    if bool((top_k_B > 0).any()):
+        k = torch.where(top_k_B > 0, top_k_B.clamp(max=V), V)
+        kth = scaled.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if bool((top_p_B < 1).any()):
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p_B[:, None]  # keep the smallest prefix whose mass reaches top_p
+        scaled = scaled.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = scaled.softmax(-1)
+    if bool(greedy.any()):
+        one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None], one_hot, probs)
+    return probs
+
+
+def draw(probs_BV: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row [B] from `probs`; rows sharing a generator draw together (one call each)."""
+    out = torch.empty(probs_BV.shape[0], dtype=torch.long, device=probs_BV.device)
+    for gen, rows in _group(generators, probs_BV.device):
+        out[rows] = torch.multinomial(probs_BV[rows], 1, generator=gen)[:, 0]
+    return out
+
+
+def uniform(generators: Sequence[torch.Generator | None], device) -> torch.Tensor:
+    """One U[0, 1) draw per row [B], from each row's generator."""
+    out = torch.empty(len(generators), device=device)
+    for gen, rows in _group(generators, device):
+        out[rows] = torch.rand(len(rows), generator=gen, device=device)
+    return out
+
+
+def _group(generators, device):
+    groups: dict[int, tuple] = {}
+    for i, g in enumerate(generators):
+        groups.setdefault(id(g), (g, []))[1].append(i)
+    for gen, rows in groups.values():
+        yield gen, torch.tensor(rows, device=device)
+
+
 def sample(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row [B]; temperature 0 is greedy."""
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"invalid sampling parameters: temperature={temperature} (>= 0), top_p={top_p} "
-                         f"(in (0, 1]), top_k={top_k} (>= 0)")
+    """One token per row [B] with the same settings for every row; temperature 0 is greedy."""
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p).validate()
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
-    logits = logits_BV.float() / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    B, dev = logits_BV.shape[0], logits_BV.device
+    probs = distributions(logits_BV, torch.full((B,), float(temperature), device=dev),
+                          torch.full((B,), top_k, device=dev), torch.full((B,), float(top_p), device=dev))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -5,10 +5,19 @@ the auxiliary-loss-free balancing state (aux-loss-free 2408.15664), changed outs
 `update_router_bias` and never by the optimizer; gate values come from s alone. Selection may be
 limited to the top-M devices (V2 device-limited routing, device score = max affinity) and to the top
 groups (V2 group max; V3 sum of the top-2). Experts are stacked tensors evaluated per expert over
-the tokens routed to it, so the cost follows the active parameters, not the total.
+the tokens routed to it, so the cost follows the active parameters, not the total: one grouped
+matmul per projection over the (token, expert) pairs sorted by expert (torch's grouped_mm) when
+training, which keeps the step time flatter as the expert count grows; a loop over the experts hit
+at inference (and where grouped_mm is missing).
+
+V2 §2.2.4 device-level token dropping (training only): with `MoE.capacity_factor` set, each of the
+`ep_size` devices processes at most capacity_factor · T·K / ep_size (token, expert) pairs, dropping
+those of lowest affinity; the first `MoE.no_drop_fraction` of the sequences in a batch are never
+dropped (V2: ~10%). Evaluation never drops.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -87,26 +96,98 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
-    def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
+                keep_TK: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ_k weights[t, k] · expert_{indices[t, k]}(x_t); pairs where `keep_TK` is False are dropped."""
         K = indices_TK.shape[1]
         flat = indices_TK.flatten()
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        if keep_TK is not None:
+            order = order[keep_TK.flatten()[order]]
+        counts_E = torch.bincount(flat[order], minlength=self.gate_proj.shape[0])
         token = order // K
         x_sorted = x_TD[token]
+        h = (self._grouped if self._can_group(x_TD) else self._looped)(x_sorted, counts_E)
+        y_sorted = h * weights_TK.flatten()[order, None].to(x_TD.dtype)  # gate values kept in x's precision
+        return torch.zeros_like(x_TD).index_add_(0, token, y_sorted.to(x_TD.dtype))
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        dev = x.device.type
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+    def _can_group(self, x: torch.Tensor) -> bool:
+        # Training only: under autograd one grouped kernel per projection beats E small matmuls forward and
+        # backward; inference keeps the per-expert loop over the experts actually hit (decode touches few).
+        # grouped_mm kernels: fp32/bf16 on CPU, bf16 on CUDA and under torch.compile; 16-byte aligned rows.
+        if _grouped_mm is None or not torch.is_grad_enabled():
+            return False
+        dtype = self._compute_dtype(x)
+        ok = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.bfloat16,)}.get(x.device.type, ())
+        if torch.compiler.is_compiling():
+            ok = (torch.bfloat16,)
+        if dtype not in ok:
+            return False
+        per16 = 128 // torch.finfo(dtype).bits  # elements per 16 bytes
+        _, I, D = self.gate_proj.shape
+        return D % per16 == 0 and I % per16 == 0
+
+    def _grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        # grouped_mm is not autocast-aware: cast operands to the autocast dtype as autocast would.
+        dtype = self._compute_dtype(x_ND)
+        offs = counts_E.cumsum(0).to(torch.int32)
+        x = x_ND.to(dtype)
+        gate = _grouped_mm(x, self.gate_proj.to(dtype).transpose(1, 2), offs=offs)
+        up = _grouped_mm(x, self.up_proj.to(dtype).transpose(1, 2), offs=offs)
+        return _grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
+
+    def _looped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         pieces, start = [], 0
-        for e, n in enumerate(torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()):
+        for e, n in enumerate(counts_E.tolist()):
             if n:
-                seg = x_sorted[start:start + n]
+                seg = x_ND[start:start + n]
                 h = F.silu(seg @ self.gate_proj[e].T) * (seg @ self.up_proj[e].T)
                 pieces.append(h @ self.down_proj[e].T)
                 start += n
-        y_sorted = torch.cat(pieces) * weights_TK.flatten()[order, None].to(x_TD.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token, y_sorted)
+        return torch.cat(pieces) if pieces else x_ND.new_zeros(0, self.down_proj.shape[1])
+
+
+def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
+    """FLOPs of one grouped matmul, for torch's FlopCounterMode (it has no formula for it): the groups
+    split one dimension, so the cost equals one dense matmul over the concatenated groups."""
+    if len(a_shape) == 2 and len(b_shape) == 3:  # [N, K] x [E, K, M], groups along N
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:  # [M, N] x [N, P], groups along N (weight gradients)
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(a_shape) == 3 and len(b_shape) == 2:  # [E, M, K] x [K, N], groups along N
+        return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]  # batched
+
+
+def _setup_grouped_mm():
+    fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    if fn is None:
+        return None
+    try:
+        from torch.utils.flop_counter import flop_registry, register_flop_formula
+        op = torch.ops.aten._grouped_mm
+        if op not in flop_registry and op.default not in flop_registry:
+            register_flop_formula(op)(lambda a_shape, b_shape, *args, out_shape=None, **kwargs:
+                                      _grouped_mm_flops(a_shape, b_shape))
+    except (ImportError, AttributeError, RuntimeError):
+        pass
+    return fn
+
+
+_grouped_mm = _setup_grouped_mm()
 
 
 class MoE(nn.Module):
     """Routed experts + shared experts. After each forward, `last_load` [E] and `last_aux_loss` hold
-    what training needs (expert load for the bias update and metrics, the weighted balance losses)."""
+    what training needs (expert load for the bias update and metrics, the weighted balance losses).
+
+    `capacity_factor` (None = off) turns on V2 device-level token dropping in training mode, sparing
+    the first `no_drop_fraction` of each batch's sequences; `last_drop_fraction` then holds the share
+    of (token, expert) pairs dropped. `last_load` counts the routing decisions, before any dropping."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -117,17 +198,48 @@ class MoE(nn.Module):
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
         self.last_load: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
+        self.capacity_factor: float | None = None
+        self.no_drop_fraction: float = 0.1
+        self.last_drop_fraction: float | None = None
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
         r = self.gate(x_TD)
-        y = self.experts(x_TD, r.indices, r.weights)
+        keep = None
+        if self.training and self.capacity_factor:
+            keep = device_token_drop(self.cfg, r, self.capacity_factor, B, S, self.no_drop_fraction)
+            self.last_drop_fraction = 1.0 - keep.float().mean().item()
+        y = self.experts(x_TD, r.indices, r.weights, keep)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_TD)
         self.last_load = r.load
         self.last_aux_loss = balance_loss(self.cfg, r, B, S) if self.training else None
         return y.view(B, S, D)
+
+
+def device_token_drop(cfg: ModelConfig, r: Routing, capacity_factor: float, B: int, S: int,
+                      no_drop_fraction: float = 0.1) -> torch.Tensor:
+    """V2 device-level token dropping: the keep mask [T, K] of the routed (token, expert) pairs.
+
+    Device d (experts [d·E/D, (d+1)·E/D)) keeps its ceil(capacity_factor · T·K / D) pairs of highest
+    affinity; pairs of the first round(no_drop_fraction · B) sequences rank above all others.
+    """
+    T, K = r.indices.shape
+    E, Dv = cfg.n_routed_experts, cfg.ep_size
+    capacity = math.ceil(capacity_factor * T * K / Dv)
+    device = (r.indices // (E // Dv)).flatten()
+    priority = r.scores.detach().gather(1, r.indices)  # affinities lie in [0, 1]
+    protected = round(no_drop_fraction * B) * S
+    if protected:
+        priority[:protected] += 2.0
+    order = priority.flatten().argsort(descending=True, stable=True)
+    order = order[device[order].argsort(stable=True)]  # by device, best first within each
+    counts = torch.bincount(device, minlength=Dv)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(T * K, device=order.device) - starts[device[order]]
+    return (rank < capacity).view(T, K)
 
 
 def balance_loss(cfg: ModelConfig, r: Routing, B: int, S: int) -> torch.Tensor | None:

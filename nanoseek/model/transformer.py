@@ -91,7 +91,8 @@ class DeepSeekForCausalLM(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         """MoE modules in a fixed order: main layers, then MTP layers (rows of `expert_load`)."""
-        return [m for m in self.modules() if isinstance(m, MoE)]
+        # (not self.modules(): walking every module on each decode step cost ~5% of a small model's step)
+        return [layer.mlp for layer in [*self.model.layers, *(m.block for m in self.mtp)] if isinstance(layer.mlp, MoE)]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, mtp: bool | None = None,
@@ -143,6 +144,24 @@ class DeepSeekForCausalLM(nn.Module):
             h = layer(h[:, :n], emb[:, k:], rope_k, mask_k)
             out.append(self.lm_head(layer.shared_head.norm(h)))
         return out
+
+    def mtp_forward(self, hidden_BSD: torch.Tensor, next_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None, cache=None, start: int = 0, depth: int = 1,
+                    logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run MTP module `depth` over slots start..start+S of a cache (speculative drafting, V3 §5.4.3).
+
+        The input at slot i is h_i, the main model's final-normed hidden state there, and Emb(t_{i+1});
+        the output predicts t_{i+2}. The module keeps its own cache layer (num_hidden_layers + depth - 1),
+        aligned slot for slot with the main layers; `cache.length` is left to the caller.
+        Returns (logits [B, S or logits_to_keep, V], h^depth [B, S, D])."""
+        B, S = next_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(start, start + S, device=next_ids.device)[None]
+        layer = self.mtp[depth - 1]
+        emb = self.model.embed_tokens(next_ids)
+        mask = self._mask(attention_mask, B, S, start, emb.dtype, emb.device)
+        h = layer(hidden_BSD, emb, self.rotary(position_ids), mask, cache, start)
+        return self.lm_head(layer.shared_head.norm(h[:, -logits_to_keep:] if logits_to_keep else h)), h
 
     @staticmethod
     def _mask(attention_mask, B, S, start, dtype, device):

@@ -1,0 +1,106 @@
+"""Decode speed and KV-cache size: nanoseek's engine vs transformers' DeepseekV3ForCausalLM.generate,
+on the same weights (nanoseek's random init, saved and loaded by transformers), batch 1 and 8.
+
+Both generate greedily with no end-of-sequence stop, so they make the same number of tokens (the
+script checks they make the same tokens). Runs are interleaved (nanoseek, transformers, nanoseek, ...)
+so background load hits both alike; the median is reported. Decode tokens/s excludes the prefill:
+it is B·(N-1) / (time for N new tokens - time for 1 new token). Cache bytes are measured on the
+caches each library actually filled, per token (all layers) and per batch row.
+
+    .venv/bin/python benchmarks/decode.py                       # small-v3, fp32, 1 thread
+    .venv/bin/python benchmarks/decode.py --batch 1 8 --new-tokens 64 --prompt 32 --reps 5 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+
+import nanoseek
+from nanoseek.infer.engine import Engine
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="small-v3")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    args = ap.parse_args()
+
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    cfg = nanoseek.ModelConfig.preset(args.preset)
+    ns = nanoseek.DeepSeekForCausalLM(cfg).eval()
+    with tempfile.TemporaryDirectory() as d:
+        ns.save_pretrained(d)
+        ns = nanoseek.DeepSeekForCausalLM.from_pretrained(d, dtype=dtype).eval()
+        transformers.logging.set_verbosity_error()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="eager").eval()
+    hf.generation_config.pad_token_id = 0
+    print(f"{args.preset} ({ns.num_parameters():,} parameters, {ns.num_parameters(active=True):,} active), {args.dtype}, "
+          f"{args.threads} thread(s), torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"prompt {args.prompt} tokens, {args.new_tokens} new tokens, greedy, median of {args.reps} interleaved runs\n")
+    print(f"{'batch':>5} {'nanoseek tok/s':>15} {'transformers tok/s':>19} {'ratio':>6}   {'cache B/token ns':>16} "
+          f"{'hf':>8} {'ratio':>6}   same tokens")
+    engine = Engine(ns)
+    for B in args.batch:
+        g = torch.Generator().manual_seed(B)
+        prompts = torch.randint(10, cfg.vocab_size, (B, args.prompt), generator=g)
+
+        def run_ns(n):
+            return [c.tokens for c in engine.generate(prompts.tolist(), max_new_tokens=n, stop_tokens=[])]
+
+        def run_hf(n, **kw):
+            with torch.inference_mode():
+                return hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, eos_token_id=None, **kw)
+
+        same = run_ns(args.new_tokens) == run_hf(args.new_tokens)[:, args.prompt:].tolist()
+        times = {k: [] for k in ("ns", "hf", "ns1", "hf1")}
+        for _ in range(args.reps):
+            times["ns"].append(timed(lambda: run_ns(args.new_tokens)))
+            times["hf"].append(timed(lambda: run_hf(args.new_tokens)))
+            times["ns1"].append(timed(lambda: run_ns(1)))
+            times["hf1"].append(timed(lambda: run_hf(1)))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        n = B * (args.new_tokens - 1)
+        ns_tps, hf_tps = n / (med["ns"] - med["ns1"]), n / (med["hf"] - med["hf1"])
+
+        # cache bytes per token (all layers, one row): what each library stored for this batch
+        batch = engine.new_batch()
+        batch.add(prompts.tolist(), nanoseek.infer.sampling.SamplingParams(max_new_tokens=2, stop_tokens=[]))
+        batch.step()
+        ns_bytes = batch.cache.bytes_per_token_per_layer() * cfg.num_hidden_layers
+        out = run_hf(2, return_dict_in_generate=True)
+        pkv = out.past_key_values
+        hf_bytes = sum(t.numel() * t.element_size() for layer in pkv.layers for t in (layer.keys, layer.values)) // (
+            B * pkv.get_seq_length())
+        print(f"{B:>5} {ns_tps:>15.1f} {hf_tps:>19.1f} {ns_tps / hf_tps:>5.2f}x   {ns_bytes:>16,} {hf_bytes:>8,} "
+              f"{hf_bytes / ns_bytes:>5.2f}x   {same}")
+    mla = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * dtype.itemsize
+    mha = 2 * cfg.num_attention_heads * cfg.v_head_dim * cfg.num_hidden_layers * dtype.itemsize
+    print(f"\nclosed form: MLA (d_c + d_h^R)·l = {mla:,} B/token vs MHA 2·n_h·d_h·l = {mha:,} B/token "
+          f"({mla / mha:.1%}, -{1 - mla / mha:.1%})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,665 @@
+"""`nanoseek serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the inference engine.
+
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streaming as server-sent
+events, or not), GET /health. Chat replies carry the thinking in `reasoning_content` beside
+`content`, as DeepSeek's API returns it (in streaming deltas too), and every reply has usage counts.
+
+One scheduler thread owns the model and runs a continuous batch: waiting requests join the running
+batch between decode steps (one prefill for all that joined), finished ones leave at once, and a
+request whose client went away (a dropped stream, or a closed connection while waiting for a
+non-streamed reply) is removed before the next step, freeing its slot. At most `max_queue` requests
+wait to join; more get 429. Errors use OpenAI's body: {"error": {"message", "type", "param", "code"}}.
+Extensions beyond OpenAI's parameters (as vLLM names them): top_k, repetition_penalty, ignore_eos,
+chat_template_kwargs.thinking (open the reply with <think>, R1 style).
+"""
+
+import argparse
+import asyncio
+import collections
+import functools
+import itertools
+import json
+import os
+import threading
+import time
+import hmac
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from nanoseek.infer.engine import Delta, Engine
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.infer.text import ReasoningParser
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+_DONE = object()
+
+
+@dataclass(eq=False)  # identity: `job in waiting` must not compare queues and loops
+class Job:
+    """One HTTP request: n rows (choices) of the same prompt, or one row per prompt (completions)."""
+
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    generator: torch.Generator | None = None
+    id: int = field(default_factory=itertools.count().__next__)
+    cancelled: bool = False
+    open_rows: int = 0
+
+    @property
+    def keys(self) -> list[tuple[int, int]]:
+        return [(self.id, i) for i in range(len(self.prompts))]
+
+    def send(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutdown)
+            pass
+
+
+class Scheduler:
+    """Continuous batching on a background thread (the only thread that touches the model)."""
+
+    def __init__(self, engine: Engine, max_batch_size: int = 16, max_queue: int = 64):
+        self.engine, self.max_batch_size, self.max_queue = engine, max_batch_size, max_queue
+        self.batch = engine.new_batch()
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.jobs: dict[int, Job] = {}
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.stats = {"requests": 0, "rejected": 0, "cancelled": 0, "steps": 0, "tokens": 0, "max_batch": 0}
+        self.thread = threading.Thread(target=self._run, name="nanoseek-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self.engine.model.eval()
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                self.stats["rejected"] += 1
+                raise APIError(429, f"server busy: {len(self.waiting)} requests already waiting; retry later",
+                               "rate_limit_error", code="rate_limit_exceeded")
+            self.waiting.append(job)
+            self.stats["requests"] += 1
+            self.cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        with self.cond:
+            if job.id in self.jobs or job in self.waiting:
+                job.cancelled = True
+                self.cond.notify_all()
+
+    def snapshot(self) -> dict:
+        with self.cond:
+            return {"running": len(self.batch), "waiting": len(self.waiting), **self.stats}
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.cond:
+                while not self.stopped and not self.waiting and not self.batch:
+                    self.cond.wait()
+                if self.stopped:
+                    break
+                for job in [j for j in self.waiting if j.cancelled]:
+                    self.waiting.remove(job)
+                    self.stats["cancelled"] += 1
+                admit, rows = [], len(self.batch)
+                while self.waiting and rows + len(self.waiting[0].prompts) <= self.max_batch_size:
+                    job = self.waiting.popleft()
+                    admit.append(job)
+                    rows += len(job.prompts)
+                gone = [job for job in self.jobs.values() if job.cancelled]
+            try:
+                for job in gone:
+                    for key in job.keys:
+                        self.batch.remove(key)
+                    self.jobs.pop(job.id, None)
+                    self.stats["cancelled"] += 1
+                if admit:
+                    self._admit(admit)
+                size = len(self.batch)
+                deltas = self.batch.step() if self.batch else []
+            except Exception as e:  # never let one bad step take the server down
+                self._fail_all(e)
+                continue
+            if size:
+                self.stats["steps"] += 1
+                self.stats["max_batch"] = max(self.stats["max_batch"], size)
+            for d in deltas:
+                job = self.jobs.get(d.key[0])
+                if job is None:
+                    continue
+                self.stats["tokens"] += len(d.tokens)
+                job.send(d)
+                if d.finish_reason:
+                    job.open_rows -= 1
+                    if job.open_rows == 0:
+                        self.jobs.pop(job.id, None)
+                        job.send(_DONE)
+
+    def _admit(self, jobs: list[Job]) -> None:
+        prompts, params, keys, gens = [], [], [], []
+        for job in jobs:
+            job.open_rows = len(job.prompts)
+            self.jobs[job.id] = job
+            prompts += job.prompts
+            params += job.params
+            keys += job.keys
+            gens += [job.generator] * len(job.prompts)
+        try:
+            self.batch.add(prompts, params, keys=keys, generators=gens)
+        except Exception as e:
+            for job in jobs:
+                self.jobs.pop(job.id, None)
+                job.send(e)
+            raise
+
+    def _fail_all(self, error: Exception) -> None:
+        for job in list(self.jobs.values()):
+            job.send(error)
+        self.jobs.clear()
+        self.batch = self.engine.new_batch()
+
+
+# ---------------------------------------------------------------------- the HTTP layer
+def create_app(model, tokenizer, model_name: str = "nanoseek", *, api_key: str | None = None,
+               max_batch_size: int = 16, max_queue: int = 64, max_model_len: int | None = None,
+               default_max_tokens: int = 256, speculative: bool = False, thinking: bool = False):
+    """The FastAPI app; its lifespan starts and stops the scheduler (`app.state.scheduler`)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    engine = Engine(model, tokenizer, speculative=speculative)
+    scheduler = Scheduler(engine, max_batch_size=max_batch_size, max_queue=max_queue)
+    context = max_model_len or model.config.max_position_embeddings
+    device = next(model.parameters()).device
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    app = FastAPI(title="nanoseek", lifespan=lifespan)
+    app.state.scheduler = scheduler
+
+    def error_response(e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e: RequestValidationError):
+        err = (e.errors() or [{}])[0]
+        if err.get("type") == "json_invalid":
+            return error_response(APIError(400, f"request body is not valid JSON: {err.get('ctx', {}).get('error', '')}"))
+        return error_response(APIError(400, f"invalid request body: {err.get('msg', 'malformed')}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        return error_response(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
+
+    def check_key(request: Request) -> None:
+        if api_key is not None and not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
+            raise APIError(401, "invalid or missing API key (expected 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+
+    async def body_of(request: Request) -> dict:
+        check_key(request)
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object")
+        model_arg = body.get("model")
+        if not isinstance(model_arg, str):
+            raise APIError(400, "'model' is required and must be a string", param="model")
+        if model_arg != model_name:
+            raise APIError(404, f"the model '{model_arg}' does not exist; this server has '{model_name}'",
+                           param="model", code="model_not_found")
+        return body
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, **scheduler.snapshot()}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [_model_card(model_name, created)]}
+
+    @app.get("/v1/models/{name}")
+    async def model_card(name: str, request: Request):
+        check_key(request)
+        if name != model_name:
+            raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
+        return _model_card(model_name, created)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await body_of(request)
+        messages = _messages(body.get("messages"))
+        think = _chat_thinking(body, thinking)
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=think)
+        n = _int(body, "n", 1, 1, 16)
+        params, gen = _sampling(body, len(prompt), context, default_max_tokens, chat=True, device=device)
+        job = Job([prompt] * n, [params] * n, asyncio.get_running_loop(), asyncio.Queue(), gen)
+        scheduler.submit(job)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        parsers = [ReasoningParser(think) for _ in range(n)]
+        want_lp = params.logprobs
+        if body.get("stream"):
+            usage = _include_usage(body)
+
+            def chunk(choices, **extra):
+                return _sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                             "choices": choices, **extra})
+
+            async def events():
+                completion_tokens = 0
+                for i in range(n):
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
+                async for d in _deltas(job, request, scheduler):
+                    i = d.key[1]
+                    completion_tokens += len(d.tokens)
+                    r, c = parsers[i].feed(d.text, final=d.finish_reason is not None)
+                    delta = {**({"reasoning_content": r} if r else {}), **({"content": c} if c else {})}
+                    lp = {"content": _chat_logprobs(tokenizer, d.tokens, d.logprobs)} if want_lp else None
+                    if delta or d.finish_reason or (lp and lp["content"]):
+                        yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}])
+                if usage:
+                    yield chunk([], usage=_usage(len(prompt), completion_tokens))
+                yield "data: [DONE]\n\n"
+
+            return _event_stream(_guard(events()))
+        results = await _collect(job, request, scheduler)
+        choices, completion_tokens = [], 0
+        for i, (tokens, text, lps, finish) in enumerate(results):
+            completion_tokens += len(tokens)
+            parsers[i].feed(text, final=True)
+            message = {"role": "assistant", "content": parsers[i].content,
+                       "reasoning_content": parsers[i].reasoning if parsers[i].opened else None}
+            choices.append({"index": i, "message": message, "finish_reason": finish,
+                            "logprobs": {"content": _chat_logprobs(tokenizer, tokens, lps)} if want_lp else None})
+        return {"id": rid, "object": "chat.completion", "created": now, "model": model_name, "choices": choices,
+                "usage": _usage(len(prompt), completion_tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await body_of(request)
+        prompts = _prompts(body.get("prompt"), tokenizer, model.config.vocab_size)
+        n = _int(body, "n", 1, 1, 16)
+        if body.get("echo"):
+            raise APIError(400, "echo is not supported", param="echo")
+        if body.get("suffix"):
+            raise APIError(400, "suffix is not supported", param="suffix")
+        params, gen = _sampling(body, max(map(len, prompts)), context, default_max_tokens, chat=False,
+                                device=device)
+        rows = [p for p in prompts for _ in range(n)]
+        job = Job(rows, [params] * len(rows), asyncio.get_running_loop(), asyncio.Queue(), gen)
+        scheduler.submit(job)
+        rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        prompt_tokens = sum(map(len, prompts))
+        want_lp = params.logprobs
+        if body.get("stream"):
+            usage = _include_usage(body)
+
+            async def events():
+                completion_tokens = 0
+                async for d in _deltas(job, request, scheduler):
+                    completion_tokens += len(d.tokens)
+                    if d.text or d.finish_reason:
+                        yield _sse({"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                                    "choices": [{"index": d.key[1], "text": d.text, "finish_reason": d.finish_reason,
+                                                 "logprobs": _completion_logprobs(tokenizer, d.tokens, d.logprobs)
+                                                 if want_lp else None}]})
+                if usage:
+                    yield _sse({"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                                "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+                yield "data: [DONE]\n\n"
+
+            return _event_stream(_guard(events()))
+        results = await _collect(job, request, scheduler)
+        choices = [{"index": i, "text": text, "finish_reason": finish,
+                    "logprobs": _completion_logprobs(tokenizer, tokens, lps) if want_lp else None}
+                   for i, (tokens, text, lps, finish) in enumerate(results)]
+        return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
+                "usage": _usage(prompt_tokens, sum(len(r[0]) for r in results))}
+
+    return app
+
+
+@functools.lru_cache(maxsize=None)
+def _event_stream_class():  # built on first use: FastAPI/Starlette are imported lazily
+    import anyio
+    from starlette.responses import StreamingResponse
+
+    class EventStream(StreamingResponse):
+        """Server-sent events that stop as soon as the client disconnects, even while no event is due
+        (Starlette alone notices only when a write fails), and always close their generator, whose
+        cleanup cancels the job and frees its batch slot."""
+
+        def __init__(self, content):
+            super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        async def __call__(self, scope, receive, send):
+            try:
+                async with anyio.create_task_group() as tg:
+                    async def run(fn, *args):
+                        try:
+                            await fn(*args)
+                        except OSError:  # the client went away mid-write
+                            pass
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(run, self.stream_response, send)
+                    await run(self.listen_for_disconnect, receive)
+            finally:
+                await self.body_iterator.aclose()
+
+    return EventStream
+
+
+def _event_stream(content):
+    return _event_stream_class()(content)
+
+
+def _model_card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "nanoseek"}
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _guard(events):
+    """Turn an error in the middle of a stream into an error event (the status line is already sent)."""
+    try:
+        async for e in events:
+            yield e
+    except APIError as e:
+        yield _sse(e.body())
+    except Exception as e:  # noqa: BLE001 - reported to the client, the server keeps serving
+        yield _sse(APIError(500, f"generation failed: {e}", "server_error").body())
+
+
+async def _deltas(job: Job, request, scheduler: Scheduler):
+    """The job's deltas as they come; the job is cancelled if the consumer stops early (disconnect)."""
+    try:
+        while True:
+            item = await job.queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, Exception):
+                raise item if isinstance(item, APIError) else APIError(500, f"generation failed: {item}", "server_error")
+            yield item
+    finally:
+        scheduler.cancel(job)
+
+
+async def _collect(job: Job, request, scheduler: Scheduler) -> list[tuple[list[int], str, list[float] | None, str]]:
+    """Wait for a whole job, polling for a client that went away (then the job is cancelled)."""
+    n = len(job.prompts)
+    tokens, texts, lps, finish = [[] for _ in range(n)], [""] * n, [None] * n, ["length"] * n
+    gen = _deltas(job, request, scheduler)
+    nxt, next_check = None, time.monotonic() + 0.5
+    try:
+        while True:
+            if nxt is None:
+                nxt = asyncio.ensure_future(gen.__anext__())
+            done, _ = await asyncio.wait({nxt}, timeout=0.5)
+            if time.monotonic() >= next_check:  # on a clock: deltas may keep coming to a client long gone
+                next_check = time.monotonic() + 0.5
+                if await request.is_disconnected():
+                    nxt.cancel()
+                    raise APIError(499, "client closed the request")
+            if not done:
+                continue
+            try:
+                d: Delta = nxt.result()
+            except StopAsyncIteration:
+                break
+            nxt = None
+            i = d.key[1]
+            tokens[i] += d.tokens
+            texts[i] += d.text
+            if d.logprobs is not None:
+                lps[i] = (lps[i] or []) + d.logprobs
+            if d.finish_reason:
+                finish[i] = d.finish_reason
+    finally:
+        await gen.aclose()
+    return list(zip(tokens, texts, lps, finish))
+
+
+# ---------------------------------------------------------------------- request parsing
+def _int(body: dict, name: str, default, lo: int, hi: int | None = None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+        raise APIError(400, f"'{name}' must be an integer in [{lo}, {hi if hi is not None else 'inf'}), got {v!r}"
+                       if hi is None else f"'{name}' must be an integer in [{lo}, {hi}], got {v!r}", param=name)
+    return v
+
+
+def _float(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not (lo < v if lo_open else lo <= v) or v > hi:
+        raise APIError(400, f"'{name}' must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}", param=name)
+    return float(v)
+
+
+def _sampling(body: dict, prompt_len: int, context: int, default_max_tokens: int, chat: bool, device="cpu"):
+    room = context - prompt_len
+    if room < 1:
+        raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {context} tokens",
+                       param="messages" if chat else "prompt", code="context_length_exceeded")
+    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _int(body, name, None, 1)
+    if max_tokens is None:
+        max_tokens = min(default_max_tokens, room)
+    elif prompt_len + max_tokens > context:
+        raise APIError(400, f"the prompt ({prompt_len} tokens) plus {name} ({max_tokens}) exceeds this model's "
+                       f"context of {context} tokens", param=name, code="context_length_exceeded")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _float(body, name, 0.0, -2.0, 2.0) != 0:
+            raise APIError(400, f"'{name}' is not supported (use repetition_penalty)", param=name)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or
+                             not all(isinstance(s, str) and s for s in stop)):
+        raise APIError(400, "'stop' must be a non-empty string or a list of at most 4 of them", param="stop")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise APIError(400, f"'seed' must be an integer, got {seed!r}", param="seed")
+    if chat:
+        logprobs = body.get("logprobs") or False
+        if not isinstance(logprobs, bool):
+            raise APIError(400, "'logprobs' must be a boolean", param="logprobs")
+        if _int(body, "top_logprobs", 0, 0, 20):
+            raise APIError(400, "'top_logprobs' is not supported", param="top_logprobs")
+    else:
+        logprobs = _int(body, "logprobs", None, 0, 5)
+        if logprobs:
+            raise APIError(400, "only logprobs=0 (the chosen tokens' log-probabilities) is supported", param="logprobs")
+        logprobs = logprobs is not None
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, "'ignore_eos' must be a boolean", param="ignore_eos")
+    params = SamplingParams(
+        max_new_tokens=max_tokens, temperature=_float(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), top_k=_int(body, "top_k", 0, 0),
+        repetition_penalty=_float(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
+        stop_strings=tuple(stop or ()), stop_tokens=[] if ignore_eos else None, logprobs=logprobs)
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    return params, gen
+
+
+def _include_usage(body: dict) -> bool:
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise APIError(400, "'stream_options' must be an object", param="stream_options")
+    return bool((opts or {}).get("include_usage"))
+
+
+def _chat_thinking(body: dict, default: bool) -> bool:
+    kw = body.get("chat_template_kwargs") or {}
+    if not isinstance(kw, dict):
+        raise APIError(400, "'chat_template_kwargs' must be an object", param="chat_template_kwargs")
+    value = kw.get("thinking", default)
+    if not isinstance(value, bool):
+        raise APIError(400, "'chat_template_kwargs.thinking' must be a boolean", param="chat_template_kwargs")
+    return value
+
+
+def _messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise APIError(400, f"messages[{i}] must be an object with role system, user or assistant", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, f"messages[{i}]: only text content parts are supported", param="messages")
+            content = "".join(p["text"] for p in content)
+        if content is None and m["role"] == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string", param="messages")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    return out
+
+
+def _prompts(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
+    def bad():
+        return APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists",
+                        param="prompt")
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise bad()
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompt = [prompt]
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            out.append(tokenizer.encode(p, add_bos=True))
+        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            if any(not 0 <= t < vocab_size for t in p):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab_size})", param="prompt")
+            out.append(p)
+        else:
+            raise bad()
+    if len(out) > 64:
+        raise APIError(400, "at most 64 prompts per request", param="prompt")
+    return out
+
+
+def _token_text(tokenizer, t: int) -> str:
+    return tokenizer.decode([t])
+
+
+def _chat_logprobs(tokenizer, tokens, logprobs) -> list[dict]:
+    return [{"token": (s := _token_text(tokenizer, t)), "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
+            for t, lp in zip(tokens, logprobs or [])]
+
+
+def _completion_logprobs(tokenizer, tokens, logprobs) -> dict:
+    texts = [_token_text(tokenizer, t) for t in tokens]
+    offsets = list(itertools.accumulate([0] + [len(s) for s in texts[:-1]])) if texts else []
+    return {"tokens": texts, "token_logprobs": list(logprobs or []), "top_logprobs": None, "text_offset": offsets}
+
+
+# ---------------------------------------------------------------------- command line
+def _run(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn  # noqa: F401
+        import fastapi  # noqa: F401
+    except ImportError:
+        raise ValueError("serving needs FastAPI and uvicorn: pip install 'nanoseek[serve]'") from None
+    import uvicorn
+
+    from nanoseek.data.tokenizer import load_tokenizer
+    from nanoseek.model.transformer import DeepSeekForCausalLM
+
+    if not os.path.exists(os.path.join(args.model, "tokenizer.json")):
+        raise FileNotFoundError(f"{args.model} has no tokenizer.json; a model directory needs its tokenizer")
+    torch.manual_seed(args.seed)
+    tok = load_tokenizer(args.model)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = DeepSeekForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    name = args.model_name or os.path.basename(os.path.normpath(args.model))
+    app = create_app(model, tok, name, api_key=args.api_key or os.environ.get("NANOSEEK_API_KEY"),
+                     max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_model_len=args.max_model_len,
+                     default_max_tokens=args.default_max_tokens, speculative=args.speculative, thinking=args.thinking)
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (batch {args.max_batch_size}, queue {args.max_queue}"
+          f"{', API key required' if args.api_key else ''})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server for a model directory",
+                              description="Serve a model directory (weights + tokenizer) with an OpenAI-compatible "
+                                          "API: /v1/models, /v1/chat/completions, /v1/completions.")
+    p.add_argument("--model", required=True, metavar="DIR", help="model directory with its tokenizer")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set NANOSEEK_API_KEY)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get HTTP 429")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
+    p.add_argument("--thinking", action="store_true", help="open every chat reply with <think> (R1 style)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--log-level", default="warning")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run)

@@ -1,0 +1,68 @@
+"""Expert load balancing in the training loop, and the statistics that measure it.
+
+Strategies (`[balance] strategy`), as DeepSeek's papers use them:
+- none: routing is left alone.
+- aux_free (2408.15664, V3 §2.1.2): after each optimizer step every router bias moves
+  b_i += γ·sign(mean load − load_i) over the step's summed load (`update_biases`); the bias only
+  steers top-K selection and the optimizer never sees it. γ follows a schedule (V3: 0.001, then 0).
+- seq_aux (V3 Eq. 17-20): the sequence-wise balance loss with a tiny α, set in the ModelConfig.
+- v3: both of the above, as V3 trains.
+- v2 (V2 §2.2.3): expert-, device- and communication-level balance losses (α1, α2, α3), plus
+  optionally device-level token dropping with a capacity factor (`configure_token_dropping`).
+The loss weights live in the ModelConfig (`RunConfig.model_config` sets them per strategy).
+
+MaxVio = (max_i load_i − mean load) / mean load (2408.15664 §4.1): over one step's batch
+(MaxVio_batch) or summed over the whole held-out set (MaxVio_global), per MoE layer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanoseek.model.moe import MoE, update_router_bias
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """MoE modules in the order of `ModelOutput.expert_load` rows (main layers, then MTP)."""
+    return model.moe_layers() if hasattr(model, "moe_layers") else [m for m in model.modules() if isinstance(m, MoE)]
+
+
+@torch.no_grad()
+def update_biases(model: nn.Module, load_LE: torch.Tensor, speed: float, center: bool = False) -> None:
+    """One aux-loss-free step on every MoE layer from the step's load [n_moe_layers, E]."""
+    if not speed:
+        return
+    layers = moe_layers(model)
+    if len(layers) != load_LE.shape[0]:
+        raise ValueError(f"expert load has {load_LE.shape[0]} rows but the model has {len(layers)} MoE layers")
+    for moe, load in zip(layers, load_LE):
+        update_router_bias(moe.gate, load, speed, center=center)
+
+
+def configure_token_dropping(model: nn.Module, capacity_factor: float, no_drop_fraction: float = 0.1) -> None:
+    """V2 device-level token dropping in training mode (capacity_factor 0 = off); never at eval."""
+    for moe in moe_layers(model):
+        moe.capacity_factor = capacity_factor or None
+        moe.no_drop_fraction = no_drop_fraction
+
+
+def drop_fraction(model: nn.Module) -> float | None:
+    """Mean share of (token, expert) pairs dropped in the last forward, or None when nothing could drop."""
+    values = [m.last_drop_fraction for m in moe_layers(model) if m.last_drop_fraction is not None]
+    return sum(values) / len(values) if values else None
+
+
+def max_violation(load_LE: torch.Tensor) -> torch.Tensor:
+    """MaxVio per layer: (max load − mean load) / mean load, from loads [layers, E]."""
+    load = load_LE.float()
+    mean = load.mean(-1)
+    return (load.amax(-1) - mean) / mean.clamp_min(1e-12)
+
+
+def bias_stats(model: nn.Module) -> dict[str, float]:
+    """Spread of the routing biases (how hard aux-loss-free balancing is steering)."""
+    biases = [m.gate.e_score_correction_bias for m in moe_layers(model)]
+    if not biases:
+        return {}
+    b = torch.stack(biases)
+    return {"router_bias_absmax": float(b.abs().max()), "router_bias_std": float(b.std(-1).mean())}

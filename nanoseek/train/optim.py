@@ -1,0 +1,51 @@
+"""AdamW as DeepSeek trains with it (DeepSeek LLM §2.3, V2 §3.1.2, V3 §4.2): β = (0.9, 0.95),
+weight decay 0.1, gradient clipping at 1.0.
+
+Weight decay applies to every matrix (attention and MLP projections, the stacked experts, the router
+weight, the embedding and the head) and never to vectors (RMSNorm weights, biases). The router's
+aux-loss-free bias `e_score_correction_bias` is a buffer, so the optimizer never sees it. Parameters
+are passed by name, so the optimizer's state dict records which tensor each entry belongs to.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed matrices (dim >= 2) and undecayed vectors (norms, biases)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append((name, p))
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                    weight_decay: float = 0.1) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused kernel where the device has one."""
+    groups = param_groups(model, weight_decay)
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the global L2 gradient norm to max_norm (0 = measure only); returns the norm before clipping
+    (inf or nan when a gradient is not finite)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    limit = max_norm if max_norm > 0 else math.inf
+    return float(torch.nn.utils.clip_grad_norm_(params, limit, error_if_nonfinite=False))

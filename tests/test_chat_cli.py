@@ -1,0 +1,72 @@
+"""`nanoseek chat` and `nanoseek generate`: streamed replies with the thinking shown apart."""
+import io
+
+import pytest
+import torch
+
+import nanoseek
+from infer_fixtures import ANSWER, REASONING, REPLY, chat_model_dir
+from nanoseek.cli import main
+from nanoseek.infer.chat import DIM, RESET, chat_loop
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+
+
+def _scripted(lines):
+    it = iter(lines)
+
+    def read(prompt):
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+    return read
+
+
+def test_chat_loop_streams_reasoning_apart_and_resets():
+    path = chat_model_dir()
+    model, tok = nanoseek.DeepSeekForCausalLM.from_pretrained(path), nanoseek.load_tokenizer(path)
+    engine = Engine(model, tok, speculative=True)
+    out = io.StringIO()
+    messages = chat_loop(engine, tok, SamplingParams(max_new_tokens=40), input_fn=_scripted(
+        ["What is 2+2?", "/help", "", "hello", "/reset", "ok", "/exit", "never read"]), out=out, color=True, stats=True)
+    text = out.getvalue()
+    # dimmed thinking, then the answer (the second turn, with history, is beyond what this tiny model learned)
+    assert text.count(f"{DIM}{REASONING}\n{RESET}\n\n{ANSWER}\n") >= 2 and text.count(">>> ") == 0
+    assert "(conversation reset)" in text and "tokens/s" in text and "drafts accepted" in text
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "ok"
+    assert messages[1]["content"].endswith(ANSWER) and REASONING in messages[1]["content"]
+    # without colors the thinking is set off by tags; end of input ends the chat
+    out = io.StringIO()
+    chat_loop(engine, tok, SamplingParams(max_new_tokens=40), input_fn=_scripted(["why?"]), out=out, thinking=True)
+    assert f"<think>\n{REASONING}\n\n</think>\n\n{ANSWER}\n" in out.getvalue()
+
+
+def test_chat_loop_refuses_an_overlong_conversation():
+    path = chat_model_dir()
+    model, tok = nanoseek.DeepSeekForCausalLM.from_pretrained(path), nanoseek.load_tokenizer(path)
+    out = io.StringIO()
+    messages = chat_loop(Engine(model, tok), tok, SamplingParams(max_new_tokens=40),
+                         input_fn=_scripted(["x " * 200, "/exit"]), out=out)
+    assert "over this model's context" in out.getvalue() and messages == []
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--chat", "--stream", "--color", "never"], f"<think>\n{REASONING}\n\n</think>\n\n{ANSWER}\n"),
+    (["--chat", "--color", "always", "--speculative", "--stats"], f"{DIM}{REASONING}\n{RESET}\n\n{ANSWER}\n"),
+    (["--chat", "--stop", "plus"], "<think>\nTwo \n</think>\n\n\n"),
+])
+def test_generate_command(capsys, extra, expected):
+    torch.manual_seed(0)
+    main(["generate", "--model", chat_model_dir(), "--prompt", "What is 2+2?", "--max-new-tokens", "40", *extra])
+    out, err = capsys.readouterr()
+    assert out == expected
+    if "--stats" in extra:
+        assert "tokens/s" in err and "draft acceptance" in err
+
+
+def test_generate_command_raw_prompt(capsys):
+    tok = nanoseek.load_tokenizer(chat_model_dir())
+    prompt = tok.render_chat([{"role": "user", "content": "hello"}])[len("<｜begin▁of▁sentence｜>"):]
+    main(["generate", "--model", chat_model_dir(), "--prompt", prompt, "--stream"])
+    assert capsys.readouterr().out == REPLY + "\n"

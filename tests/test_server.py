@@ -1,0 +1,275 @@
+"""The OpenAI-compatible server, driven over real HTTP on 127.0.0.1 with the official `openai` client
+(and raw httpx for malformed requests). The model is a tiny one trained to give one R1-style reply."""
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import nanoseek
+from infer_fixtures import ANSWER, QUESTIONS, REASONING, REPLY, chat_model_dir
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+from nanoseek.infer.server import create_app  # noqa: E402
+
+TIMEOUT = 30
+
+
+@contextlib.contextmanager
+def running_server(step_delay: float = 0.0, **kwargs):
+    """create_app + uvicorn in a thread, on a port the OS picked; stopped (and joined) afterwards.
+    `step_delay` slows every forward down, so that requests are still running when a test looks."""
+    path = chat_model_dir()
+    model = nanoseek.DeepSeekForCausalLM.from_pretrained(path).eval()
+    if step_delay:
+        model.register_forward_pre_hook(lambda *_: time.sleep(step_delay))
+    app = create_app(model, nanoseek.load_tokenizer(path), "tiny", **kwargs)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + TIMEOUT
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+    finally:
+        server.should_exit = True
+        thread.join(TIMEOUT)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    torch.manual_seed(0)
+    with running_server(max_batch_size=16, max_queue=64) as (url, app):
+        yield url, app
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+
+
+def _prompt_tokens(messages, thinking=False):
+    return len(nanoseek.load_tokenizer(chat_model_dir()).apply_chat_template(messages, thinking=thinking))
+
+
+def _wait_health(url, pred):
+    deadline = time.time() + TIMEOUT
+    while True:
+        h = httpx.get(url + "/health", timeout=TIMEOUT).json()
+        if pred(h):
+            return h
+        assert time.time() < deadline, json.dumps(h)
+        time.sleep(0.05)
+
+
+def test_models_and_plain_chat(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=40)
+    msg = r.choices[0].message
+    assert (msg.content, msg.reasoning_content, r.choices[0].finish_reason) == (ANSWER, REASONING + "\n", "stop")
+    assert r.usage.prompt_tokens == _prompt_tokens(messages)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # thinking opened by the template (R1 style): the same split
+    r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=40,
+                                       extra_body={"chat_template_kwargs": {"thinking": True}})
+    assert (r.choices[0].message.content, r.choices[0].message.reasoning_content) == (ANSWER, REASONING + "\n")
+    # max_tokens cuts the reply: finish_reason length; n choices; logprobs
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, n=2, seed=1, logprobs=True)
+    assert [c.finish_reason for c in r.choices] == ["length", "length"] and r.usage.completion_tokens == 6
+    assert all(len(c.logprobs.content) == 3 and all(t.logprob <= 0 for t in c.logprobs.content) for c in r.choices)
+
+
+def test_streaming_chat(client):
+    messages = [{"role": "user", "content": "hello"}]
+    stream = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=40,
+                                            stream=True, stream_options={"include_usage": True})
+    reasoning, content, finish, usage, n_chunks = "", "", None, None, 0
+    for chunk in stream:
+        n_chunks += 1
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            reasoning += getattr(c.delta, "reasoning_content", None) or ""
+            content += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert (reasoning, content, finish) == (REASONING + "\n", ANSWER, "stop")
+    assert n_chunks > 5  # token by token, not one lump
+    assert usage.prompt_tokens == _prompt_tokens(messages) and usage.completion_tokens > 5
+
+
+def test_completions_plain_and_streaming(client, server):
+    tok = nanoseek.load_tokenizer(chat_model_dir())
+    prompt = tok.render_chat([{"role": "user", "content": "hello"}])[len(tok.decode([tok.bos_id])):]
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0)
+    assert r.choices[0].text == REPLY and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model="tiny", prompt=[prompt, prompt], max_tokens=40, temperature=0,
+                                  stop=["plus"])
+    assert [c.text for c in r.choices] == ["<think>\nTwo "] * 2 and r.usage.prompt_tokens == 2 * len(tok.encode(prompt)) + 2
+    ids = tok.encode(prompt, add_bos=True)
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=ids, max_tokens=40, temperature=0, stream=True) if c.choices)
+    assert text == REPLY
+
+
+def test_concurrent_clients_are_batched(client, server):
+    url, app = server
+    before = app.state.scheduler.snapshot()["max_batch"]
+
+    def one(i):
+        kw = dict(model="tiny", messages=[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], temperature=0,
+                  max_tokens=40)
+        if i % 2:
+            parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
+                     if c.choices]
+            return "".join(parts)
+        return client.chat.completions.create(**kw).choices[0].message.content
+
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(one, range(10)))
+    assert answers == [ANSWER] * 10
+    assert app.state.scheduler.snapshot()["max_batch"] >= max(before, 2)  # requests shared decode steps
+
+
+@pytest.mark.parametrize("body,status,param,needle", [
+    (b"{not json", 400, None, "not valid JSON"),
+    (b"[1, 2]", 400, None, "JSON object"),
+    ({"messages": [{"role": "user", "content": "x"}]}, 400, "model", "model"),
+    ({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model", "does not exist"),
+    ({"model": "tiny", "messages": []}, 400, "messages", "non-empty"),
+    ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages", "role"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 3}, 400, "temperature", "[0.0, 2.0]"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p", "top_p"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 100}, 400, "n", "'n'"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": 5}, 400, "stop", "stop"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 400}]}, 400, "messages", "context"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}, 400, "max_tokens",
+     "context"),
+])
+def test_malformed_requests_get_openai_errors(server, body, status, param, needle):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server[0] + "/v1/chat/completions", content=content,
+                   headers={"content-type": "application/json"}, timeout=TIMEOUT)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param and needle in err["message"]
+    if "context" in needle:
+        assert err["code"] == "context_length_exceeded"
+
+
+def test_other_errors(server):
+    url = server[0]
+    assert httpx.get(url + "/v1/nothing", timeout=TIMEOUT).status_code == 404
+    r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": [1, 99999]}, timeout=TIMEOUT)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": {"a": 1}}, timeout=TIMEOUT)
+    assert r.status_code == 400
+    r = httpx.get(url + "/v1/models/other", timeout=TIMEOUT)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.fixture
+def slow_server():
+    """One sequence at a time, one waiting, 20 ms per forward: a 100-token request runs for 2 s."""
+    with running_server(step_delay=0.02, max_batch_size=1, max_queue=1) as (url, app):
+        yield url, app
+
+
+LONG = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 100, "stream": True, "ignore_eos": True}
+
+
+def test_disconnect_mid_stream_frees_the_slot(slow_server):
+    url, app = slow_server
+    with httpx.Client(timeout=TIMEOUT) as a, httpx.Client(timeout=TIMEOUT) as b:
+        with a.stream("POST", url + "/v1/completions", json=LONG) as ra:
+            lines = ra.iter_lines()
+            assert sum(next(lines).startswith("data: {") for _ in range(6)) >= 2
+            with b.stream("POST", url + "/v1/chat/completions", json={**LONG, "prompt": None, "messages": [
+                    {"role": "user", "content": "hello"}]}):
+                _wait_health(url, lambda h: h["running"] == 1 and h["waiting"] == 1)
+            # the client waiting in the queue left: its request is dropped, the running one goes on
+            h = _wait_health(url, lambda h: h["waiting"] == 0 and h["cancelled"] == 1)
+            assert h["running"] == 1
+        h = _wait_health(url, lambda h: h["running"] == 0 and h["cancelled"] == 2)
+    assert h["tokens"] < 100  # the running request stopped long before its 100 tokens
+    # a client waiting for a whole (non-streamed) reply that gives up is noticed too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json={**LONG, "stream": False}, timeout=0.5)
+    h = _wait_health(url, lambda h: h["running"] == 0 and h["cancelled"] == 3)
+    # and it keeps serving
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "ok"}], temperature=0,
+                                       max_tokens=40)
+    assert r.choices[0].message.content == ANSWER
+
+
+def test_full_queue_answers_429(slow_server):
+    url, app = slow_server
+    with httpx.Client(timeout=TIMEOUT) as a, httpx.Client(timeout=TIMEOUT) as b:
+        with a.stream("POST", url + "/v1/completions", json=LONG) as ra:
+            lines = ra.iter_lines()  # keep it: a dropped httpx iterator closes the connection
+            next(lines)
+            with b.stream("POST", url + "/v1/completions", json=LONG) as rb:
+                _wait_health(url, lambda h: h["running"] == 1 and h["waiting"] == 1)
+                r = httpx.post(url + "/v1/completions", json={**LONG, "stream": False}, timeout=TIMEOUT)
+                assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+                assert rb.status_code == 200
+                client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+                with pytest.raises(openai.RateLimitError):
+                    client.completions.create(model="tiny", prompt="x", max_tokens=5)
+    h = _wait_health(url, lambda h: h["running"] == 0 and h["waiting"] == 0)
+    assert h["rejected"] == 2 and h["tokens"] < 200
+
+
+def test_serve_command_with_api_key(tmp_path):
+    """`nanoseek serve` as users start it: binds 127.0.0.1, requires the key."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", "--model", chat_model_dir(), "--port",
+                             str(port), "--api-key", "sekret", "--model-name", "tiny", "--speculative"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.2)
+        r = httpx.get(url + "/v1/models", timeout=TIMEOUT)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0, timeout=TIMEOUT)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0, timeout=TIMEOUT)
+        r = good.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is 2+2?"}],
+                                         temperature=0, max_tokens=40)
+        assert r.choices[0].message.content == ANSWER
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
