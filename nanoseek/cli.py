@@ -12,6 +12,8 @@ import sys
 COMMAND_MODULES = (
     "nanoseek.data.cli",       # tokenizer, data
     "nanoseek.train.cli",      # pretrain
+    "nanoseek.train.post_cli", # sft, dpo, grpo, distill, rejection-sample, pipeline
+    "nanoseek.eval.cli",       # eval
     "nanoseek.interop.cli",    # convert
     "nanoseek.infer.cli",      # generate
     "nanoseek.infer.chat",     # chat

@@ -9,7 +9,8 @@ toy "languages" that share digits (as real languages share formulas) but no word
 
 The answer is digits in either language (``<answer>91</answer>``), so a model can reason in the wrong
 language and still be right: exactly the mixing the reward is meant to discourage. The "switched"
-style writes the reasoning in the other language, to build a base that mixes.
+style writes the reasoning in the other language, to build a base that mixes; "buggy" is the
+arithmetic task's dropped-carry bare answer, to build a base that is right only sometimes.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import random
 from collections.abc import Sequence
 
 from nanoseek.tasks import rewards as R
-from nanoseek.tasks.arithmetic import addition_columns, has_carry, operand_range
+from nanoseek.tasks.arithmetic import addition_columns, dropped_carry_answer, has_carry, operand_range
 from nanoseek.tasks.base import Example, Task
 
 LANGUAGES = {
@@ -38,11 +39,11 @@ class BilingualTask(Task):
     """``digits``-digit addition asked in a language drawn from ``languages``.
 
     Adds the "language" component (language-consistency reward against the prompt's language) and,
-    following R1, weights it equally with accuracy by default. Styles: "think", "switched", "bare".
+    following R1, weights it equally with accuracy by default. Styles: "think", "switched", "bare", "buggy".
     """
 
     name = "bilingual"
-    styles = ("think", "switched", "bare")
+    styles = ("think", "switched", "bare", "buggy")
     components = Task.components + ("language",)
     default_weights = {"accuracy": 1.0, "language": 1.0}
 
@@ -76,6 +77,8 @@ class BilingualTask(Task):
     def _solution(self, example: Example, style: str) -> tuple[str | None, str]:
         if style == "bare":
             return None, example.answer
+        if style == "buggy":
+            return None, str(dropped_carry_answer(example.meta["a"], example.meta["b"], "+"))
         language = example.meta["language"]
         if style == "switched":
             language = next(lang for lang in LANGUAGES if lang != language)

@@ -1,0 +1,341 @@
+"""The DeepSeek-R1 training pipelines at micro scale (DeepSeek-R1 §2.2 R1-Zero, §2.3 R1).
+
+    from nanoseek.train.pipeline import run_pipeline
+    report = run_pipeline("r1-zero", "runs/r1-zero")                 # or "r1"; returns the report dict
+    report = run_pipeline("r1", "runs/r1", overrides=["rl.train.steps=20", "common.train.threads=1"])
+
+r1-zero (arithmetic): base → rl
+    base          SFT of a fresh tiny-v3 on a bimodal corpus — 30% correct <think> scratchpad traces,
+                  70% <answer> tags holding the dropped-carry answer — the stand-in for a pretrained
+                  model that "solves it sometimes but not reliably": greedy, it answers at once and
+                  is right only without carries; sampled, it thinks 30% of the time and is then mostly
+                  right (skipped when pipeline.base names a model)
+    rl            GRPO straight on the base with the accuracy reward: R1-Zero
+r1 (bilingual addition, two toy languages): base → cold_start → reasoning_rl → rejection → sft → rl
+    base          as above, with reasoning half in the prompt's language and half in the other one
+    cold_start    SFT on a few hundred well-formed traces in the prompt's language (§2.3.1)
+    reasoning_rl  GRPO with accuracy + language-consistency reward (§2.3.2)
+    rejection     k samples per prompt from reasoning_rl; keep correct, well-formed, single-language (§2.3.3)
+    sft           SFT of the base on the rejection-sampled data (R1 retrains the base, §2.3.3)
+    rl            the final RL on prompts of both languages with accuracy + language + format rewards
+                  (§2.3.4 "all scenarios": at micro scale the rule-based rewards stand in for the
+                  helpfulness / harmlessness reward models)
+
+Every stage is a run directory OUT/NN-name (the usual metrics.jsonl, model/, checkpoints/,
+config.toml, summary.json). A finished stage (summary.json present, same config) is reused; an
+interrupted one, or one given more steps (or other keys a resumed run may change: train.steps,
+train.time_limit, eval.*, checkpoint.*), resumes from its last checkpoint; a stage whose config
+changed otherwise is refused rather than silently redone. A stage's model feeds the next, so
+resuming an earlier stage does not redo the later ones: delete their directories to redo them. After each stage the held-out accuracy and language consistency (and <think>
+use, format rate, response length; pass@1 / cons@k with eval.k) are printed and collected in
+OUT/report.json and OUT/report.md.
+
+Configuration: each stage's PostConfig is the stage's built-in defaults (MICRO_DEFAULTS), then the
+[common] tables of the TOML file / `--set common.section.key=value`, then that stage's own tables
+([rl.grpo] ... / `--set rl.grpo.beta=0.04`); [pipeline] holds the options below.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from nanoseek.train.post_config import (
+    PostConfig, flatten_post, post_from_dict, post_from_toml_text, read_toml,
+)
+
+PIPELINES = ("r1-zero", "r1")
+
+
+@dataclass
+class PipelineSection:
+    """Options of the pipeline itself."""
+
+    base: str = ""
+    """An existing base model directory to start from ("" = build the micro base, stage "base")."""
+    seed: int = 0
+    """Seed of every stage (train.seed)."""
+    threads: int = 0
+    """torch threads of every stage (0 = torch's default)."""
+    eval_examples: int = 200
+    """Held-out problems evaluated after each stage."""
+    eval_k: int = 0
+    """Samples per problem for pass@1 / cons@k after each stage (0 = greedy metrics only)."""
+    progress: bool = True
+    """Progress bars."""
+
+
+# The micro pipelines' stage defaults: nested PostConfig tables. The model is tiny-v3 (MLA, 8 routed +
+# 1 shared experts) without MTP, YaRN or the balance loss, which tiny RL runs do not need.
+_TINY = {"preset": "tiny-v3", "vocab_size": 300,
+         "overrides": {"num_nextn_predict_layers": 0, "rope_scaling": "null", "seq_aux_alpha": 0.0}}
+# A constant LR: the traces are learned late (forced-<think> accuracy 22% at step 400, 55% at 600, 88% at
+# 800) and a cosine decay stalls them (measured, docs/LOG.md).
+_BASE_SFT = {"model": _TINY, "optim": {"lr": 3e-3, "beta2": 0.95}, "train": {"steps": 800, "batch_size": 64},
+             "schedule": {"lr_schedule": "constant", "warmup_steps": 20}}
+_GRPO = {"optim": {"lr": 1e-4, "beta2": 0.99}, "train": {"steps": 60},
+         "grpo": {"group_size": 8, "prompts_per_step": 16, "temperature": 1.0}}
+
+MICRO_DEFAULTS: dict[str, dict[str, tuple[str, str | None, dict]]] = {
+    # stage: (command, the stage whose model it starts from (None = fresh), PostConfig tables)
+    "r1-zero": {
+        "base": ("sft", None, {**_BASE_SFT, "data": {"styles": {"think": 0.3, "buggy": 0.7}, "tag_bare": True}}),
+        "rl": ("grpo", "base", _GRPO),
+    },
+    "r1": {
+        "base": ("sft", None, {**_BASE_SFT, "data": {"styles": {"think": 0.15, "switched": 0.15, "buggy": 0.7},
+                                                    "tag_bare": True}}),
+        "cold_start": ("sft", "base", {"data": {"styles": {"think": 1.0}},
+                                       "task": {"train_size": 300, "train_seed": 11},
+                                       "optim": {"lr": 1e-3}, "train": {"steps": 40, "batch_size": 32}}),
+        "reasoning_rl": ("grpo", "cold_start", {**_GRPO, "task": {"weights": {"accuracy": 1.0, "language": 1.0}},
+                                                "train": {"steps": 30}}),
+        "rejection": ("rejection", "reasoning_rl", {"rejection": {"prompts": 1000, "samples": 4, "seed": 7}}),
+        "sft": ("sft", "base", {"optim": {"lr": 1e-3}, "train": {"steps": 150, "batch_size": 64},
+                                "schedule": {"lr_schedule": "cosine", "warmup_steps": 10}}),
+        "rl": ("grpo", "sft", {**_GRPO, "train": {"steps": 30},
+                               "task": {"weights": {"accuracy": 1.0, "language": 1.0, "format": 1.0}}}),
+    },
+}
+# Checkpoints every 100 steps: an interrupted stage resumes from its last one (they take milliseconds here).
+_COMMON = {
+    "r1-zero": {"task": {"name": "arithmetic"}, "eval": {"at_start": False, "max_new_tokens": 48},
+                "grpo": {"max_new_tokens": 48}, "checkpoint": {"every": 100}},
+    "r1": {"task": {"name": "bilingual"}, "eval": {"at_start": False, "max_new_tokens": 64},
+           "grpo": {"max_new_tokens": 64}, "rejection": {"max_new_tokens": 64}, "checkpoint": {"every": 100}},
+}
+
+
+@dataclass
+class Stage:
+    name: str
+    command: str
+    init: str | None
+    config: PostConfig
+    dir: Path
+
+
+@dataclass
+class PipelineConfig:
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    common: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_pipeline_config(kind: str, path: str | os.PathLike | None = None,
+                         overrides: Sequence[str] = ()) -> PipelineConfig:
+    """[pipeline] options, [common] tables and per-stage tables from a TOML file and `--set` strings.
+
+    `--set` keys: pipeline.KEY, common.SECTION.KEY, STAGE.SECTION.KEY (and .DICTKEY for dict fields)."""
+    from nanoseek.train.config import coerce, parse_value
+    import typing
+
+    if kind not in PIPELINES:
+        raise ValueError(f"pipeline {kind!r} is unknown; allowed: {', '.join(PIPELINES)}")
+    stages = MICRO_DEFAULTS[kind]
+    data = read_toml(path) if path is not None else {}
+    # --set strings as nested dicts on top of the file
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2:
+            raise ValueError(f"--set {item!r} is invalid: expected pipeline.KEY=VALUE, common.SECTION.KEY=VALUE or "
+                             f"STAGE.SECTION.KEY=VALUE (stages: {', '.join(stages)})")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {p!r} is not a table")
+        node[parts[-1]] = parse_value(text.strip())
+    cfg = PipelineConfig()
+    hints = typing.get_type_hints(PipelineSection)
+    valid = [f.name for f in fields(PipelineSection)]
+    for name, value in data.items():
+        if name == "pipeline":
+            for k, v in value.items():
+                if k not in valid:
+                    raise ValueError(f"unknown config key 'pipeline.{k}'; valid keys: {', '.join(valid)}")
+                setattr(cfg.pipeline, k, coerce(v, hints[k], f"pipeline.{k}"))
+        elif name == "common":
+            cfg.common = _merge(cfg.common, value)
+        elif name in stages:
+            cfg.stages[name] = _merge(cfg.stages.get(name, {}), value)
+        else:
+            raise ValueError(f"unknown table {name!r} in the {kind} pipeline config; allowed: pipeline, common, "
+                             f"{', '.join(stages)}")
+    for k in ("eval_examples",):
+        if getattr(cfg.pipeline, k) < 1:
+            raise ValueError(f"pipeline.{k} = {getattr(cfg.pipeline, k)!r} is invalid: must be >= 1")
+    return cfg
+
+
+def plan(kind: str, out: str | os.PathLike, cfg: PipelineConfig) -> list[Stage]:
+    """The stages with their resolved PostConfigs (validated) and run directories."""
+    out = Path(out)
+    p = cfg.pipeline
+    stages = []
+    dirs: dict[str, Path] = {}
+    names = [n for n in MICRO_DEFAULTS[kind] if not (n == "base" and p.base)]
+    for i, name in enumerate(names, 1):
+        command, init, tables = MICRO_DEFAULTS[kind][name]
+        run_dir = out / f"{i:02d}-{name}"
+        dirs[name] = run_dir
+        pipeline_tables = {"train": {"seed": p.seed, "threads": p.threads},
+                           "eval": {"examples": p.eval_examples, "k": p.eval_k}, "log": {"progress": p.progress}}
+        merged = _merge(_merge(_merge(_COMMON[kind], tables), pipeline_tables),
+                        _merge(cfg.common, cfg.stages.get(name, {})))
+        if init is not None and not merged.get("model", {}).get("init_from"):
+            source = p.base if (init == "base" and p.base) else os.fspath(dirs[init] / "model")
+            merged = _merge(merged, {"model": {"init_from": source}})
+        if command == "sft" and name == "sft" and "rejection" in dirs and not merged.get("data", {}).get("train"):
+            merged = _merge(merged, {"data": {"train": os.fspath(dirs["rejection"] / "data.jsonl")}})
+        try:
+            post = post_from_dict(merged).validate()
+        except ValueError as e:
+            raise ValueError(f"stage {name!r}: {e}") from None
+        stages.append(Stage(name, command, init, post, run_dir))
+    return stages
+
+
+def _run_stage(stage: Stage, log: Callable[[str], None]) -> dict:
+    """Run (or resume, or reuse) one stage; returns its summary."""
+    from nanoseek.train.checkpoint import latest_checkpoint
+    from nanoseek.train.posttrain import read_summary
+
+    from nanoseek.train.posttrain import RESUMABLE_CHANGES
+
+    d, cfg = stage.dir, stage.config
+    saved = d / "config.toml"
+    changed: list[str] = []
+    if saved.is_file():
+        before = flatten_post(post_from_toml_text(saved.read_text(encoding="utf-8")))
+        now = flatten_post(cfg)
+        changed = [k for k in now if before.get(k) != now[k] and not k.startswith(("log.", "train.threads"))]
+        fixed = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+        if fixed or (changed and stage.command == "rejection"):
+            raise ValueError(f"stage {stage.name!r} in {d} was run with another config ({', '.join(changed[:5])} "
+                             "differ); use another --out, or delete that stage directory to redo it")
+    summary = read_summary(d)
+    if summary is not None and not changed:
+        log(f"[{stage.name}] finished earlier in {d}: reused")
+        return summary
+    resume = latest_checkpoint(d) is not None
+    log(f"[{stage.name}] {'resuming' if resume else 'running'} `{stage.command}` in {d}"
+        + (f" from {cfg.model.init_from}" if cfg.model.init_from else ""))
+    if stage.command == "sft":
+        from nanoseek.train.sft import sft
+        return sft(cfg, d, resume=resume)
+    if stage.command == "grpo":
+        from nanoseek.train.grpo import grpo
+        return grpo(cfg, d, resume=resume)
+    if stage.command == "rejection":
+        return _rejection_stage(cfg, d)
+    raise ValueError(f"unknown stage command {stage.command!r}")
+
+
+def _rejection_stage(cfg: PostConfig, d: Path) -> dict:
+    from nanoseek.train.rejection import rejection_sample_run
+    from nanoseek.utils import atomic_write_text
+
+    t0 = time.perf_counter()
+    stats = rejection_sample_run(cfg, d)
+    if not stats["kept"]:
+        raise ValueError(f"rejection sampling in {d} kept no completion out of {stats['samples']}: the RL model "
+                         "solves nothing well-formed yet (train the previous stage longer)")
+    summary = {"command": "rejection", "rejection": stats, "train_time": time.perf_counter() - t0,
+               "data": stats["data"], "eval": None}
+    atomic_write_text(d / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+REPORT_KEYS = (("greedy_accuracy", "accuracy"), ("language_consistency", "language consistency"),
+               ("think_rate", "<think> use"), ("format_rate", "format"), ("mean_length", "length"))
+
+
+def _report_row(stage: Stage, summary: dict) -> dict:
+    row = {"stage": stage.name, "command": stage.command, "dir": os.fspath(stage.dir),
+           "train_time": summary.get("train_time"), "steps": summary.get("steps")}
+    if summary.get("eval"):
+        row.update({k: v for k, v in summary["eval"].items() if k != "step"})
+    if summary.get("rejection"):
+        r = summary["rejection"]
+        row.update({"kept": r["kept"], "samples": r["samples"], "kept_fraction": r["kept_fraction"]})
+    return row
+
+
+def _line(row: dict) -> str:
+    if "kept" in row:
+        return (f"[{row['stage']}] kept {row['kept']} of {row['samples']} samples "
+                f"({100 * row['kept_fraction']:.1f}%) as SFT data")
+    parts = []
+    for key, name in REPORT_KEYS:
+        if key in row:
+            parts.append(f"{name} {row[key]:.1f}" if key == "mean_length" else f"{name} {100 * row[key]:.1f}%")
+    for key in row:
+        if key.startswith(("pass@", "cons@")):
+            parts.append(f"{key} {100 * row[key]:.1f}%")
+    return f"[{row['stage']}] " + ", ".join(parts)
+
+
+def report_markdown(kind: str, rows: list[dict]) -> str:
+    cols = [k for k, _ in REPORT_KEYS if any(k in r for r in rows)]
+    extra = sorted({k for r in rows for k in r if k.startswith(("pass@", "cons@"))})
+    head = ["stage", "command", *[dict(REPORT_KEYS)[c] for c in cols], *extra, "train time (s)"]
+    lines = [f"# nanoseek pipeline {kind}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["stage"], r["command"]]
+        for c in cols + extra:
+            v = r.get(c)
+            cells.append("" if v is None else (f"{v:.1f}" if c == "mean_length" else f"{100 * v:.1f}%"))
+        if "kept" in r:
+            cells[2] = f"kept {r['kept']}/{r['samples']}"
+        cells.append(f"{r['train_time']:.0f}" if r.get("train_time") is not None else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_pipeline(kind: str, out: str | os.PathLike, config: str | os.PathLike | None = None,
+                 overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> dict:
+    """Run the `kind` pipeline ("r1-zero" or "r1") into `out`; returns {"stages": [row per stage], ...}.
+
+    Each row holds the stage's held-out metrics after it ran (greedy_accuracy, language_consistency
+    for the bilingual task, think_rate, format_rate, mean_length, pass@1 / cons@k with eval_k), its
+    run directory and training time; OUT/report.json and OUT/report.md hold the same."""
+    from nanoseek.utils import atomic_write_text
+
+    cfg = load_pipeline_config(kind, config, overrides)
+    stages = plan(kind, out, cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    t0 = time.perf_counter()
+    for stage in stages:
+        summary = _run_stage(stage, log)
+        rows.append(_report_row(stage, summary))
+        log(_line(rows[-1]))
+    report = {"pipeline": kind, "out": os.fspath(out), "stages": rows, "wall_time": time.perf_counter() - t0,
+              "final_model": os.fspath(stages[-1].dir / "model")}
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out / "report.md", report_markdown(kind, rows))
+    return report
+
+
+def micro_r1_zero(out: str | os.PathLike = "runs/r1-zero", overrides: Sequence[str] = (), **kwargs) -> dict:
+    """The micro R1-Zero (arithmetic: bimodal base → GRPO); see run_pipeline."""
+    return run_pipeline("r1-zero", out, overrides=overrides, **kwargs)
+
+
+def micro_r1(out: str | os.PathLike = "runs/r1", overrides: Sequence[str] = (), **kwargs) -> dict:
+    """The micro R1 pipeline (bilingual addition, six stages); see run_pipeline."""
+    return run_pipeline("r1", out, overrides=overrides, **kwargs)

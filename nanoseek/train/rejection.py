@@ -1,0 +1,101 @@
+"""Rejection sampling: turn an RL checkpoint into SFT data (DeepSeek-R1 §2.3.3).
+
+R1 samples several responses per prompt from the reasoning-RL checkpoint and keeps only the correct
+ones, filtering out chains of thought with mixed languages, long paragraphs and code blocks, which
+gave ~600k reasoning samples for the next SFT round. Here: `samples` completions per train problem
+(temperature, top-p), kept when they are
+
+* verified correct by the task's rule (`Task.is_correct`),
+* complete (stopped with EOS, never truncated),
+* well formed (`<think>…</think><answer>…</answer>`, `require_format`),
+* single-language (the task's language-consistency score is 1, `require_language`, for tasks that
+  score language),
+
+de-duplicated, at most `max_per_prompt` per prompt, and written as {"prompt", "completion"} jsonl
+rows that `nanoseek sft` reads.
+
+    rows, stats = rejection_sample(model, tok, task, task.examples(1000, seed=7), samples=4)
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from nanoseek.train.post_config import PostConfig
+from nanoseek.train.posttrain import sample_completions
+
+REASONS = ("incorrect", "truncated", "format", "language", "duplicate", "over_limit")
+
+
+def rejection_sample(model, tok, task, examples, samples: int = 4, temperature: float = 0.7, top_p: float = 0.95,
+                     max_new_tokens: int = 64, require_format: bool = True, require_language: bool = True,
+                     max_per_prompt: int = 1, seed: int = 0, batch_size: int = 256) -> tuple[list[dict], dict]:
+    """(kept rows, statistics): rows are {"prompt", "completion", "answer"}; stats count every rejection reason."""
+    prompts = [e.prompt for e in examples for _ in range(samples)]
+    out = sample_completions(model, tok, prompts, max_new_tokens, temperature, top_p, seed=seed,
+                             batch_size=batch_size)
+    rows, rejected = [], dict.fromkeys(REASONS, 0)
+    solved = 0
+    correct_samples = 0
+    for k, e in enumerate(examples):
+        kept: list[str] = []
+        any_correct = False
+        for s in out[k * samples:(k + 1) * samples]:
+            scores = task.score(e, s.text)
+            ok = scores["accuracy"] == 1.0
+            correct_samples += ok
+            any_correct |= ok and s.stopped
+            reason = ("truncated" if s.truncated else "incorrect" if not ok
+                      else "format" if require_format and scores["format"] != 1.0
+                      else "language" if require_language and scores.get("language", 1.0) != 1.0
+                      else "duplicate" if s.text in kept
+                      else "over_limit" if len(kept) >= max_per_prompt else None)
+            if reason:
+                rejected[reason] += 1
+            else:
+                kept.append(s.text)
+        solved += any_correct
+        rows += [{"prompt": e.prompt, "completion": c, "answer": e.answer} for c in kept]
+    stats = {"prompts": len(examples), "samples": len(out), "kept": len(rows),
+             "kept_fraction": len(rows) / max(len(out), 1), "sample_accuracy": correct_samples / max(len(out), 1),
+             "prompts_solved": solved / max(len(examples), 1), "rejected": rejected}
+    return rows, stats
+
+
+def rejection_sample_run(cfg: PostConfig, out_dir: str | os.PathLike) -> dict:
+    """`nanoseek rejection-sample`: model.init_from's samples on the task → DIR/data.jsonl (+ stats.json,
+    config.toml). Returns the statistics with the path of the data under "data"."""
+    from nanoseek.train.post_config import post_to_toml
+    from nanoseek.train.posttrain import build_policy
+    from nanoseek.train.pretrain import resolve_device
+    from nanoseek.train.sft import write_jsonl
+    from nanoseek.utils import atomic_write_text
+
+    cfg = cfg.validate()
+    r = cfg.rejection
+    task = cfg.build_task()
+    if task is None:
+        raise ValueError("rejection sampling needs a task (task.name) to verify completions")
+    if not cfg.model.init_from:
+        raise ValueError("rejection sampling needs a model: set model.init_from (e.g. an RL run's DIR/model)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        model, tok = build_policy(cfg)
+        model.to(resolve_device(cfg.train.device)).eval()
+        examples = task.examples(r.prompts, seed=r.seed, split="train")
+        rows, stats = rejection_sample(model, tok, task, examples, r.samples, r.temperature, r.top_p, r.max_new_tokens,
+                                       r.require_format, r.require_language, r.max_per_prompt, seed=cfg.train.seed)
+    finally:
+        torch.set_num_threads(threads)
+    write_jsonl(out / "data.jsonl", rows)
+    stats["data"] = os.fspath(out / "data.jsonl")
+    atomic_write_text(out / "config.toml", post_to_toml(cfg))
+    atomic_write_text(out / "stats.json", json.dumps(stats, indent=1) + "\n")
+    return stats

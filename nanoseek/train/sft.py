@@ -1,0 +1,250 @@
+"""Supervised fine-tuning: completion-only NLL on chat or prompt/completion data, with packing
+(DeepSeek-R1 §2.3.1 cold start, §2.3.3 the SFT on rejection-sampled data; DeepSeek-V3 §5.1).
+
+    from nanoseek.train.post_config import load_post_config
+    from nanoseek.train.sft import sft
+    sft(load_post_config("configs/r1-zero.toml", ["data.train=data.jsonl", "train.steps=200"]), "runs/sft")
+
+Data (`data.train`, jsonl; one row per example):
+    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}
+        rendered with the tokenizer's DeepSeek-R1 chat format; loss on every assistant turn and its EOS.
+    {"prompt": "12+79=", "completion": "<think>…</think><answer>91</answer>"}
+        BOS + prompt + completion + EOS, loss on completion + EOS (the plain format of the micro tasks).
+With `data.train` empty the rows are generated from the task in the `data.styles` mix (e.g. 30%
+"think" traces and 70% "buggy" bare answers: the bimodal base of the micro R1-Zero).
+
+Loss: Σ masked −log p / Σ mask over the whole step (every completion token weighs the same,
+micro-batches included). Packing (`data.pack`) concatenates examples into rows of up to
+`data.seq_len` tokens; each example keeps its BOS and restarts its positions, so its rotary phases
+are those it has at inference (there is no block-diagonal mask: like DeepSeek-V3's packed
+pretraining, an example may attend to the ones before it in its row).
+
+The data order is a permutation per epoch from (seed, epoch), so the loop's position is two integers
+and a resumed run sees exactly the batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanoseek.train.post_config import PostConfig
+from nanoseek.train.posttrain import PostTrainer, autocast, collate, encode_pair, forward_logits, micro_slices
+
+
+# ---------------------------------------------------------------------- data
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a jsonl file; a line that is not a JSON object fails with its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
+    from nanoseek.utils import atomic_write_text
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return Path(path)
+
+
+def style_plan(n: int, styles: dict[str, float], seed: int) -> list[str]:
+    """n style names in the given shares (largest remainder), in a seeded random order."""
+    total = sum(styles.values())
+    exact = {s: n * w / total for s, w in styles.items()}
+    counts = {s: int(v) for s, v in exact.items()}
+    for s in sorted(exact, key=lambda s: counts[s] - exact[s])[: n - sum(counts.values())]:
+        counts[s] += 1
+    plan = [s for s, c in counts.items() for _ in range(c)]
+    random.Random(f"styles/{seed}").shuffle(plan)
+    return plan
+
+
+def task_sft_rows(task, n: int, seed: int, styles: dict[str, float], tag_bare: bool = False) -> list[dict]:
+    """{"prompt", "completion", "style"} rows for n train-split problems in the `styles` mix.
+
+    `tag_bare` writes answers without reasoning as "<answer>81</answer>": then the reasoning and the
+    answering mode part at the first token (<think> vs <answer>) with probabilities equal to their
+    shares, so a bimodal base answers greedily without thinking as soon as the bare share is the
+    larger, instead of only once it has learned the answers' first digits."""
+    unknown = [s for s in styles if s not in task.styles]
+    if unknown:
+        raise ValueError(f"data.styles {unknown} are not styles of task {task.name!r}; allowed: {list(task.styles)}")
+    from nanoseek.tasks.rewards import ANSWER_CLOSE, ANSWER_OPEN, TAGS
+
+    examples = task.examples(n, seed=seed, split="train")
+    rows = []
+    for e, s in zip(examples, style_plan(n, styles, seed)):
+        completion = task.sft_example(e, s)
+        if tag_bare and not any(t in completion for t in TAGS):
+            completion = f"{ANSWER_OPEN}{completion}{ANSWER_CLOSE}"
+        rows.append({"prompt": e.prompt, "completion": completion, "style": s})
+    return rows
+
+
+def encode_rows(rows: Sequence[dict], tok, seq_len: int, completion_only: bool = True,
+                where: str = "data") -> list[tuple[list[int], list[int]]]:
+    """(ids, loss mask over ids) per row; rows longer than seq_len are cut (their EOS may be lost)."""
+    out = []
+    for i, row in enumerate(rows):
+        if "messages" in row:
+            ids, mask = tok.encode_chat(row["messages"])
+        elif "prompt" in row and "completion" in row:
+            if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
+                raise ValueError(f"{where} row {i}: prompt and completion must be strings")
+            ids, mask = encode_pair(tok, row["prompt"], row["completion"])
+        else:
+            raise ValueError(f"{where} row {i}: expected {{\"messages\": [...]}} or {{\"prompt\", \"completion\"}}, "
+                             f"got keys {sorted(row)}")
+        if not completion_only:
+            mask = [1] * len(ids)
+        out.append((ids[:seq_len], mask[:seq_len]))
+    return out
+
+
+def pack(examples: Sequence[tuple[list[int], list[int]]], seq_len: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """Greedy sequential packing into rows of <= seq_len tokens: (ids, mask, positions) per row."""
+    rows, ids, mask, pos = [], [], [], []
+    for e_ids, e_mask in examples:
+        if ids and len(ids) + len(e_ids) > seq_len:
+            rows.append((ids, mask, pos))
+            ids, mask, pos = [], [], []
+        ids, mask, pos = ids + e_ids, mask + e_mask, pos + list(range(len(e_ids)))
+    if ids:
+        rows.append((ids, mask, pos))
+    return rows
+
+
+def load_sft_data(cfg: PostConfig, task) -> list[dict]:
+    """The configured rows: data.train, or generated from the task."""
+    if cfg.data.train:
+        return read_jsonl(cfg.data.train)
+    if task is None:
+        raise ValueError("no SFT data: set data.train (a jsonl file) or task.name (generated data)")
+    return task_sft_rows(task, cfg.task.train_size, cfg.task.train_seed, cfg.data.styles, cfg.data.tag_bare)
+
+
+def row_texts(rows: Sequence[dict]) -> list[str]:
+    """Texts a fresh tokenizer is trained on."""
+    from nanoseek.data.chat import render_chat
+    return [render_chat(r["messages"], False) if "messages" in r else r.get("prompt", "") + r.get("completion", "")
+            for r in rows]
+
+
+class EpochSampler:
+    """Batches of indices from a permutation per (seed, epoch); `state` is (epoch, position)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def next(self) -> list[int]:
+        out = []
+        while len(out) < self.batch_size:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+            take = min(self.batch_size - len(out), self.n - self.pos)
+            out += self._perm[self.pos:self.pos + take].tolist()
+            self.pos += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._perm = self._permutation(self.epoch)
+
+
+# ---------------------------------------------------------------------- trainer
+class SFTTrainer(PostTrainer):
+    command = "sft"
+
+    def setup(self) -> None:
+        from nanoseek.train.posttrain import build_policy
+
+        cfg = self.cfg
+        rows = load_sft_data(cfg, self.task)
+        self.model, self.tok = build_policy(cfg, row_texts(rows))
+        self.rows = self.prepare_rows(rows)
+        self.sampler = EpochSampler(len(self.rows), cfg.train.batch_size, cfg.train.seed)
+
+    def prepare_rows(self, rows):
+        examples = encode_rows(rows, self.tok, self.cfg.data.seq_len, self.cfg.sft.completion_only,
+                               self.cfg.data.train or "generated data")
+        if self.cfg.data.pack:
+            # a fixed seeded order before packing, so which examples share a row does not depend on the file order
+            order = np.random.default_rng([self.cfg.train.seed, 1 << 20]).permutation(len(examples))
+            return pack([examples[i] for i in order], self.cfg.data.seq_len)
+        return examples
+
+    def extra_state(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])
+
+    def extra_loss(self, batch, logits) -> tuple[torch.Tensor | None, dict]:
+        """Added to the NLL of a micro-batch (distillation's logit term); per-token sum over masked tokens."""
+        return None, {}
+
+    def train_step(self) -> dict:
+        from nanoseek.train.policy_losses import token_logprobs
+
+        cfg = self.cfg
+        lr = self.set_lr()
+        batch = collate([self.rows[i] for i in self.sampler.next()], self.tok.pad_id).to(self.device)
+        n_tokens = batch.loss_mask.sum().clamp(min=1)
+        nll_sum, aux_sum, extras = 0.0, 0.0, {}
+        for i, j in micro_slices(len(batch), cfg.train.micro_batch_size):
+            mb = batch.slice(i, j)
+            with autocast(cfg.train.dtype, self.device):
+                logits, aux = forward_logits(self.model, mb)
+            nll = -(token_logprobs(logits, mb.ids[:, 1:]) * mb.loss_mask).sum()
+            loss = nll / n_tokens
+            extra, stats = self.extra_loss(mb, logits)
+            if extra is not None:
+                loss = loss + extra / n_tokens
+            if aux is not None:
+                loss = loss + aux * (j - i) / len(batch)
+                aux_sum += aux.item() * (j - i) / len(batch)
+            loss.backward()
+            nll_sum += nll.item()
+            for k, v in stats.items():
+                extras[k] = extras.get(k, 0.0) + v
+        grad_norm = self.optimizer_step()
+        record = {"loss": nll_sum / n_tokens.item(), "lr": lr, "grad_norm": grad_norm,
+                  "tokens": int(n_tokens.item()), "epoch": self.sampler.epoch}
+        if aux_sum:
+            record["aux_loss"] = aux_sum
+        record.update({k: v / n_tokens.item() for k, v in extras.items()})
+        return record
+
+
+def sft(cfg: PostConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool | None = None) -> dict:
+    """Supervised fine-tuning per `cfg` into `out_dir`; returns the run summary (see PostTrainer.run)."""
+    return SFTTrainer(cfg, out_dir, resume=resume, progress=progress).run()
