@@ -50,6 +50,21 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def open_run_dir(out_dir: str | os.PathLike, resume: bool) -> tuple[Path, Path | None]:
+    """Create the run directory; return it and the checkpoint to resume from (None for a fresh run).
+
+    A fresh run refuses a directory that already holds checkpoints, so nothing is overwritten by accident."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and not resume:
+        raise ValueError(f"{out} already holds checkpoints ({ckpt.name}); pass --resume to continue that run "
+                         "or choose another --out")
+    return out, ckpt if resume else None
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Rename tmp to final; an existing final is moved aside first and removed after."""
     if final.exists():

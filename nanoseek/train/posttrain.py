@@ -207,21 +207,13 @@ class PostTrainer:
 
     def __init__(self, cfg: PostConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                  progress: bool | None = None):
-        from nanoseek.train.checkpoint import latest_checkpoint
+        from nanoseek.train.checkpoint import open_run_dir
         from nanoseek.train.optim import build_optimizer
         from nanoseek.train.pretrain import resolve_device
 
         self.cfg = cfg.validate()
-        self.out = Path(out_dir)
         self.progress = cfg.log.progress if progress is None else progress
-        if self.out.exists() and not self.out.is_dir():
-            raise NotADirectoryError(f"--out {self.out} exists and is not a directory")
-        self.out.mkdir(parents=True, exist_ok=True)
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is not None and not resume:
-            raise ValueError(f"{self.out} already holds checkpoints ({ckpt.name}); pass --resume to continue that run "
-                             "or choose another --out")
-        self._resume_from = ckpt if resume else None
+        self.out, self._resume_from = open_run_dir(out_dir, resume)
         if self._resume_from is not None:
             self._check_resumable_config()
         self._threads_before = torch.get_num_threads()

@@ -66,22 +66,14 @@ class Trainer:
         from nanoseek.data.shards import check_vocab, load_metadata
         from nanoseek.data.tokenizer import load_tokenizer
         from nanoseek.scaling.flops import training_flops_per_token
-        from nanoseek.train.checkpoint import latest_checkpoint
+        from nanoseek.train.checkpoint import open_run_dir
         from nanoseek.train.dataset import resolve_dataset
 
         self.cfg = cfg.validate()
-        self.out = Path(out_dir)
         self.loss_hook = loss_hook
         self.progress = cfg.log.progress if progress is None else progress
         t = cfg.train
-        if self.out.exists() and not self.out.is_dir():
-            raise NotADirectoryError(f"--out {self.out} exists and is not a directory")
-        self.out.mkdir(parents=True, exist_ok=True)
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is not None and not resume:
-            raise ValueError(f"{self.out} already holds checkpoints ({ckpt.name}); pass --resume to continue that run "
-                             "or choose another --out")
-        self._resume_from = ckpt if resume else None
+        self.out, self._resume_from = open_run_dir(out_dir, resume)
         if self._resume_from is not None:
             self._check_resumable_config()
 
