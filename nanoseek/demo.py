@@ -1,77 +1,368 @@
-"""`nanoseek demo`: the smallest real end-to-end run of what exists today.
+"""`nanoseek demo`: the DeepSeek recipe end to end at micro scale, with a report.
 
-Trains a tokenizer on Python's standard library, builds a DeepSeek-V3-style model with that
-vocabulary (MLA, DeepSeekMoE with shared experts and a routing bias, MTP, YaRN), saves it in the
-Hugging Face layout, reloads it (and an FP8 block-quantized copy), generates with the latent KV
-cache, and reports what it did. The model is untrained, so its text is noise.
+Stages (each in OUT/NN-name; a finished stage is reused when the command runs again, an interrupted
+one resumes from its last checkpoint):
+
+1. data        a chat corpus of bilingual additions (nanoseek.tasks.bilingual: "add 12 and 79:" in
+               English or a made-up language) written the way a pretraining corpus holds such text:
+               some with a column-by-column <think> trace (half of those in the other language),
+               most with a bare, often wrong answer; a byte-level BPE trained on it
+               (nanoseek.data.tokenizer) and memory-mapped token shards (nanoseek.data.shards)
+2. pretrain    a DeepSeek-V3-style model (MLA, DeepSeekMoE with a shared expert, aux-loss-free
+               balancing, MTP) pretrained on those shards (nanoseek.train.pretrain); evaluated as the
+               base: it reasons sometimes, answers at once mostly, and is right only sometimes
+3. r1-zero     GRPO straight on the base with the accuracy reward (nanoseek.train.pipeline "r1-zero")
+4. r1          cold start -> reasoning RL -> rejection sampling + SFT -> all-scenario RL ("r1")
+5. distill     a smaller dense student trained on the R1 model's rejection-sampled traces
+6. speculative MTP speculative decoding on the base and the R1 model: acceptance and speed-up
+7. report      OUT/report.md (+ report.json, plots/*.png)
+
+    nanoseek demo                      # ~15 minutes on 2 CPU cores
+    nanoseek demo --quick --out runs/demo-quick
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
+TASK = "bilingual"
+TEMPLATE = "chat"
+# The corpus mix (shares of documents): correct reasoning in the prompt's language, correct reasoning in
+# the other language (R1-Zero's language mixing), and answers without reasoning that drop the carry.
+STYLES = {"think": 0.15, "switched": 0.15, "buggy": 0.7}
 
-def run(out: str = "runs/demo", seed: int = 0) -> dict:
-    from nanoseek.config import ModelConfig
-    from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
-    from nanoseek.infer.cache import KVCache
-    from nanoseek.infer.generate import generate
-    from nanoseek.interop.cli import convert
+
+@dataclass(frozen=True)
+class Plan:
+    """The sizes of one demo mode."""
+
+    docs: int                 # corpus documents (chats)
+    vocab_size: int           # BPE tokens
+    pretrain_steps: int
+    pretrain_batch: int       # sequences of 128 tokens
+    r1_zero_steps: int        # GRPO steps of R1-Zero
+    r1_steps: dict            # the R1 stages' sizes: cold_start / reasoning_rl / sft / rl steps, rejection prompts
+    distill_prompts: int      # teacher prompts sampled for the student's traces
+    distill_steps: int
+    eval_examples: int        # held-out problems per evaluation
+    eval_k: int               # samples per problem for pass@1 / cons@k
+    spec_prompts: int         # prompts in the speculative-decoding measurement
+
+
+PLANS = {
+    "full": Plan(docs=60_000, vocab_size=320, pretrain_steps=1200, pretrain_batch=32, r1_zero_steps=60,
+                 r1_steps={"cold_start": 40, "reasoning_rl": 40, "rejection": 1000, "sft": 150, "rl": 40},
+                 distill_prompts=2000, distill_steps=600, eval_examples=200, eval_k=4, spec_prompts=16),
+    "quick": Plan(docs=8_000, vocab_size=300, pretrain_steps=200, pretrain_batch=16, r1_zero_steps=6,
+                  r1_steps={"cold_start": 40, "reasoning_rl": 4, "rejection": 200, "sft": 10, "rl": 4},
+                  distill_prompts=100, distill_steps=20, eval_examples=50, eval_k=2, spec_prompts=4),
+}
+STAGES = ("data", "pretrain", "r1-zero", "r1", "distill", "speculative", "report")
+
+
+class Demo:
+    def __init__(self, out: str | os.PathLike = "runs/demo", quick: bool = False, seed: int = 0, threads: int = 0,
+                 progress: bool = True, log=print):
+        self.out = Path(out)
+        self.mode = "quick" if quick else "full"
+        self.plan = PLANS[self.mode]
+        self.seed, self.threads, self.progress, self.log = seed, threads, progress, log
+        self.state_file = self.out / "demo.json"
+        self.state = self._load_state()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _load_state(self) -> dict:
+        fresh = {"mode": self.mode, "seed": self.seed, "plan": asdict(self.plan), "stages": {}}
+        if not self.state_file.is_file():
+            return fresh
+        state = json.loads(self.state_file.read_text(encoding="utf-8"))
+        if (state.get("mode"), state.get("seed"), state.get("plan")) != (self.mode, self.seed, asdict(self.plan)):
+            raise ValueError(f"{self.out} holds a demo run with mode={state.get('mode')!r} seed={state.get('seed')!r}; "
+                             f"this one is mode={self.mode!r} seed={self.seed!r}: use another --out, or delete "
+                             f"{self.out} to start over")
+        return state
+
+    def _save_state(self) -> None:
+        from nanoseek.utils import atomic_write_text
+
+        atomic_write_text(self.state_file, json.dumps(self.state, indent=1) + "\n")
+
+    def _stage(self, index: int, name: str, fn) -> dict:
+        """Run stage `name` once: its result and wall time are kept in OUT/demo.json and reused later."""
+        done = self.state["stages"].get(name)
+        header = f"== {index}/{len(STAGES)} {name}"
+        if done is not None:
+            self.log(f"{header}: finished earlier ({done['wall_time']:.0f} s), reused")
+            return done["result"]
+        self.log(f"{header}")
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+        except Exception as e:
+            raise RuntimeError(f"demo stage {name!r} failed: {e}\n(run the same command again to resume "
+                               f"from what {self.out} holds)") from e
+        self.state["stages"][name] = {"result": result, "wall_time": time.perf_counter() - t0}
+        self._save_state()
+        return result
+
+    def path(self, name: str) -> Path:
+        return self.out / f"{STAGES.index(name) + 1:02d}-{name}"
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.state["started"] = self.state.get("started") or time.strftime("%Y-%m-%d %H:%M:%S")
+        t0 = time.perf_counter()
+        threads_before = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.state["threads"] = torch.get_num_threads()
+        try:
+            steps = {"data": self.data, "pretrain": self.pretrain, "r1-zero": self.r1_zero, "r1": self.r1,
+                     "distill": self.distill, "speculative": self.speculative}
+            results = {name: self._stage(i, name, fn) for i, (name, fn) in enumerate(steps.items(), 1)}
+        finally:
+            torch.set_num_threads(threads_before)
+        self.log(f"== {len(STAGES)}/{len(STAGES)} report")
+        from nanoseek.eval.report import write_report
+
+        report = write_report(self, results)
+        self.log(f"\nwrote {self.out / 'report.md'} ({time.perf_counter() - t0:.0f} s this time)")
+        final = results["r1"]["final_model"]
+        self.log(f"chat with the R1 model:   nanoseek chat --model {final}   (try: add 12 and 79:)\n"
+                 f"serve it (OpenAI API):    nanoseek serve --model {final} --port 8000")
+        return report
+
+    def data(self) -> dict:
+        from nanoseek.data.shards import prepare
+        from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
+        from nanoseek.tasks import make_task
+        from nanoseek.train.sft import task_sft_rows
+        from nanoseek.utils import atomic_write_text
+
+        d = self.path("data")
+        d.mkdir(parents=True, exist_ok=True)
+        corpus = d / "corpus.jsonl"
+        if not corpus.is_file():
+            # Train-split problems only: the held-out ones never appear in pretraining.
+            rows = task_sft_rows(make_task(TASK), self.plan.docs, seed=self.seed, styles=STYLES, tag_bare=True)
+            chats = [{"messages": [{"role": "user", "content": r["prompt"]},
+                                   {"role": "assistant", "content": r["completion"]}]} for r in rows]
+            atomic_write_text(corpus, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats))
+        tok_dir = d / "tokenizer"
+        tok = (load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").is_file() else
+               train_tokenizer(corpus, self.plan.vocab_size, tok_dir, seed=self.seed, progress=False))
+        tokens = d / "tokens"
+        if not (tokens / "metadata.json").is_file():
+            prepare(corpus, tok, tokens, val_fraction=0.02, seed=self.seed, progress=self.progress)
+        meta = json.loads((tokens / "metadata.json").read_text(encoding="utf-8"))
+        splits = {name: s["tokens"] for name, s in meta["splits"].items()}
+        self.log(f"{self.plan.docs:,} chats -> {corpus}; {tok.vocab_size}-token BPE; token shards {splits}")
+        return {"corpus": os.fspath(corpus), "tokenizer": os.fspath(tok_dir), "dataset": os.fspath(tokens),
+                "docs": self.plan.docs, "vocab_size": tok.vocab_size, "tokens": splits}
+
+    def pretrain_config(self):
+        from nanoseek.train.config import from_dict
+
+        p = self.plan
+        vocab = self.state["stages"]["data"]["result"]["vocab_size"]
+        return from_dict({
+            "model": {"preset": "tiny-v3", "overrides": {"vocab_size": vocab}},
+            "data": {"dataset": os.fspath(self.path("data") / "tokens"), "seq_len": 120},
+            "optim": {"lr": 3e-3},
+            "schedule": {"lr_schedule": "warmup-constant-cosine", "warmup_steps": 20},
+            # γ = 0.01 instead of V3's 0.001: V3's value serves ~10^5 steps, this run has ~10^3 (docs/LOG.md).
+            "balance": {"strategy": "v3", "bias_update_speed": 0.01, "seq_aux_alpha": 1e-4},
+            "mtp": {"weight": 0.3, "weight_after": 0.1},
+            "train": {"steps": p.pretrain_steps, "batch_size": p.pretrain_batch, "dtype": "fp32", "seed": self.seed,
+                      "threads": self.threads},
+            "eval": {"every": max(p.pretrain_steps // 10, 1), "batches": 4, "batch_size": 32},
+            "checkpoint": {"every": max(p.pretrain_steps // 4, 1), "keep": 1},
+            "log": {"progress": self.progress, "tensorboard": False, "expert_load_every": max(p.pretrain_steps // 50, 1)},
+        }).validate()
+
+    def pretrain(self) -> dict:
+        from nanoseek.train.checkpoint import latest_checkpoint
+        from nanoseek.train.pretrain import pretrain
+
+        d = self.path("pretrain")
+        summary = pretrain(self.pretrain_config(), d, resume=latest_checkpoint(d) is not None)
+        base = self.evaluate(summary["model_dir"])
+        self.log(f"base model: {line(base)}")
+        return {**summary, "eval": base}
+
+    # ------------------------------------------------------------------ post-training
+    def common_overrides(self) -> list[str]:
+        p = self.plan
+        return [f"pipeline.base={self.path('pretrain') / 'model'}", f"pipeline.seed={self.seed}",
+                f"pipeline.threads={self.threads}", f"pipeline.eval_examples={p.eval_examples}",
+                f"pipeline.eval_k={p.eval_k}", f"pipeline.progress={str(self.progress).lower()}",
+                f"common.task.name={TASK}", f'common.task.options.template="{TEMPLATE}"',
+                "common.eval.max_new_tokens=64", "common.grpo.max_new_tokens=64", "common.rejection.max_new_tokens=64"]
+
+    def r1_zero_overrides(self) -> list[str]:
+        return self.common_overrides() + [f"rl.train.steps={self.plan.r1_zero_steps}"]
+
+    def r1_overrides(self) -> list[str]:
+        s = self.plan.r1_steps
+        return self.common_overrides() + [
+            f"cold_start.train.steps={s['cold_start']}", f"reasoning_rl.train.steps={s['reasoning_rl']}",
+            f"rejection.rejection.prompts={s['rejection']}", f"sft.train.steps={s['sft']}", f"rl.train.steps={s['rl']}"]
+
+    def r1_zero(self) -> dict:
+        from nanoseek.train.pipeline import run_pipeline
+
+        return run_pipeline("r1-zero", self.path("r1-zero"), overrides=self.r1_zero_overrides(), log=self.log)
+
+    def r1(self) -> dict:
+        from nanoseek.train.pipeline import run_pipeline
+
+        return run_pipeline("r1", self.path("r1"), overrides=self.r1_overrides(), log=self.log)
+
+    def distill_config(self):
+        from nanoseek.train.post_config import load_post_config
+
+        p = self.plan
+        teacher = self.state["stages"]["r1"]["result"]["final_model"]
+        return load_post_config(None, [
+            f"distill.teacher={teacher}", "model.preset=tiny-dense", f"task.name={TASK}",
+            f'task.options.template="{TEMPLATE}"', f"rejection.prompts={p.distill_prompts}", "rejection.samples=2",
+            "rejection.max_new_tokens=64", "optim.lr=3e-3", "schedule.lr_schedule=constant", "schedule.warmup_steps=20",
+            f"train.steps={p.distill_steps}", "train.batch_size=64", f"train.seed={self.seed}",
+            f"train.threads={self.threads}", f"eval.examples={p.eval_examples}", f"eval.k={p.eval_k}",
+            "eval.max_new_tokens=64", f"checkpoint.every={max(p.distill_steps // 4, 1)}",
+            f"log.progress={str(self.progress).lower()}"])
+
+    def distill(self) -> dict:
+        from nanoseek.train.checkpoint import latest_checkpoint
+        from nanoseek.train.distill import distill
+        from nanoseek.train.posttrain import read_summary
+
+        d = self.path("distill")
+        summary = read_summary(d) or distill(self.distill_config(), d, resume=latest_checkpoint(d) is not None)
+        self.log(f"student: {line(summary['eval'])}")
+        return summary
+
+    # ------------------------------------------------------------------ measurements
+    def evaluate(self, model_dir: str | os.PathLike) -> dict:
+        """The held-out metrics of a model, on the same problems the pipelines evaluate on."""
+        from nanoseek.eval.tasks import evaluate_task
+        from nanoseek.model.transformer import DeepSeekForCausalLM
+        from nanoseek.data.tokenizer import load_tokenizer
+        from nanoseek.train.pipeline import load_pipeline_config, plan
+        from nanoseek.train.posttrain import eval_examples
+
+        cfg = plan("r1-zero", self.path("r1-zero"), load_pipeline_config("r1-zero", None, self.r1_zero_overrides()))[0].config
+        task = cfg.build_task()
+        model = DeepSeekForCausalLM.from_pretrained(model_dir).eval()
+        return evaluate_task(model, load_tokenizer(model_dir), task, eval_examples(cfg, task), k=cfg.eval.k,
+                             max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.eval.seed)
+
+    def speculative(self) -> dict:
+        models = {"base": self.path("pretrain") / "model", "r1": Path(self.state["stages"]["r1"]["result"]["final_model"])}
+        out = {}
+        for name, model_dir in models.items():
+            out[name] = measure_speculative(model_dir, self.plan.spec_prompts, seed=self.seed)
+            r = out[name]
+            self.log(f"{name}: acceptance {100 * r['acceptance_rate']:.1f}%, {r['tokens_per_forward']:.2f} tokens per "
+                     f"forward, {r['speedup']:.2f}x tokens/s, identical greedy tokens: {r['identical']}")
+        return out
+
+
+# ---------------------------------------------------------------------- helpers
+def line(metrics: dict) -> str:
+    parts = [f"greedy accuracy {100 * metrics['greedy_accuracy']:.1f}%"]
+    if "pass@1" in metrics:
+        parts.append(f"pass@1 {100 * metrics['pass@1']:.1f}%")
+    for key, name in (("language_consistency", "language consistency"), ("think_rate", "<think> use")):
+        if key in metrics:
+            parts.append(f"{name} {100 * metrics[key]:.1f}%")
+    return ", ".join(parts)
+
+
+def measure_speculative(model_dir, n_prompts: int, new_tokens: int = 48, reps: int = 3, seed: int = 0) -> dict:
+    """Greedy decoding of held-out prompts (batch 1) with and without MTP drafts, interleaved."""
+    import statistics
+
+    from nanoseek.data.tokenizer import load_tokenizer
+    from nanoseek.infer.engine import Engine
     from nanoseek.model.transformer import DeepSeekForCausalLM
+    from nanoseek.tasks import make_task
 
-    t0 = time.time()
-    torch.manual_seed(seed)
-    model_dir, fp8_dir = os.path.join(out, "model"), os.path.join(out, "model-fp8")
-    print("1/5 training a 1024-token byte-level BPE on 2 MB of the standard library ...")
-    tok = train_tokenizer("stdlib", 1024, os.path.join(out, "tokenizer"), max_bytes=2_000_000, seed=seed, progress=False)
+    model = DeepSeekForCausalLM.from_pretrained(model_dir).eval()
+    tok = load_tokenizer(model_dir)
+    prompts = [tok.encode(e.prompt, add_bos=True) for e in make_task(TASK, template=TEMPLATE).examples(
+        n_prompts, seed=seed + 1, split="test")]
+    plain, spec = Engine(model), Engine(model, speculative=True)
+    drafted = accepted = gained = row_steps = 0
 
-    cfg = ModelConfig.preset("tiny-v3", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                             pad_token_id=tok.pad_id)
-    model = DeepSeekForCausalLM(cfg).eval()
-    print(f"2/5 built a DeepSeek-V3-style model: {model.num_parameters(mtp=True):,} parameters, "
-          f"{model.num_parameters(active=True):,} active per token (MLA, {cfg.n_routed_experts} routed + "
-          f"{cfg.n_shared_experts} shared experts, top-{cfg.num_experts_per_tok}, MTP depth {cfg.num_nextn_predict_layers})")
+    def run(engine):
+        nonlocal drafted, accepted, gained, row_steps
+        t, tokens = time.perf_counter(), []
+        for p in prompts:
+            tokens.append(engine.generate([p], max_new_tokens=new_tokens)[0].tokens)
+            if engine is spec:
+                s = engine.stats
+                drafted, accepted, gained, row_steps = (drafted + s.drafted, accepted + s.accepted,
+                                                        gained + s.tokens, row_steps + s.row_steps)
+        return tokens, time.perf_counter() - t
 
-    model.save_pretrained(model_dir)
-    tok.save(model_dir)
-    reloaded = DeepSeekForCausalLM.from_pretrained(model_dir)
-    ids = torch.tensor([tok.encode("def main(argv=None):\n    return")])
-    with torch.no_grad():
-        same = torch.equal(model(ids).logits, reloaded(ids).logits)
-    print(f"3/5 saved to {model_dir} (config.json + model.safetensors + tokenizer) and reloaded: "
-          f"logits {'identical' if same else 'DIFFERENT'}")
+    (a, _), (b, _) = run(plain), run(spec)  # warm-up, and the identity check
+    tp, ts = [], []
+    for _ in range(reps):
+        tp.append(run(plain)[1])
+        ts.append(run(spec)[1])
+    n = sum(len(t) for t in a)
+    return {"acceptance_rate": accepted / max(drafted, 1), "tokens_per_forward": gained / max(row_steps, 1),
+            "plain_tokens_per_s": n / statistics.median(tp), "mtp_tokens_per_s": n / statistics.median(ts),
+            "speedup": statistics.median(tp) / statistics.median(ts), "identical": a == b, "prompts": n_prompts,
+            "tokens": n}
 
-    convert(model_dir, fp8_dir, dtype="fp8")
-    fp8 = DeepSeekForCausalLM.from_pretrained(fp8_dir)
-    with torch.no_grad():
-        fp8_err = (fp8(ids).logits - model(ids).logits).abs().max().item()
-    print(f"4/5 wrote an FP8 (E4M3, 128x128 block scales) copy to {fp8_dir}; max |logit error| {fp8_err:.4f}")
 
-    prompt = tok.encode("import os\n")
-    new = generate(reloaded, [prompt], max_new_tokens=16, temperature=0.0, stop_tokens=[])[0]
-    cache = KVCache(cfg.num_hidden_layers, 1, 4)
-    with torch.no_grad():
-        reloaded(torch.tensor([prompt[:1]]), cache=cache)
-    mla = cache.bytes_per_token_per_layer()
-    mha = 2 * cfg.num_attention_heads * cfg.qk_head_dim * 4
-    print(f"5/5 greedy generation over the MLA latent cache ({mla} bytes/token/layer vs {mha} for MHA K/V, "
-          f"-{100 * (1 - mla / mha):.0f}%): {tok.decode(new)!r}")
-    if not same:
-        raise RuntimeError("reloaded checkpoint gave different logits")
-    print(f"done in {time.time() - t0:.1f}s; the model is untrained (pretraining lands with `nanoseek pretrain`).")
-    return {"reload_identical": same, "fp8_max_logit_error": fp8_err, "generated": new}
+def machine() -> dict:
+    import nanoseek
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for row in Path("/proc/cpuinfo").read_text().splitlines():
+            if row.startswith("model name"):
+                cpu = row.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "nanoseek": getattr(nanoseek, "__version__", "")}
+
+
+# ---------------------------------------------------------------------- CLI
+def run(out: str = "runs/demo", quick: bool = False, seed: int = 0, threads: int = 0, progress: bool = True) -> dict:
+    """Run (or resume) the demo into `out`; returns the report dict (also OUT/report.json)."""
+    return Demo(out, quick=quick, seed=seed, threads=threads, progress=progress).run()
 
 
 def _run(args: argparse.Namespace) -> None:
-    run(args.out, args.seed)
+    run(args.out, quick=args.quick, seed=args.seed, threads=args.threads, progress=not args.no_progress)
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="run the end-to-end demo",
-                              description="Build, save, reload, quantize and sample a DeepSeek-V3-style model.")
-    p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default runs/demo)")
+    p = subparsers.add_parser(
+        "demo", help="run the whole DeepSeek recipe at micro scale and write a report",
+        description="Pretrain a DeepSeek-V3-style model, run R1-Zero and the R1 pipeline on it, distill a dense "
+                    "student, measure MTP speculative decoding, and write OUT/report.md. Running it again "
+                    "resumes: finished stages are reused.")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default runs/demo, or "
+                   "runs/demo-quick with --quick)")
+    p.add_argument("--quick", action="store_true", help="a ~2 minute smoke run (tiny sizes; numbers mean little)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=lambda a: _run(argparse.Namespace(**{**vars(a), "out": a.out or
+                                                             ("runs/demo-quick" if a.quick else "runs/demo")})))

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from nanoseek.data.chat import ASSISTANT, USER
 from nanoseek.tasks import rewards as R
 
 # DeepSeek-R1-Zero's training template (R1 paper, Table 1), for models that follow instructions.
@@ -24,8 +25,10 @@ R1_ZERO_TEMPLATE = (
     "</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here "
     "</answer>. User: {question}. Assistant:"
 )
-# "plain" is the bare question ("12+79="): what a tiny char-level or BPE model is trained on.
-TEMPLATES = {"plain": "{question}", "r1zero": R1_ZERO_TEMPLATE}
+# "plain" is the bare question ("12+79="): what a tiny char-level or BPE model is trained on. "chat" is
+# DeepSeek's chat format (nanoseek.data.chat): the special tokens around the question make the prompt's
+# tokens the same whether it is encoded alone or with its completion, as in a pretraining corpus of chats.
+TEMPLATES = {"plain": "{question}", "r1zero": R1_ZERO_TEMPLATE, "chat": USER + "{question}" + ASSISTANT}
 SPLITS = ("train", "test")
 # Group terms of group_rewards, weighted like the per-completion components.
 GROUP_TERMS = ("length", "overlong")
@@ -48,7 +51,8 @@ class Task:
     problem's identity).
 
     Args:
-        template: "plain" (the bare question) or "r1zero" (R1-Zero's instruction template).
+        template: "plain" (the bare question), "r1zero" (R1-Zero's instruction template) or "chat"
+            (DeepSeek's chat format; the tokenizer adds BOS in front).
         prefill_think: end the prompt with "<think>" (TinyZero style); completions are then scored, and
             SFT targets written, as continuing that prefix.
         accept_bare: read a completion without any tag as a bare answer ("91"), as a base model

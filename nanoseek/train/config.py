@@ -12,20 +12,16 @@ TOML has no null: model overrides spell None as "null" (e.g. `q_lora_rank = "nul
 """
 from __future__ import annotations
 
-import ast
-import copy
 import dataclasses
-import inspect
-import json
 import math
 import os
-import textwrap
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field, fields
-from functools import cache
 from typing import Any
+
+from nanoseek.train.toml_config import (  # noqa: F401  (field_docs, flatten, to_toml: part of this module's API)
+    assignments, field_docs, flatten, null, parse_toml, read_toml, to_toml, unknown_key, update,
+)
+from nanoseek.train.toml_config import describe as _describe
 
 LR_SCHEDULE_NAMES = ("deepseek-multistep", "warmup-constant-cosine", "cosine", "constant")
 BALANCE_STRATEGIES = ("none", "aux_free", "seq_aux", "v3", "v2")
@@ -246,7 +242,7 @@ class RunConfig:
 
         if self.model.preset not in PRESETS:
             raise ValueError(f"model.preset = {self.model.preset!r} is invalid: allowed: {', '.join(PRESETS)}")
-        overrides = {k: _null(v) for k, v in self.model.overrides.items()}
+        overrides = {k: null(v) for k, v in self.model.overrides.items()}
         cfg = ModelConfig.preset(self.model.preset, **{**overrides, **token_ids})
         b = self.balance
         on = b.strategy
@@ -370,175 +366,35 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _null(value):
-    """TOML has no null: the string "null" (or "none") stands for None in model overrides."""
-    if isinstance(value, str) and value.lower() in ("null", "none"):
-        return None
-    if isinstance(value, dict):
-        return {k: _null(v) for k, v in value.items()}
-    return value
-
-
-# ---------------------------------------------------------------------- docstrings
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstring under each field of a dataclass (attribute docstrings, read from source)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _sections() -> dict[str, type]:
-    hints = typing.get_type_hints(RunConfig)
-    return {f.name: hints[f.name] for f in fields(RunConfig)}
-
-
-# ---------------------------------------------------------------------- typed values
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) is not None:
-        return str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", None) or str(tp)
-
-
-def coerce(value, tp, name: str):
-    """`value` as type `tp` (int, float, bool, str, list[X], dict), or a ValueError naming `name`."""
-    def fail():
-        raise ValueError(f"{name} = {value!r} is invalid: expected {_type_name(tp)}")
-
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg, name)
-            except ValueError:
-                pass
-        fail()
-    if origin is list:
-        (item,) = typing.get_args(tp) or (Any,)
-        if not isinstance(value, (list, tuple)):
-            fail()
-        return [coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        fail()
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        fail()
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        fail()
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        fail()
-    if tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        fail()
-    raise TypeError(f"unsupported config type {tp} for {name}")
-
-
-def _unknown(key: str, where: str, valid) -> ValueError:
-    return ValueError(f"unknown config key {key!r} in {where}; valid keys: {', '.join(valid)}")
-
-
 def _check_model_overrides(overrides: dict) -> None:
     from nanoseek.config import ModelConfig
 
     valid = [f.name for f in fields(ModelConfig) if f.name != "extra"]
     for key in overrides:
         if key not in valid:
-            raise _unknown(f"model.overrides.{key}", "[model.overrides] (ModelConfig fields)", valid)
+            raise unknown_key(f"model.overrides.{key}", "[model.overrides] (ModelConfig fields)", valid)
 
 
 def from_dict(data: dict, base: RunConfig | None = None) -> RunConfig:
     """A RunConfig from nested dicts (a parsed TOML file): `base` (default: the defaults) updated by `data`."""
-    cfg = copy.deepcopy(base) if base is not None else RunConfig()
-    sections = _sections()
-    if not isinstance(data, dict):
-        raise ValueError(f"a run config must be a table of sections, got {type(data).__name__}")
-    for name, values in data.items():
-        if name not in sections:
-            raise _unknown(name, "the run config (sections)", sections)
-        if not isinstance(values, dict):
-            raise ValueError(f"[{name}] must be a table of keys, got {values!r}")
-        section = getattr(cfg, name)
-        hints = typing.get_type_hints(sections[name])
-        valid = [f.name for f in fields(section)]
-        for key, value in values.items():
-            if key not in valid:
-                raise _unknown(f"{name}.{key}", f"[{name}]", valid)
-            value = coerce(value, hints[key], f"{name}.{key}")
-            if name == "model" and key == "overrides":
-                _check_model_overrides(value)
-                value = {**section.overrides, **value}
-            setattr(section, key, value)
-    return cfg
+    return update(base if base is not None else RunConfig(), data, merged={("model", "overrides")},
+                  checks={("model", "overrides"): _check_model_overrides})
 
 
-def apply_overrides(cfg: RunConfig, assignments: list[str]) -> RunConfig:
+def apply_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
     """Apply `section.key=value` strings (`--set`); `model.overrides.FIELD=value` sets a ModelConfig field."""
-    data: dict[str, dict] = {}
-    for item in assignments:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set {item!r} is invalid: expected section.key=value, e.g. optim.lr=3e-4")
-        value = parse_value(text.strip())
-        parts = key.split(".")
-        if len(parts) == 3 and parts[:2] == ["model", "overrides"]:
-            data.setdefault("model", {}).setdefault("overrides", {})[parts[2]] = value
-        elif len(parts) == 2:
-            data.setdefault(parts[0], {})[parts[1]] = value
-        else:
-            raise ValueError(f"--set {item!r} is invalid: the key must be section.key (or model.overrides.FIELD); "
-                             f"sections: {', '.join(_sections())}")
-    return from_dict(data, cfg)
-
-
-def parse_value(text: str):
-    """A TOML literal (3e-4, true, [1, 2], "s", {a = 1}), or the text itself as a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+    return from_dict(assignments(items), cfg)
 
 
 def from_toml_text(text: str, where: str = "<string>") -> RunConfig:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{where}: not valid TOML ({e})") from None
-    return from_dict(data)
+    return from_dict(parse_toml(text, where))
 
 
 def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, updated by the TOML file at `path` (if given), then by `--set` strings; validated."""
     cfg = RunConfig()
     if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML ({e})") from None
+        data = read_toml(path)
         try:
             cfg = from_dict(data)
         except ValueError as e:
@@ -548,77 +404,6 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] 
     return cfg.validate()
 
 
-# ---------------------------------------------------------------------- writing TOML
-def _toml_value(value) -> str:
-    if value is None:
-        return '"null"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        text = repr(value)
-        return text if any(c in text for c in ".en") else text + ".0"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
-
-
-def to_toml(cfg: RunConfig, comments: bool = True) -> str:
-    """The config as TOML that `load_run_config` reads back to an equal config."""
-    lines = []
-    top = field_docs(RunConfig)
-    for name, cls in _sections().items():
-        section = getattr(cfg, name)
-        docs = field_docs(cls)
-        if lines:
-            lines.append("")
-        if comments:
-            lines.append(f"# {inspect.getdoc(cls) or top.get(name, '')}")
-        lines.append(f"[{name}]")
-        nested = []
-        for f in fields(section):
-            value = getattr(section, f.name)
-            if isinstance(value, dict) and name == "model":
-                nested.append((f.name, value))
-                continue
-            if comments and f.name in docs:
-                lines.append(f"# {docs[f.name]}")
-            lines.append(f"{f.name} = {_toml_value(value)}")
-        for key, value in nested:
-            lines.append("")
-            if comments and key in docs:
-                lines.append(f"# {docs[key]}")
-            lines.append(f"[{name}.{key}]")
-            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()]
-    return "\n".join(lines) + "\n"
-
-
-def flatten(cfg: RunConfig) -> dict[str, Any]:
-    """{"section.key": value} (model overrides as one dict value)."""
-    return {f"{s}.{k}": v for s, section in cfg.to_dict().items() for k, v in section.items()}
-
-
 def describe() -> str:
     """Every key with its type, default and docstring (for --help)."""
-    out = []
-    for name, cls in _sections().items():
-        docs, hints = field_docs(cls), typing.get_type_hints(cls)
-        out.append(f"[{name}] {inspect.getdoc(cls) or ''}")
-        for f in fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append(f"  {name}.{f.name} ({_type_name(hints[f.name])}, default {_toml_value(default)}): "
-                       f"{docs.get(f.name, '')}")
-    return "\n".join(out)
+    return _describe(RunConfig)

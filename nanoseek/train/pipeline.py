@@ -138,7 +138,7 @@ def load_pipeline_config(kind: str, path: str | os.PathLike | None = None,
     """[pipeline] options, [common] tables and per-stage tables from a TOML file and `--set` strings.
 
     `--set` keys: pipeline.KEY, common.SECTION.KEY, STAGE.SECTION.KEY (and .DICTKEY for dict fields)."""
-    from nanoseek.train.config import coerce, parse_value
+    from nanoseek.train.toml_config import coerce, parse_value
     import typing
 
     if kind not in PIPELINES:

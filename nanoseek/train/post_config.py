@@ -1,6 +1,6 @@
 """Run configuration of the post-training commands (sft, dpo, grpo, distill, rejection-sample, eval):
 one dataclass of sections, loaded from TOML and overridden with `--set section.key=value`, exactly as
-the pretraining config (`nanoseek.train.config`, whose value parsing and TOML writing it reuses).
+the pretraining config (both through `nanoseek.train.toml_config`).
 
     cfg = load_post_config("configs/grpo-arithmetic.toml", ["grpo.beta=0.04", "train.steps=50"])
     print(post_to_toml(cfg))
@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import math
 import os
-import tomllib
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from nanoseek.train.config import (  # the pretraining config's generic helpers (read-only reuse)
-    CheckpointSection, OptimSection, _toml_key, _toml_value, coerce, field_docs, parse_value,
+from nanoseek.train.config import CheckpointSection, OptimSection
+from nanoseek.train.toml_config import (  # noqa: F401  (read_toml: part of this module's API)
+    assignments, describe, flatten, parse_toml, read_toml, to_toml, update,
 )
 
 DTYPES = ("fp32", "bf16")
@@ -367,72 +365,17 @@ class PostConfig:
 
 
 # ---------------------------------------------------------------------- loading and writing
-def _sections(root: type = PostConfig) -> dict[str, type]:
-    hints = typing.get_type_hints(root)
-    return {f.name: hints[f.name] for f in fields(root)}
-
-
-# Sections whose dict fields are merged key by key (a TOML table adds to, not replaces, the default).
+# Dict fields merged key by key (a TOML table adds to, not replaces, the default).
 _MERGED_DICTS = {("model", "overrides"), ("task", "options"), ("task", "weights")}
 
 
 def post_from_dict(data: dict, base: PostConfig | None = None) -> PostConfig:
     """`base` (default: the defaults) updated by nested dicts (a parsed TOML file)."""
-    cfg = copy.deepcopy(base) if base is not None else PostConfig()
-    sections = _sections()
-    if not isinstance(data, dict):
-        raise ValueError(f"a run config must be a table of sections, got {type(data).__name__}")
-    for name, values in data.items():
-        if name not in sections:
-            raise ValueError(f"unknown config key {name!r} in the run config (sections); valid keys: "
-                             f"{', '.join(sections)}")
-        if not isinstance(values, dict):
-            raise ValueError(f"[{name}] must be a table of keys, got {values!r}")
-        section = getattr(cfg, name)
-        hints = typing.get_type_hints(sections[name])
-        valid = [f.name for f in fields(section)]
-        for key, value in values.items():
-            if key not in valid:
-                raise ValueError(f"unknown config key '{name}.{key}' in [{name}]; valid keys: {', '.join(valid)}")
-            value = coerce(value, hints[key], f"{name}.{key}")
-            if (name, key) in _MERGED_DICTS:
-                value = {**getattr(section, key), **value}
-            setattr(section, key, value)
-    return cfg
+    return update(base if base is not None else PostConfig(), data, merged=_MERGED_DICTS)
 
 
-def assignments_to_dict(assignments: list[str]) -> dict:
-    """`section.key=value` strings as nested dicts; `section.dictfield.KEY=value` sets one entry of a dict field."""
-    data: dict[str, dict] = {}
-    for item in assignments:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set {item!r} is invalid: expected section.key=value, e.g. optim.lr=3e-4")
-        value = parse_value(text.strip())
-        parts = key.split(".")
-        if len(parts) == 3:
-            data.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = value
-        elif len(parts) == 2:
-            data.setdefault(parts[0], {})[parts[1]] = value
-        else:
-            raise ValueError(f"--set {item!r} is invalid: the key must be section.key (or section.dictfield.KEY); "
-                             f"sections: {', '.join(_sections())}")
-    return data
-
-
-def apply_post_overrides(cfg: PostConfig, assignments: list[str]) -> PostConfig:
-    return post_from_dict(assignments_to_dict(assignments), cfg)
-
-
-def read_toml(path: str | os.PathLike) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path, "rb") as f:
-        try:
-            return tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML ({e})") from None
+def apply_post_overrides(cfg: PostConfig, items: list[str]) -> PostConfig:
+    return post_from_dict(assignments(items), cfg)
 
 
 def load_post_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
@@ -451,54 +394,18 @@ def load_post_config(path: str | os.PathLike | None = None, overrides: list[str]
 
 
 def post_from_toml_text(text: str) -> PostConfig:
-    return post_from_dict(tomllib.loads(text))
+    return post_from_dict(parse_toml(text))
 
 
 def post_to_toml(cfg: PostConfig, comments: bool = True) -> str:
     """The config as TOML that `load_post_config` reads back to an equal config."""
-    lines: list[str] = []
-    for name, cls in _sections().items():
-        section = getattr(cfg, name)
-        docs = field_docs(cls)
-        if lines:
-            lines.append("")
-        if comments:
-            lines.append(f"# {inspect.getdoc(cls) or ''}")
-        lines.append(f"[{name}]")
-        nested = []
-        for f in fields(section):
-            value = getattr(section, f.name)
-            if isinstance(value, dict):
-                nested.append((f.name, value))
-                continue
-            if comments and f.name in docs:
-                lines.append(f"# {docs[f.name]}")
-            lines.append(f"{f.name} = {_toml_value(value)}")
-        for key, value in nested:
-            lines.append("")
-            if comments and key in docs:
-                lines.append(f"# {docs[key]}")
-            lines.append(f"[{name}.{key}]")
-            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()]
-    return "\n".join(lines) + "\n"
+    return to_toml(cfg, comments)
 
 
 def flatten_post(cfg: PostConfig) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, section in cfg.to_dict().items() for k, v in section.items()}
+    return flatten(cfg)
 
 
 def describe_post(sections: tuple[str, ...] | None = None) -> str:
     """Every key (of `sections`, default all) with its type, default and docstring (for --keys)."""
-    from nanoseek.train.config import _type_name
-    out = []
-    defaults = PostConfig()
-    for name, cls in _sections().items():
-        if sections is not None and name not in sections:
-            continue
-        docs, hints = field_docs(cls), typing.get_type_hints(cls)
-        out.append(f"[{name}] {inspect.getdoc(cls) or ''}")
-        for f in fields(cls):
-            default = getattr(getattr(defaults, name), f.name)
-            out.append(f"  {name}.{f.name} ({_type_name(hints[f.name])}, default {_toml_value(default)}): "
-                       f"{docs.get(f.name, '')}")
-    return "\n".join(out)
+    return describe(PostConfig, sections)

@@ -42,9 +42,9 @@ def build_policy(cfg: PostConfig, texts: Sequence[str] | None = None, *, init_fr
     from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer_from_texts
     from nanoseek.model.transformer import DeepSeekForCausalLM
     from nanoseek.train.checkpoint import load_model_state
-    from nanoseek.train.config import _null
+    from nanoseek.train.toml_config import null
 
-    overrides = {k: _null(v) for k, v in (cfg.model.overrides if overrides is None else overrides).items()}
+    overrides = {k: null(v) for k, v in (cfg.model.overrides if overrides is None else overrides).items()}
     source = cfg.model.init_from if init_from is None else init_from
     tokenizer = cfg.model.tokenizer if tokenizer is None else tokenizer
     torch.manual_seed(cfg.train.seed)

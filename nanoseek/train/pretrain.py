@@ -136,11 +136,11 @@ class Trainer:
         if not cfg.model.init_from:
             return cfg.model_config(**ids)
         from nanoseek.config import ModelConfig
-        from nanoseek.train.config import _null
+        from nanoseek.train.toml_config import null
 
         base = ModelConfig.from_pretrained(cfg.model.init_from)
         own = cfg.model_config()  # only its balance / MTP weights are used
-        overrides = {k: _null(v) for k, v in cfg.model.overrides.items()}
+        overrides = {k: null(v) for k, v in cfg.model.overrides.items()}
         return base.replace(**{**overrides, **ids, "seq_aux_alpha": own.seq_aux_alpha,
                                "expert_aux_alpha": own.expert_aux_alpha, "device_aux_alpha": own.device_aux_alpha,
                                "comm_aux_alpha": own.comm_aux_alpha, "mtp_loss_weight": own.mtp_loss_weight})
