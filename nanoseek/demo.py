@@ -57,9 +57,9 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan(docs=60_000, vocab_size=320, pretrain_steps=1200, pretrain_batch=32, r1_zero_steps=60,
-                 r1_steps={"cold_start": 40, "reasoning_rl": 40, "rejection": 1000, "sft": 150, "rl": 40},
-                 distill_prompts=2000, distill_steps=600, eval_examples=200, eval_k=4, spec_prompts=16),
+    "full": Plan(docs=60_000, vocab_size=300, pretrain_steps=800, pretrain_batch=32, r1_zero_steps=60,
+                 r1_steps={"cold_start": 40, "reasoning_rl": 30, "rejection": 1000, "sft": 100, "rl": 30},
+                 distill_prompts=4000, distill_steps=600, eval_examples=200, eval_k=4, spec_prompts=16),
     "quick": Plan(docs=8_000, vocab_size=300, pretrain_steps=200, pretrain_batch=16, r1_zero_steps=6,
                   r1_steps={"cold_start": 40, "reasoning_rl": 4, "rejection": 200, "sft": 10, "rl": 4},
                   distill_prompts=100, distill_steps=20, eval_examples=50, eval_k=2, spec_prompts=4),
@@ -106,8 +106,9 @@ class Demo:
         try:
             result = fn()
         except Exception as e:
-            raise RuntimeError(f"demo stage {name!r} failed: {e}\n(run the same command again to resume "
-                               f"from what {self.out} holds)") from e
+            self.log(f"demo stage {name!r} failed after {time.perf_counter() - t0:.0f} s: {e}\n"
+                     f"(fix the cause and run the same command again: what {self.out} holds is reused)")
+            raise
         self.state["stages"][name] = {"result": result, "wall_time": time.perf_counter() - t0}
         self._save_state()
         return result
@@ -177,7 +178,8 @@ class Demo:
             "model": {"preset": "tiny-v3", "overrides": {"vocab_size": vocab}},
             "data": {"dataset": os.fspath(self.path("data") / "tokens"), "seq_len": 120},
             "optim": {"lr": 3e-3},
-            "schedule": {"lr_schedule": "warmup-constant-cosine", "warmup_steps": 20},
+            # DeepSeek LLM's multi-step schedule: the full rate for 80% of the run, then x0.316 and x0.1.
+            "schedule": {"lr_schedule": "deepseek-multistep", "warmup_steps": 20},
             # γ = 0.01 instead of V3's 0.001: V3's value serves ~10^5 steps, this run has ~10^3 (docs/LOG.md).
             "balance": {"strategy": "v3", "bias_update_speed": 0.01, "seq_aux_alpha": 1e-4},
             "mtp": {"weight": 0.3, "weight_after": 0.1},
@@ -205,6 +207,7 @@ class Demo:
                 f"pipeline.threads={self.threads}", f"pipeline.eval_examples={p.eval_examples}",
                 f"pipeline.eval_k={p.eval_k}", f"pipeline.progress={str(self.progress).lower()}",
                 f"common.task.name={TASK}", f'common.task.options.template="{TEMPLATE}"',
+                "common.grpo.beta=0.001",  # R1's KL coefficient (loads a reference model; 0 would skip it)
                 "common.eval.max_new_tokens=64", "common.grpo.max_new_tokens=64", "common.rejection.max_new_tokens=64"]
 
     def r1_zero_overrides(self) -> list[str]:
@@ -232,8 +235,10 @@ class Demo:
         p = self.plan
         teacher = self.state["stages"]["r1"]["result"]["final_model"]
         return load_post_config(None, [
-            f"distill.teacher={teacher}", "model.preset=tiny-dense", f"task.name={TASK}",
-            f'task.options.template="{TEMPLATE}"', f"rejection.prompts={p.distill_prompts}", "rejection.samples=2",
+            # The student: a dense Llama-layout model (GQA) with 2 layers, smaller than the teacher's active part.
+            f"distill.teacher={teacher}", "model.preset=tiny-dense", "model.overrides.num_hidden_layers=2",
+            f"task.name={TASK}", f'task.options.template="{TEMPLATE}"', f"rejection.prompts={p.distill_prompts}",
+            "rejection.samples=1",
             "rejection.max_new_tokens=64", "optim.lr=3e-3", "schedule.lr_schedule=constant", "schedule.warmup_steps=20",
             f"train.steps={p.distill_steps}", "train.batch_size=64", f"train.seed={self.seed}",
             f"train.threads={self.threads}", f"eval.examples={p.eval_examples}", f"eval.k={p.eval_k}",
