@@ -54,10 +54,12 @@ def main() -> None:
         transformers.logging.set_verbosity_error()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="eager").eval()
+            # transformers' own defaults (SDPA attention, grouped_mm experts): no handicap on the reference
+            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
     hf.generation_config.pad_token_id = 0
     print(f"{args.preset} ({ns.num_parameters():,} parameters, {ns.num_parameters(active=True):,} active), {args.dtype}, "
-          f"{args.threads} thread(s), torch {torch.__version__}, transformers {transformers.__version__}")
+          f"{args.threads} thread(s), torch {torch.__version__}, transformers {transformers.__version__} "
+          f"(attention {hf.config._attn_implementation}, experts {hf.config._experts_implementation})")
     print(f"prompt {args.prompt} tokens, {args.new_tokens} new tokens, greedy, median of {args.reps} interleaved runs\n")
     print(f"{'batch':>5} {'nanoseek tok/s':>15} {'transformers tok/s':>19} {'ratio':>6}   {'cache B/token ns':>16} "
           f"{'hf':>8} {'ratio':>6}   same tokens")

@@ -5,7 +5,13 @@ AdamW (β 0.9/0.95, wd 0.1, fused) under the same autocast, on the same random t
 are interleaved (nanoseek, transformers, nanoseek, ...) so background load hits both alike, and the
 median step time of each is reported. transformers has no MTP and no balance loss, so the
 like-for-like comparison runs nanoseek with MTP off and no balance loss; the full V3 recipe
-(MTP depth 1 + sequence-wise loss + aux-loss-free bias update) is reported beside it.
+(MTP depth 1 + sequence-wise loss + aux-loss-free bias update) is reported beside it. transformers
+runs with its defaults (printed: experts implementation, attention implementation); the median
+process CPU time per step is printed beside the wall time, since with --threads 1 it is robust to
+other load on a shared machine. On CPUs without bf16 GEMM hardware (no AVX-512/AMX; see
+nanoseek.model.linear) torch's bf16 matmuls are 10-50x slower than fp32: nanoseek computes the same
+bf16 products with fp32 kernels there, transformers' linears use torch's bf16 kernels (its grouped_mm
+experts run in fp32, as grouped_mm ignores autocast), so the bf16 ratio mostly measures that.
 
     .venv/bin/python benchmarks/train_throughput.py                 # small-v3, batch 8 x 256, bf16
     .venv/bin/python benchmarks/train_throughput.py --dtype fp32 --threads 1
@@ -100,27 +106,32 @@ def main():
                                                     lambda m, o, b: nanoseek_step(m, o, b, args.dtype, S, True)),
     }
     times = {k: [] for k in runs}
+    cpu_times = {k: [] for k in runs}  # process CPU time: with --threads 1, robust to other load on a shared machine
     for name, (m, o, fn) in runs.items():  # warm-up: allocations, oneDNN primitives
         for i in range(2):
             fn(m, o, batches[i])
     for r in range(args.reps):
         for name, (m, o, fn) in runs.items():
             for i in range(args.steps):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fn(m, o, batches[(r * args.steps + i) % len(batches)])
                 times[name].append(time.perf_counter() - t)
+                cpu_times[name].append(time.process_time() - c)
     print(f"{args.preset}: {ns.num_parameters():,} params ({ns.num_parameters(active=True):,} active), "
           f"batch {B} x {S}, "
           f"{args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
           f"{transformers.__version__} (experts: {hf.config._experts_implementation}, attention: "
           f"{hf.config._attn_implementation}); max |logit diff| at init {diff:.1e}")
-    tps = {}
+    tps, cpu = {}, {}
     for name, ts in times.items():
-        med = statistics.median(ts)
+        med, cpu[name] = statistics.median(ts), statistics.median(cpu_times[name])
         tps[name] = B * S / med
-        print(f"  {name:42s} {med * 1000:8.1f} ms/step  {tps[name]:8.0f} tokens/s  (n={len(ts)})")
+        print(f"  {name:42s} {med * 1000:8.1f} ms/step  {tps[name]:8.0f} tokens/s  (n={len(ts)}; "
+              f"CPU time {cpu[name] * 1000:.1f} ms/step)")
+    v3 = "nanoseek V3 recipe (MTP, seq-aux, bias)"
     print(f"ratio nanoseek / transformers: {tps['nanoseek'] / tps['transformers']:.2f}x "
-          f"(V3 recipe / transformers: {tps['nanoseek V3 recipe (MTP, seq-aux, bias)'] / tps['transformers']:.2f}x)")
+          f"(V3 recipe / transformers: {tps[v3] / tps['transformers']:.2f}x); by CPU time: "
+          f"{cpu['transformers'] / cpu['nanoseek']:.2f}x ({cpu['transformers'] / cpu[v3]:.2f}x)")
 
 
 if __name__ == "__main__":

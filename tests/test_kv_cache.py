@@ -5,6 +5,7 @@ import torch
 import nanoseek
 from nanoseek.infer.cache import KVCache, cache_elements_per_token, mha_elements_per_token
 from nanoseek.model.attention import MLA
+from nanoseek.model.rope import RotaryEmbedding
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -40,7 +41,7 @@ def test_deepseek_v2_cache_reduction():
     with torch.device("meta"):
         attn = MLA(cfg, layer_idx=0).to(torch.bfloat16)
         cache = KVCache(1, batch_size=1, max_len=4)
-        rope = (torch.zeros(1, 1, 32), torch.zeros(1, 1, 32))
+        rope = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta)(torch.zeros(1, 1, dtype=torch.long))
         attn(torch.zeros(1, 1, cfg.hidden_size, dtype=torch.bfloat16), rope, cache=cache)
     assert cache.bytes_per_token_per_layer() == (512 + 64) * 2
     assert (512 + 64) / 128 == 4.5  # Table 1: MLA ≈ 4.5·d_h·l

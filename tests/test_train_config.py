@@ -192,7 +192,8 @@ def test_device_token_drop_caps_each_device_and_spares_protected_sequences(seed)
 
 
 def test_grouped_expert_matmuls_match_the_per_expert_loop(seed):
-    """Training runs the experts as grouped matmuls, inference as a loop: same outputs and gradients."""
+    """The grouped-matmul experts (training and batched inference) and the one-token decode path give the
+    per-expert loop's outputs and gradients."""
     from nanoseek import ModelConfig
     from nanoseek.model.moe import Experts
 
@@ -210,11 +211,13 @@ def test_grouped_expert_matmuls_match_the_per_expert_loop(seed):
     grouped.square().sum().backward()
     grads = [p.grad.clone() for p in experts.parameters()]
     with torch.no_grad():
-        assert not experts._can_group(x)
-        looped = experts(x, idx, w, keep)
-    torch.testing.assert_close(grouped, looped, atol=1e-5, rtol=1e-5)
+        one = [experts(x[t:t + 1], idx[t:t + 1], w[t:t + 1]) for t in range(40)]  # the batch-1 decode path
     experts.zero_grad()
-    experts._can_group = lambda x: False  # the loop under autograd: the reference for the gradients
+    experts._can_group = lambda x: False  # the per-expert loop: the reference
+    with torch.no_grad():
+        looped = experts(x, idx, w, keep)
+        torch.testing.assert_close(torch.cat(one), experts(x, idx, w), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grouped, looped, atol=1e-5, rtol=1e-5)
     experts(x, idx, w, keep).square().sum().backward()
     for p, g in zip(experts.parameters(), grads):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)

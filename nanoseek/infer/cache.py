@@ -36,7 +36,8 @@ class KVCache:
         bufs = self.buffers[layer_idx]
         for buf, t in zip(bufs, new):
             buf[:, start:end] = t
-        return tuple(buf[:, :end].to(t.dtype) for buf, t in zip(bufs, new))  # a no-op unless stored narrower
+        # cast back only when stored narrower (even a no-op .to() is a dispatched op; decode is op-bound)
+        return tuple(buf[:, :end] if buf.dtype == t.dtype else buf[:, :end].to(t.dtype) for buf, t in zip(bufs, new))
 
     # ------------------------------------------------------------------ batch surgery (continuous batching)
     def reserve(self, max_len: int) -> None:

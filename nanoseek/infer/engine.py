@@ -263,7 +263,7 @@ class Batch:
 
     def _trim(self) -> None:
         """Drop leading slots that are padding in every row (left behind by rows that left)."""
-        if not self.rows or not self.mask.shape[1]:
+        if self._dense or not self.rows or not self.mask.shape[1]:  # dense: no padding (and no per-step ops)
             return
         lead = int(self.mask.any(0).long().argmax())
         if lead >= max(16, self.cache.length // 4):

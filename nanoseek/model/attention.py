@@ -9,11 +9,14 @@ Caches are duck-typed: `cache.update(layer_idx, start, *new) -> full tensors` (s
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.linear import Linear, emulate_bf16
 from nanoseek.model.rope import apply_rope
 
 
@@ -46,15 +49,15 @@ class MLA(nn.Module):
         self.dn, self.dr, self.dv, self.C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         qk = self.n_heads * (self.dn + self.dr)
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(D, qk, bias=False)
+            self.q_proj = Linear(D, qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_proj = Linear(D, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)  # eps 1e-6 in every DeepSeek checkpoint
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, self.C + self.dr, bias=cfg.attention_bias)
+            self.q_b_proj = Linear(cfg.q_lora_rank, qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(D, self.C + self.dr, bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.C)
-        self.kv_b_proj = nn.Linear(self.C, self.n_heads * (self.dn + self.dv), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.dv, D, bias=cfg.attention_bias)
+        self.kv_b_proj = Linear(self.C, self.n_heads * (self.dn + self.dv), bias=False)
+        self.o_proj = Linear(self.n_heads * self.dv, D, bias=cfg.attention_bias)
         self.scale = cfg.softmax_scale
         self.interleaved = cfg.rope_interleave
         self.absorb: bool | None = None
@@ -87,9 +90,20 @@ class MLA(nn.Module):
         k_nope, v = self.kv_b_proj(kv_BTC).view(B, T, H, self.dn + self.dv).split([self.dn, self.dv], dim=-1)
         k = torch.cat([k_nope, pe_BTR[:, :, None].expand(B, T, H, self.dr)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                           is_causal=mask is None and S > 1, scale=self.scale)
-        return o.transpose(1, 2)
+        dtype, pad, fp32 = q.dtype, 0, False
+        if q.device.type == "cpu":
+            # CPU's fused (flash) SDPA kernel needs v as wide as q and k, else SDPA takes the unfused math path
+            # (~1.8x slower forward + backward at v 64 vs qk 96). Zero columns appended to v give zero output
+            # columns, dropped after: exact.
+            pad = q.shape[-1] - self.dv
+            fp32 = emulate_bf16(q, dtype)  # no bf16 GEMM (nanoseek.model.linear): the fp32 kernel on the bf16 values
+            if fp32:
+                q, k, v = q.float(), k.float(), v.float()
+            v = F.pad(v, (0, pad)) if pad else v
+        with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():  # autocast would recast
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                               is_causal=mask is None and S > 1, scale=self.scale)
+        return o[..., :self.dv].transpose(1, 2).to(dtype)
 
     def _absorbed(self, q_nope, q_pe, latent_BTL, mask):
         """Attention over the latent cache (V2 §2.1.4 / Appendix C): W^UK folds into the query and W^UV
@@ -106,8 +120,10 @@ class MLA(nn.Module):
             scores = torch.bmm(q_BQL, latent_BTL.transpose(1, 2)).mul_(self.scale)
         else:  # mask [B|1, 1, S, T] -> [B|1, S*H, T], rows in the (s, h) order of the queries
             m = mask[:, 0] if S == 1 else mask[:, 0, :, None, :].expand(-1, S, H, T).reshape(-1, S * H, T)
-            scores = torch.baddbmm(m.to(q_BQL.dtype), q_BQL, latent_BTL.transpose(1, 2), alpha=self.scale)
-        p = scores.softmax(dim=-1, dtype=torch.float32).to(q_BQL.dtype)
+            scores = torch.baddbmm(m if m.dtype == q_BQL.dtype else m.to(q_BQL.dtype), q_BQL,
+                                   latent_BTL.transpose(1, 2), alpha=self.scale)
+        p = scores.softmax(dim=-1, dtype=torch.float32)
+        p = p if p.dtype == q_BQL.dtype else p.to(q_BQL.dtype)  # skip no-op casts: decode is op-bound
         o_lat_NHC = torch.bmm(p, latent_BTL[..., :C]).view(B * S, H, C)
         o_HNV = torch.bmm(o_lat_NHC.transpose(0, 1), W[:, dn:].transpose(1, 2))
         return o_HNV.transpose(0, 1).reshape(B, S, H, self.dv)
@@ -121,10 +137,10 @@ class GQA(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attn_head_dim
         D, bias = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = nn.Linear(D, self.n_heads * self.hd, bias=bias)
-        self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=bias)
-        self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, D, bias=bias)
+        self.q_proj = Linear(D, self.n_heads * self.hd, bias=bias)
+        self.k_proj = Linear(D, self.n_kv * self.hd, bias=bias)
+        self.v_proj = Linear(D, self.n_kv * self.hd, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.hd, D, bias=bias)
         self.scale = cfg.softmax_scale
         self.interleaved = cfg.rope_interleave
 

@@ -6,9 +6,9 @@ the auxiliary-loss-free balancing state (aux-loss-free 2408.15664), changed outs
 limited to the top-M devices (V2 device-limited routing, device score = max affinity) and to the top
 groups (V2 group max; V3 sum of the top-2). Experts are stacked tensors evaluated per expert over
 the tokens routed to it, so the cost follows the active parameters, not the total: one grouped
-matmul per projection over the (token, expert) pairs sorted by expert (torch's grouped_mm) when
-training, which keeps the step time flatter as the expert count grows; a loop over the experts hit
-at inference (and where grouped_mm is missing).
+matmul per projection over the (token, expert) pairs sorted by expert (torch's grouped_mm), which
+keeps the step time flatter as the expert count grows; a loop over the experts hit where grouped_mm
+is missing, and a direct loop over its K experts for a single decoded token (batch-1 decode).
 
 V2 §2.2.4 device-level token dropping (training only): with `MoE.capacity_factor` set, each of the
 `ep_size` devices processes at most capacity_factor · T·K / ep_size (token, expert) pairs, dropping
@@ -17,6 +17,7 @@ dropped (V2: ~10%). Evaluation never drops.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.linear import Linear, emulate_bf16, round_bf16
 
 
 class MLP(nn.Module):
@@ -32,9 +34,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, inter, bias=False)
-        self.up_proj = nn.Linear(dim, inter, bias=False)
-        self.down_proj = nn.Linear(inter, dim, bias=False)
+        self.gate_proj = Linear(dim, inter, bias=False)
+        self.up_proj = Linear(dim, inter, bias=False)
+        self.down_proj = Linear(inter, dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -71,7 +73,9 @@ class Gate(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         cfg = self.cfg
-        logits = F.linear(x_TD.float(), self.weight.float())  # routing in fp32, as DeepSeek does
+        dev = x_TD.device.type
+        with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext():
+            logits = F.linear(x_TD.float(), self.weight.float())  # routing in fp32, as DeepSeek does (not autocast)
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         sel = scores.detach() + self.e_score_correction_bias  # bias: selection only
         if cfg.topk_devices is not None:
@@ -99,6 +103,8 @@ class Experts(nn.Module):
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
                 keep_TK: torch.Tensor | None = None) -> torch.Tensor:
         """Σ_k weights[t, k] · expert_{indices[t, k]}(x_t); pairs where `keep_TK` is False are dropped."""
+        if x_TD.shape[0] == 1 and keep_TK is None and not torch.is_grad_enabled():
+            return self._one_token(x_TD, indices_TK, weights_TK)
         K = indices_TK.shape[1]
         flat = indices_TK.flatten()
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
@@ -106,20 +112,34 @@ class Experts(nn.Module):
             order = order[keep_TK.flatten()[order]]
         counts_E = torch.bincount(flat[order], minlength=self.gate_proj.shape[0])
         token = order // K
-        x_sorted = x_TD[token]
-        h = (self._grouped if self._can_group(x_TD) else self._looped)(x_sorted, counts_E)
+        if self._can_group(x_TD):  # cast the T rows once, before the gather copies each K times
+            h = self._grouped(self._operand(x_TD)[token], counts_E)
+        else:
+            h = self._looped(x_TD[token], counts_E)
         y_sorted = h * weights_TK.flatten()[order, None].to(x_TD.dtype)  # gate values kept in x's precision
         return torch.zeros_like(x_TD).index_add_(0, token, y_sorted.to(x_TD.dtype))
+
+    def _one_token(self, x_1D: torch.Tensor, indices_1K: torch.Tensor, weights_1K: torch.Tensor) -> torch.Tensor:
+        """Decoding one token (batch 1): its K experts are distinct, so each is one row through one
+        expert, and the sort/gather/scatter bookkeeping of the general path would cost more than the
+        matmuls. Same sum order (ascending expert) as the general path, so the same result."""
+        experts, slot = indices_1K[0].sort()
+        w_K1 = weights_1K[0, slot, None].to(x_1D.dtype)
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        h_KD = torch.cat([F.linear(F.silu(F.linear(x_1D, gate[e])) * F.linear(x_1D, up[e]), down[e])
+                          for e in experts.tolist()])
+        return (h_KD * w_K1).sum(0, keepdim=True)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         dev = x.device.type
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
     def _can_group(self, x: torch.Tensor) -> bool:
-        # Training only: under autograd one grouped kernel per projection beats E small matmuls forward and
-        # backward; inference keeps the per-expert loop over the experts actually hit (decode touches few).
+        # One grouped kernel per projection beats a Python loop of small matmuls, under autograd (forward and
+        # backward) and at inference too (batch-8 decode ~10% faster on CPU, although the kernel visits
+        # empty experts); a single decoded token takes `_one_token` instead.
         # grouped_mm kernels: fp32/bf16 on CPU, bf16 on CUDA and under torch.compile; 16-byte aligned rows.
-        if _grouped_mm is None or not torch.is_grad_enabled():
+        if _grouped_mm is None:
             return False
         dtype = self._compute_dtype(x)
         ok = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.bfloat16,)}.get(x.device.type, ())
@@ -131,14 +151,21 @@ class Experts(nn.Module):
         _, I, D = self.gate_proj.shape
         return D % per16 == 0 and I % per16 == 0
 
+    def _operand(self, t: torch.Tensor) -> torch.Tensor:
+        """grouped_mm is not autocast-aware: its operands go to the autocast dtype as autocast would cast
+        them or, where the CPU has no bf16 GEMM, to their bf16-rounded values in fp32 for the fp32 kernel
+        (same numerics, see nanoseek.model.linear)."""
+        dtype = self._compute_dtype(t)
+        return round_bf16(t) if emulate_bf16(t, dtype) else t.to(dtype)
+
     def _grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        # grouped_mm is not autocast-aware: cast operands to the autocast dtype as autocast would.
+        """x_ND: the sorted rows, already an `_operand`."""
         dtype = self._compute_dtype(x_ND)
         offs = counts_E.cumsum(0).to(torch.int32)
-        x = x_ND.to(dtype)
-        gate = _grouped_mm(x, self.gate_proj.to(dtype).transpose(1, 2), offs=offs)
-        up = _grouped_mm(x, self.up_proj.to(dtype).transpose(1, 2), offs=offs)
-        return _grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
+
+        def mm(a, w):
+            return _grouped_mm(a, self._operand(w).transpose(1, 2), offs=offs).to(dtype)
+        return mm(self._operand(F.silu(mm(x_ND, self.gate_proj)) * mm(x_ND, self.up_proj)), self.down_proj)
 
     def _looped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         pieces, start = [], 0

@@ -12,6 +12,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import RMSNorm
+from nanoseek.model.linear import Linear
 
 
 class MTPLayer(nn.Module):
@@ -22,7 +23,7 @@ class MTPLayer(nn.Module):
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.enorm = RMSNorm(D, eps)
         self.hnorm = RMSNorm(D, eps)
-        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.eh_proj = Linear(2 * D, D, bias=False)
         self.block = DecoderLayer(cfg, layer_idx)
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(D, eps)

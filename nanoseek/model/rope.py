@@ -39,26 +39,36 @@ def rope_inv_freq(dim: int, theta: float, rope_scaling: dict | None) -> tuple[to
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables [..., S, dim/2] (fp32) for given positions."""
+    """cos/sin tables [..., S, 1, dim] (fp32, broadcast over heads) for given positions, laid out for
+    `apply_rope`: each frequency repeated over the two elements it rotates, and the sine negated on the
+    element that takes -x·sin, so one rotation is x·cos + partner(x)·sin. Computed once per forward and
+    shared by every layer."""
 
-    def __init__(self, dim: int, theta: float, rope_scaling: dict | None = None):
+    def __init__(self, dim: int, theta: float, rope_scaling: dict | None = None, interleaved: bool = True):
         super().__init__()
         inv_freq, self.attention_factor = rope_inv_freq(dim, theta, rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.interleaved = interleaved
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = position_ids.to(torch.float32)[..., None] * self.inv_freq.to(position_ids.device)
-        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        cos, sin = angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        if self.interleaved:  # pairs (x[2i], x[2i+1]): [c0, c0, c1, c1, ...] and [-s0, s0, -s1, s1, ...]
+            cos, sin = torch.stack((cos, cos), -1).flatten(-2), torch.stack((-sin, sin), -1).flatten(-2)
+        else:  # halves (x[i], x[i + d/2])
+            cos, sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+        return cos[..., None, :], sin[..., None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate x [B, S, H, D] by cos/sin [B or 1, S, D/2]; returns x's dtype and layout."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    xf = x.float()
+    """Rotate x [B, S, H, D] by RotaryEmbedding's tables [B or 1, S, 1, D]; returns x's dtype and layout.
+
+    x·cos + partner(x)·sin, partner swapping the two elements of each rotated pair: the same products
+    and sums as (x1·cos - x2·sin, x2·cos + x1·sin), bit for bit, in fewer ops (decode is op-bound)."""
+    xf = x if x.dtype == torch.float32 else x.float()
     if interleaved:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        partner = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     else:
-        x1, x2 = xf.chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+        partner = xf.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    out = xf * cos + partner * sin
+    return out if out.dtype == x.dtype else out.to(x.dtype)

@@ -15,6 +15,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import RMSNorm, build_attention, causal_mask
+from nanoseek.model.linear import Linear
 from nanoseek.model.moe import MLP, Experts, Gate, MoE
 from nanoseek.model.mtp import MTPLayer
 from nanoseek.model.rope import RotaryEmbedding
@@ -62,13 +63,13 @@ class DeepSeekForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DeepSeekModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         L = cfg.num_hidden_layers
         self.mtp = nn.ModuleList(MTPLayer(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
         rope_dim = cfg.qk_rope_head_dim if cfg.is_mla else cfg.attn_head_dim
-        self.rotary = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_interleave)
         self.init_weights()
 
     @torch.no_grad()

@@ -1,0 +1,53 @@
+"""bf16 matmuls on CPUs without bf16 GEMM hardware, and the model's Linear layer.
+
+Under bf16 autocast a matmul rounds its operands to bf16, multiplies them accumulating in fp32, and
+rounds the result to bf16. torch's CPU bf16 GEMM is fast only where oneDNN has bf16 kernels (x86 with
+AVX-512 BW/VL/DQ, AMX, or Arm with bf16); elsewhere (e.g. AVX2-only laptops and servers) it takes a
+generic kernel 10-50x slower than fp32 GEMM. There nanoseek computes the same thing with fp32 kernels:
+the product of two bf16 numbers is exact in fp32 and the accumulation is fp32 either way, so rounding
+the operands to bf16, calling the fp32 kernel and rounding the result matches a bf16 GEMM up to the
+order of summation (gradients go through the same roundings, so they match too). This is what
+`Linear`, the routed experts' grouped matmul (`nanoseek.model.moe`) and MLA's training attention
+(fp32 flash kernel on the bf16 values, `nanoseek.model.attention`) do under CPU bf16 autocast.
+"""
+from __future__ import annotations
+
+import platform
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _cpu_bf16_gemm_is_slow() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False  # Arm and others: leave torch's kernels alone
+    caps = torch.cpu.get_capabilities()
+    # torch routes bf16 GEMM to oneDNN when mkldnn_bf16_device_check() holds: AVX-512 BW + VL + DQ
+    return not (caps.get("avx512_bw") and caps.get("avx512_vl") and caps.get("avx512_dq"))
+
+
+CPU_BF16_GEMM_IS_SLOW = _cpu_bf16_gemm_is_slow()
+
+
+def emulate_bf16(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when a `dtype` matmul on x's device should run as fp32 kernels on bf16-rounded operands."""
+    return dtype == torch.bfloat16 and CPU_BF16_GEMM_IS_SLOW and x.device.type == "cpu"
+
+
+def round_bf16(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to bf16 (nearest even), held in fp32 for the fp32 kernels."""
+    return t.to(torch.bfloat16).float()
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state_dict) whose bf16-autocast GEMMs run as fp32 kernels on
+    bf16-rounded operands on CPUs without bf16 GEMM hardware (module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if CPU_BF16_GEMM_IS_SLOW and torch.is_autocast_enabled("cpu") and x.device.type == "cpu" \
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+            with torch.autocast("cpu", enabled=False):
+                bias = None if self.bias is None else round_bf16(self.bias)
+                return F.linear(round_bf16(x), round_bf16(self.weight), bias).to(torch.bfloat16)
+        return F.linear(x, self.weight, self.bias)
