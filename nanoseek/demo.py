@@ -57,7 +57,7 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan(docs=60_000, vocab_size=300, pretrain_steps=800, pretrain_batch=32, r1_zero_steps=60,
+    "full": Plan(docs=60_000, vocab_size=300, pretrain_steps=1200, pretrain_batch=32, r1_zero_steps=60,
                  r1_steps={"cold_start": 40, "reasoning_rl": 30, "rejection": 1000, "sft": 100, "rl": 30},
                  distill_prompts=4000, distill_steps=600, eval_examples=200, eval_k=4, spec_prompts=16),
     "quick": Plan(docs=8_000, vocab_size=300, pretrain_steps=200, pretrain_batch=16, r1_zero_steps=6,
