@@ -354,7 +354,8 @@ def run(out: str = "runs/demo", quick: bool = False, seed: int = 0, threads: int
 
 
 def _run(args: argparse.Namespace) -> None:
-    run(args.out, quick=args.quick, seed=args.seed, threads=args.threads, progress=not args.no_progress)
+    out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
+    run(out, quick=args.quick, seed=args.seed, threads=args.threads, progress=not args.no_progress)
 
 
 def register(subparsers) -> None:
@@ -369,5 +370,4 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=lambda a: _run(argparse.Namespace(**{**vars(a), "out": a.out or
-                                                             ("runs/demo-quick" if a.quick else "runs/demo")})))
+    p.set_defaults(func=_run)
