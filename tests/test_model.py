@@ -152,7 +152,7 @@ def test_balance_losses_known_values():
                              comm_aux_alpha=0.02, ep_size=4, topk_devices=2, n_group=1, topk_group=1)
     indices = torch.arange(S * K).remainder(E).view(S, K)  # every expert exactly twice
     scores = torch.full((S, E), 1.0 / E)
-    r = Routing(weights=torch.ones(S, K), indices=indices, scores=scores, load=torch.full((E,), 2.0))
+    r = Routing(weights=torch.ones(S, K), indices=indices, scores=scores)
     # device loss: f'_d = 1, P'_d = 2/8 over 4 devices -> 1; comm: each token hits 1 device per pair
     sends = torch.zeros(S, 4)
     sends.scatter_(1, indices // 2, 1.0)

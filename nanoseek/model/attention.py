@@ -10,13 +10,14 @@ Caches are duck-typed: `cache.update(layer_idx, start, *new) -> full tensors` (s
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import Linear, emulate_bf16
+from nanoseek.model.linear import Linear, decode_layout, emulate_bf16, linear
 from nanoseek.model.rope import apply_rope
 
 
@@ -29,9 +30,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op (decode is op-bound)
-            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # x·rsqrt(mean(x²) + eps) in the ops transformers uses, bit for bit; cheaper than F.rms_norm on
+        # CPU both for a decoded token (fewer dispatches) and in training
+        xf = x if x.dtype == torch.float32 else x.float()
+        y = xf * xf.square().sum(-1, keepdim=True).div_(x.shape[-1]).add_(self.eps).rsqrt_()
+        return self.weight * (y if y.dtype == x.dtype else y.to(x.dtype))
 
 
 def causal_mask(S: int, T: int, device, dtype) -> torch.Tensor:
@@ -62,26 +65,35 @@ class MLA(nn.Module):
         self.interleaved = cfg.rope_interleave
         self.absorb: bool | None = None
         """None: absorbed path when decoding (cache and a single new token), naive otherwise."""
+        self.fuse: bool | None = None
+        """Absorbed path: multiply W^UK into the query projection and W^UV into o_proj ahead of time?
+        None: when that costs no more multiplies per token (latent no wider than a head's keys and
+        values, as in the small presets; not at V2/V3 shapes, where the latent is 4x wider)."""
+        self._decode_weights: tuple | None = None
 
     def forward(self, x_BSD, rope, mask=None, cache=None, start: int = 0):
         B, S, _ = x_BSD.shape
-        H, dn, dr, C = self.n_heads, self.dn, self.dr, self.C
-        cos, sin = rope
-        q = self.q_proj(x_BSD) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
-        q = q.view(B, S, H, dn + dr)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x_BSD).split([C, dr], dim=-1)
-        # the queries' RoPE halves and the shared RoPE key rotate as one tensor of H + 1 heads
-        pe = apply_rope(torch.cat([q[..., dn:], k_pe[:, :, None]], dim=2), cos, sin, self.interleaved)
-        q_nope, q_pe = q[..., :dn], pe[:, :, :H]
-        # What the cache stores per token: the normalized latent c_kv and the rotated key, side by side.
-        latent_BTL = torch.cat([self.kv_a_layernorm(c_kv), pe[:, :, H]], dim=-1)
-        if cache is not None:
-            (latent_BTL,) = cache.update(self.layer_idx, start, latent_BTL)
         absorb = self.absorb
         if absorb is None:  # decoding a few tokens over a long cache: never up-project the whole cache
             absorb = cache is not None and (S == 1 or (start > 0 and S <= 16))
-        o = (self._absorbed if absorb else self._naive)(q_nope, q_pe, latent_BTL, mask)
-        return self.o_proj(o.flatten(2))
+        if absorb:
+            return self._absorbed(x_BSD, rope, mask, cache, start)
+        H, dn = self.n_heads, self.dn
+        q = self.q_proj(x_BSD) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        q = q.view(B, S, H, dn + self.dr)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x_BSD).split([self.C, self.dr], dim=-1)
+        q_pe, latent_BTL = self._rope_and_cache(q[..., dn:], c_kv, k_pe, rope, cache, start)
+        return self.o_proj(self._naive(q[..., :dn], q_pe, latent_BTL, mask).flatten(2))
+
+    def _rope_and_cache(self, q_pe, c_kv, k_pe, rope, cache, start):
+        """Rotate the queries' RoPE halves and the shared RoPE key (one tensor of H + 1 heads); store
+        what the cache holds per token: the normalized latent c_kv and the rotated key, side by side.
+        Returns the rotated q_pe and the cached latent rows [B, start + S, C + dr]."""
+        pe = apply_rope(torch.cat([q_pe, k_pe[:, :, None]], dim=2), *rope, self.interleaved)
+        latent_BTL = torch.cat([self.kv_a_layernorm(c_kv), pe[:, :, -1]], dim=-1)
+        if cache is not None:
+            (latent_BTL,) = cache.update(self.layer_idx, start, latent_BTL)
+        return pe[:, :, :-1], latent_BTL
 
     def _naive(self, q_nope, q_pe, latent_BTL, mask):
         B, S, H, _ = q_nope.shape
@@ -105,28 +117,85 @@ class MLA(nn.Module):
                                                is_causal=mask is None and S > 1, scale=self.scale)
         return o[..., :self.dv].transpose(1, 2).to(dtype)
 
-    def _absorbed(self, q_nope, q_pe, latent_BTL, mask):
+    def _absorbed(self, x_BSD, rope, mask, cache, start):
         """Attention over the latent cache (V2 §2.1.4 / Appendix C): W^UK folds into the query and W^UV
-        into the output, so keys and values are the cached [c_kv; k_pe] rows themselves. Batched
-        matmuls (not einsum: ~5x less overhead per call on CPU) with the (s, h) query rows together."""
-        B, S, H, _ = q_nope.shape
-        T, C, dn = latent_BTL.shape[1], self.C, self.dn
-        W = self.kv_b_proj.weight.view(H, dn + self.dv, C)
-        q_abs_HNC = torch.bmm(q_nope.reshape(B * S, H, dn).transpose(0, 1), W[:, :dn])
-        q_BQL = torch.cat([q_abs_HNC.transpose(0, 1).reshape(B, S * H, C), q_pe.reshape(B, S * H, self.dr)], dim=-1)
+        into the output, so keys and values are the cached [c_kv; k_pe] rows themselves. One GEMM
+        projects x to the query's latent (or the query) and the new cache row together; with `fuse`,
+        the query comes out already absorbed and scaled and o_proj takes the latent output directly.
+        Batched matmuls (not einsum: ~5x less overhead per call on CPU), the (s, h) query rows together."""
+        B, S, _ = x_BSD.shape
+        H, dn, dr, C = self.n_heads, self.dn, self.dr, self.C
+        w = self._absorbed_weights()
+        q, c_kv, k_pe = linear(x_BSD, w.w_in, w.b_in).split([w.w_in.shape[0] - C - dr, C, dr], dim=-1)
+        if w.w_q is not None:
+            q = linear(self.q_a_layernorm(q), w.w_q)
+        if w.fused:  # [q_abs (H·C) | q_pe (H·dr)]
+            q_abs, q_pe = q.split([H * C, H * dr], dim=-1)
+            q_abs = q_abs.reshape(B, S * H, C)
+        else:
+            q = q.view(B, S, H, dn + dr)
+            q_abs = torch.bmm(q[..., :dn].reshape(B * S, H, dn).transpose(0, 1), w.w_uk).transpose(0, 1)
+            q_abs = q_abs.reshape(B, S * H, C)
+        q_pe, latent_BTL = self._rope_and_cache(q_pe.view(B, S, H, dr) if w.fused else q[..., dn:], c_kv, k_pe,
+                                                rope, cache, start)
+        T = latent_BTL.shape[1]
+        q_BQL = torch.cat([q_abs, q_pe.reshape(B, S * H, dr)], dim=-1)
         if mask is None and S > 1:
             mask = causal_mask(S, T, q_BQL.device, q_BQL.dtype)
         if mask is None:
-            scores = torch.bmm(q_BQL, latent_BTL.transpose(1, 2)).mul_(self.scale)
+            scores = torch.bmm(q_BQL, latent_BTL.transpose(1, 2))
+            scores = scores if w.scale == 1 else scores.mul_(w.scale)
         else:  # mask [B|1, 1, S, T] -> [B|1, S*H, T], rows in the (s, h) order of the queries
             m = mask[:, 0] if S == 1 else mask[:, 0, :, None, :].expand(-1, S, H, T).reshape(-1, S * H, T)
             scores = torch.baddbmm(m if m.dtype == q_BQL.dtype else m.to(q_BQL.dtype), q_BQL,
-                                   latent_BTL.transpose(1, 2), alpha=self.scale)
+                                   latent_BTL.transpose(1, 2), alpha=w.scale)
         p = scores.softmax(dim=-1, dtype=torch.float32)
         p = p if p.dtype == q_BQL.dtype else p.to(q_BQL.dtype)  # skip no-op casts: decode is op-bound
-        o_lat_NHC = torch.bmm(p, latent_BTL[..., :C]).view(B * S, H, C)
-        o_HNV = torch.bmm(o_lat_NHC.transpose(0, 1), W[:, dn:].transpose(1, 2))
-        return o_HNV.transpose(0, 1).reshape(B, S, H, self.dv)
+        o_lat = torch.bmm(p, latent_BTL[..., :C])  # [B, S*H, C]
+        if w.fused:
+            return linear(o_lat.view(B, S, H * C), w.w_o, w.b_o)
+        o = torch.bmm(o_lat.view(B * S, H, C).transpose(0, 1), w.w_uv)
+        return self.o_proj(o.transpose(0, 1).reshape(B, S, H * self.dv))
+
+    def _absorbed_weights(self) -> SimpleNamespace:
+        """The absorbed path's weights, built from the parameters and kept until one of them changes
+        (an optimizer step, a load, a dtype move); built afresh, differentiably, when grad is on."""
+        if torch.is_grad_enabled():
+            return self._build_absorbed_weights()
+        # every projection's tensors, read from the module dicts (cheaper than attribute access, and a swapped
+        # module or parameter shows up too)
+        key = tuple((t.data_ptr(), t._version, t.dtype) for name, m in self._modules.items() if name.endswith("proj")
+                    or name.endswith("mqa") for t in m._parameters.values() if t is not None)
+        if self._decode_weights is None or self._decode_weights[0] != key:
+            self._decode_weights = (key, self._build_absorbed_weights())
+        return self._decode_weights[1]
+
+    def _build_absorbed_weights(self) -> SimpleNamespace:
+        H, dn, dr, dv, C = self.n_heads, self.dn, self.dr, self.dv, self.C
+        W_UK, W_UV = self.kv_b_proj.weight.view(H, dn + dv, C).split([dn, dv], dim=1)  # [H, dn, C], [H, dv, C]
+        lora = not hasattr(self, "q_proj")
+        w_q = self.q_b_proj.weight if lora else self.q_proj.weight  # [H·(dn + dr), R] (R = D without q LoRA)
+        w_o = self.o_proj.weight  # [D, H·dv]
+        R, D = w_q.shape[1], w_o.shape[0]
+        fused = self.fuse if self.fuse is not None else C * R <= dn * (R + C) and D * C <= dv * (C + D)
+        scale = self.scale
+        layout = (lambda t: t) if torch.is_grad_enabled() else decode_layout  # (for the copies made here)
+        if fused:  # per head: W^UK·W_q takes the query straight to the latent space; W_o·W^UV takes it out
+            Wq = w_q.float().view(H, dn + dr, R)
+            q_abs = torch.bmm(W_UK.float().transpose(1, 2), Wq[:, :dn]).reshape(H * C, R)
+            w_q = layout((torch.cat([q_abs, Wq[:, dn:].reshape(H * dr, R)]) * scale).to(w_q.dtype))
+            w_o = torch.bmm(w_o.float().view(D, H, dv).transpose(0, 1), W_UV.float())  # [H, D, C]
+            w_o = layout(w_o.transpose(0, 1).reshape(D, H * C).to(self.o_proj.weight.dtype))
+            scale = 1.0
+        # one GEMM from x: [the query's latent (or the query) | c_kv | k_pe]
+        kv_a = self.kv_a_proj_with_mqa
+        first_w, first_b = (self.q_a_proj.weight, self.q_a_proj.bias) if lora else (w_q, None)
+        b_in = None
+        if kv_a.bias is not None:
+            b_in = torch.cat([kv_a.bias.new_zeros(first_w.shape[0]) if first_b is None else first_b, kv_a.bias])
+        return SimpleNamespace(fused=fused, scale=scale, w_in=layout(torch.cat([first_w, kv_a.weight])), b_in=b_in,
+                               w_q=w_q if lora else None, w_uk=W_UK, w_uv=W_UV.transpose(1, 2), w_o=w_o,
+                               b_o=self.o_proj.bias)
 
 
 class GQA(nn.Module):

@@ -7,8 +7,9 @@ generic kernel 10-50x slower than fp32 GEMM. There nanoseek computes the same th
 the product of two bf16 numbers is exact in fp32 and the accumulation is fp32 either way, so rounding
 the operands to bf16, calling the fp32 kernel and rounding the result matches a bf16 GEMM up to the
 order of summation (gradients go through the same roundings, so they match too). This is what
-`Linear`, the routed experts' grouped matmul (`nanoseek.model.moe`) and MLA's training attention
-(fp32 flash kernel on the bf16 values, `nanoseek.model.attention`) do under CPU bf16 autocast.
+`linear` (and the `Linear` layer), the routed experts' grouped matmul (`nanoseek.model.moe`) and MLA's
+training attention (fp32 flash kernel on the bf16 values, `nanoseek.model.attention`) do under CPU
+bf16 autocast.
 """
 from __future__ import annotations
 
@@ -40,14 +41,31 @@ def round_bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t.to(dtype), skipping the call when t already has it (even a no-op cast is a dispatched op, and a
+    decoded token's step is bound by the number of ops)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def decode_layout(w: torch.Tensor) -> torch.Tensor:
+    """w [out, in] (same shape and values) laid out for `linear` over a few rows: column-major on CPU,
+    where MKL multiplies one to eight rows by it 1.1-2.5x faster than by a row-major weight."""
+    return w.t().contiguous().t() if w.device.type == "cpu" else w
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with bf16-autocast GEMMs run as fp32 kernels on bf16-rounded operands on CPUs without
+    bf16 GEMM hardware (module docstring)."""
+    if CPU_BF16_GEMM_IS_SLOW and torch.is_autocast_enabled("cpu") and x.device.type == "cpu" \
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            bias = None if bias is None else round_bf16(bias)
+            return F.linear(round_bf16(x), round_bf16(weight), bias).to(torch.bfloat16)
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state_dict) whose bf16-autocast GEMMs run as fp32 kernels on
-    bf16-rounded operands on CPUs without bf16 GEMM hardware (module docstring)."""
+    """nn.Linear (same parameters and state_dict) computed by `linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if CPU_BF16_GEMM_IS_SLOW and torch.is_autocast_enabled("cpu") and x.device.type == "cpu" \
-                and torch.get_autocast_dtype("cpu") == torch.bfloat16:
-            with torch.autocast("cpu", enabled=False):
-                bias = None if self.bias is None else round_bf16(self.bias)
-                return F.linear(round_bf16(x), round_bf16(self.weight), bias).to(torch.bfloat16)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)

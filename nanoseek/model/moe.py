@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import Linear, emulate_bf16, round_bf16
+from nanoseek.model.linear import Linear, cast, emulate_bf16, linear, round_bf16
 
 
 class MLP(nn.Module):
@@ -47,7 +47,11 @@ class Routing:
     weights: torch.Tensor  # [T, K] gate values (fp32), scaled by routed_scaling_factor
     indices: torch.Tensor  # [T, K] selected experts, distinct per token
     scores: torch.Tensor  # [T, E] affinities s (fp32), for the balance losses
-    load: torch.Tensor  # [E] tokens per expert in this batch (fp32, no grad)
+
+    @property
+    def load(self) -> torch.Tensor:
+        """[E] tokens per expert in this batch (fp32, no grad); counted when asked (decoding never asks)."""
+        return torch.bincount(self.indices.flatten(), minlength=self.scores.shape[-1]).float()
 
 
 def keep_top_blocks(sel_TE: torch.Tensor, n_blocks: int, k_blocks: int, score: str) -> torch.Tensor:
@@ -59,9 +63,8 @@ def keep_top_blocks(sel_TE: torch.Tensor, n_blocks: int, k_blocks: int, score: s
     T, E = sel_TE.shape
     blocks = sel_TE.view(T, n_blocks, E // n_blocks)
     block_score = blocks.amax(-1) if score == "max" else blocks.topk(2, dim=-1).values.sum(-1)
-    keep = torch.zeros_like(block_score, dtype=torch.bool)
-    keep.scatter_(1, block_score.topk(k_blocks, dim=-1).indices, True)
-    return blocks.masked_fill(~keep[:, :, None], float("-inf")).view(T, E)
+    drop = torch.ones_like(block_score, dtype=torch.bool).scatter_(1, block_score.topk(k_blocks, dim=-1).indices, False)
+    return blocks.masked_fill(drop[:, :, None], float("-inf")).view(T, E)
 
 
 class Gate(nn.Module):
@@ -74,10 +77,11 @@ class Gate(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> Routing:
         cfg = self.cfg
         dev = x_TD.device.type
+        x, w = (t if t.dtype == torch.float32 else t.float() for t in (x_TD, self.weight))  # (no no-op casts: decode)
         with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext():
-            logits = F.linear(x_TD.float(), self.weight.float())  # routing in fp32, as DeepSeek does (not autocast)
+            logits = F.linear(x, w)  # routing in fp32, as DeepSeek does (not autocast)
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        sel = scores.detach() + self.e_score_correction_bias  # bias: selection only
+        sel = (scores.detach() if scores.requires_grad else scores) + self.e_score_correction_bias  # bias: selection only
         if cfg.topk_devices is not None:
             sel = keep_top_blocks(sel, cfg.ep_size, cfg.topk_devices, "max")
         if cfg.topk_method != "greedy" and (cfg.n_group or 1) > 1:
@@ -86,8 +90,7 @@ class Gate(nn.Module):
         weights = scores.gather(1, indices)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        load = torch.bincount(indices.flatten(), minlength=cfg.n_routed_experts).float()
-        return Routing(weights * cfg.routed_scaling_factor, indices, scores, load)
+        return Routing(weights * cfg.routed_scaling_factor, indices, scores)
 
 
 class Experts(nn.Module):
@@ -99,6 +102,7 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, I, D))
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self._views: tuple | None = None
 
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
                 keep_TK: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,25 +114,32 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
         if keep_TK is not None:
             order = order[keep_TK.flatten()[order]]
-        counts_E = torch.bincount(flat[order], minlength=self.gate_proj.shape[0])
+        counts_E = torch.bincount(flat if keep_TK is None else flat[order], minlength=self.gate_proj.shape[0])
         token = order // K
         if self._can_group(x_TD):  # cast the T rows once, before the gather copies each K times
             h = self._grouped(self._operand(x_TD)[token], counts_E)
         else:
             h = self._looped(x_TD[token], counts_E)
-        y_sorted = h * weights_TK.flatten()[order, None].to(x_TD.dtype)  # gate values kept in x's precision
-        return torch.zeros_like(x_TD).index_add_(0, token, y_sorted.to(x_TD.dtype))
+        y_sorted = h * cast(weights_TK.flatten()[order, None], x_TD.dtype)  # gate values kept in x's precision
+        return torch.zeros_like(x_TD).index_add_(0, token, cast(y_sorted, x_TD.dtype))
 
     def _one_token(self, x_1D: torch.Tensor, indices_1K: torch.Tensor, weights_1K: torch.Tensor) -> torch.Tensor:
         """Decoding one token (batch 1): its K experts are distinct, so each is one row through one
         expert, and the sort/gather/scatter bookkeeping of the general path would cost more than the
-        matmuls. Same sum order (ascending expert) as the general path, so the same result."""
-        experts, slot = indices_1K[0].sort()
-        w_K1 = weights_1K[0, slot, None].to(x_1D.dtype)
-        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-        h_KD = torch.cat([F.linear(F.silu(F.linear(x_1D, gate[e])) * F.linear(x_1D, up[e]), down[e])
-                          for e in experts.tolist()])
-        return (h_KD * w_K1).sum(0, keepdim=True)
+        matmuls; the K outputs are summed with their gate values in one matmul."""
+        experts = self._expert_weights()
+        h_KD = torch.cat([linear(F.silu(linear(x_1D, gate)) * linear(x_1D, up), down)
+                          for gate, up, down in (experts[e] for e in indices_1K.tolist()[0])])
+        return linear(cast(weights_1K, h_KD.dtype), h_KD.t())
+
+    def _expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(gate, up, down) views of each expert, kept until a parameter changes (indexing a stacked
+        parameter is a dispatched op, and one decoded token would index it 3·K times per layer)."""
+        params = [self._parameters[name] for name in ("gate_proj", "up_proj", "down_proj")]
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if self._views is None or self._views[0] != key:
+            self._views = (key, list(zip(*(p.detach().unbind(0) for p in params))))
+        return self._views[1]
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         dev = x.device.type
@@ -156,7 +167,7 @@ class Experts(nn.Module):
         them or, where the CPU has no bf16 GEMM, to their bf16-rounded values in fp32 for the fp32 kernel
         (same numerics, see nanoseek.model.linear)."""
         dtype = self._compute_dtype(t)
-        return round_bf16(t) if emulate_bf16(t, dtype) else t.to(dtype)
+        return round_bf16(t) if emulate_bf16(t, dtype) else cast(t, dtype)
 
     def _grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND: the sorted rows, already an `_operand`."""
@@ -164,7 +175,7 @@ class Experts(nn.Module):
         offs = counts_E.cumsum(0).to(torch.int32)
 
         def mm(a, w):
-            return _grouped_mm(a, self._operand(w).transpose(1, 2), offs=offs).to(dtype)
+            return cast(_grouped_mm(a, self._operand(w).transpose(1, 2), offs=offs), dtype)
         return mm(self._operand(F.silu(mm(x_ND, self.gate_proj)) * mm(x_ND, self.up_proj)), self.down_proj)
 
     def _looped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -209,12 +220,13 @@ _grouped_mm = _setup_grouped_mm()
 
 
 class MoE(nn.Module):
-    """Routed experts + shared experts. After each forward, `last_load` [E] and `last_aux_loss` hold
-    what training needs (expert load for the bias update and metrics, the weighted balance losses).
+    """Routed experts + shared experts. After each forward, `last_routing` (its `load` [E]) and
+    `last_aux_loss` hold what training needs (expert load for the bias update and metrics, the
+    weighted balance losses).
 
     `capacity_factor` (None = off) turns on V2 device-level token dropping in training mode, sparing
     the first `no_drop_fraction` of each batch's sequences; `last_drop_fraction` then holds the share
-    of (token, expert) pairs dropped. `last_load` counts the routing decisions, before any dropping."""
+    of (token, expert) pairs dropped. The load counts the routing decisions, before any dropping."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -223,7 +235,7 @@ class MoE(nn.Module):
         self.experts = Experts(cfg)
         n_shared = cfg.n_shared_experts or 0
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
-        self.last_load: torch.Tensor | None = None
+        self.last_routing: Routing | None = None
         self.last_aux_loss: torch.Tensor | None = None
         self.capacity_factor: float | None = None
         self.no_drop_fraction: float = 0.1
@@ -240,7 +252,7 @@ class MoE(nn.Module):
         y = self.experts(x_TD, r.indices, r.weights, keep)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_TD)
-        self.last_load = r.load
+        self.last_routing = r
         self.last_aux_loss = balance_loss(self.cfg, r, B, S) if self.training else None
         return y.view(B, S, D)
 
