@@ -94,6 +94,7 @@ class Batch:
         if speculative and not cfg.num_nextn_predict_layers:
             raise ValueError("speculative decoding needs a model with an MTP module (num_nextn_predict_layers >= 1)")
         self.model, self.tokenizer, self.speculative, self.cache_dtype = model, tokenizer, speculative, cache_dtype
+        model.clear_decode_caches()  # the weights may have changed since the last batch (RL between rollouts)
         self.device = next(model.parameters()).device
         self.vocab_size = cfg.vocab_size
         self.num_layers = cfg.num_hidden_layers + (1 if speculative else 0)

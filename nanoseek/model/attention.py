@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import Linear, decode_layout, emulate_bf16, linear
+from nanoseek.model.linear import DecodeCache, Linear, decode_layout, emulate_bf16, linear
 from nanoseek.model.rope import apply_rope
 
 
@@ -69,7 +69,7 @@ class MLA(nn.Module):
         """Absorbed path: multiply W^UK into the query projection and W^UV into o_proj ahead of time?
         None: when that costs no more multiplies per token (latent no wider than a head's keys and
         values, as in the small presets; not at V2/V3 shapes, where the latent is 4x wider)."""
-        self._decode_weights: tuple | None = None
+        self._decode_cache = DecodeCache()
 
     def forward(self, x_BSD, rope, mask=None, cache=None, start: int = 0):
         B, S, _ = x_BSD.shape
@@ -131,15 +131,14 @@ class MLA(nn.Module):
             q = linear(self.q_a_layernorm(q), w.w_q)
         if w.fused:  # [q_abs (H·C) | q_pe (H·dr)]
             q_abs, q_pe = q.split([H * C, H * dr], dim=-1)
-            q_abs = q_abs.reshape(B, S * H, C)
+            q_pe = q_pe.view(B, S, H, dr)
         else:
             q = q.view(B, S, H, dn + dr)
             q_abs = torch.bmm(q[..., :dn].reshape(B * S, H, dn).transpose(0, 1), w.w_uk).transpose(0, 1)
-            q_abs = q_abs.reshape(B, S * H, C)
-        q_pe, latent_BTL = self._rope_and_cache(q_pe.view(B, S, H, dr) if w.fused else q[..., dn:], c_kv, k_pe,
-                                                rope, cache, start)
+            q_pe = q[..., dn:]
+        q_pe, latent_BTL = self._rope_and_cache(q_pe, c_kv, k_pe, rope, cache, start)
         T = latent_BTL.shape[1]
-        q_BQL = torch.cat([q_abs, q_pe.reshape(B, S * H, dr)], dim=-1)
+        q_BQL = torch.cat([q_abs.reshape(B, S * H, C), q_pe.reshape(B, S * H, dr)], dim=-1)
         if mask is None and S > 1:
             mask = causal_mask(S, T, q_BQL.device, q_BQL.dtype)
         if mask is None:
@@ -158,17 +157,16 @@ class MLA(nn.Module):
         return self.o_proj(o.transpose(0, 1).reshape(B, S, H * self.dv))
 
     def _absorbed_weights(self) -> SimpleNamespace:
-        """The absorbed path's weights, built from the parameters and kept until one of them changes
-        (an optimizer step, a load, a dtype move); built afresh, differentiably, when grad is on."""
+        """The absorbed path's weights, built from the parameters and kept until one of them is replaced or
+        its version changes (see DeepSeekForCausalLM.clear_decode_caches); built afresh, differentiably,
+        when grad is on."""
         if torch.is_grad_enabled():
             return self._build_absorbed_weights()
         # every projection's tensors, read from the module dicts (cheaper than attribute access, and a swapped
         # module or parameter shows up too)
-        key = tuple((t.data_ptr(), t._version, t.dtype) for name, m in self._modules.items() if name.endswith("proj")
-                    or name.endswith("mqa") for t in m._parameters.values() if t is not None)
-        if self._decode_weights is None or self._decode_weights[0] != key:
-            self._decode_weights = (key, self._build_absorbed_weights())
-        return self._decode_weights[1]
+        key = tuple((t.data_ptr(), t._version, t.dtype) for name, m in self._modules.items()
+                    if name.endswith(("proj", "mqa")) for t in m._parameters.values() if t is not None)
+        return self._decode_cache.get(key, self._build_absorbed_weights)
 
     def _build_absorbed_weights(self) -> SimpleNamespace:
         H, dn, dr, dv, C = self.n_heads, self.dn, self.dr, self.dv, self.C
@@ -191,8 +189,9 @@ class MLA(nn.Module):
         kv_a = self.kv_a_proj_with_mqa
         first_w, first_b = (self.q_a_proj.weight, self.q_a_proj.bias) if lora else (w_q, None)
         b_in = None
-        if kv_a.bias is not None:
-            b_in = torch.cat([kv_a.bias.new_zeros(first_w.shape[0]) if first_b is None else first_b, kv_a.bias])
+        if first_b is not None or kv_a.bias is not None:
+            b_in = torch.cat([first_w.new_zeros(w.shape[0]) if b is None else b
+                              for w, b in ((first_w, first_b), (kv_a.weight, kv_a.bias))])
         return SimpleNamespace(fused=fused, scale=scale, w_in=layout(torch.cat([first_w, kv_a.weight])), b_in=b_in,
                                w_q=w_q if lora else None, w_uk=W_UK, w_uv=W_UV.transpose(1, 2), w_o=w_o,
                                b_o=self.o_proj.bias)

@@ -53,6 +53,28 @@ def decode_layout(w: torch.Tensor) -> torch.Tensor:
     return w.t().contiguous().t() if w.device.type == "cpu" else w
 
 
+class DecodeCache:
+    """Weight copies a module keeps for decoding, rebuilt when `key` (the source weights' pointers and
+    versions) changes. Not part of the module's state: a deep copy or a pickle starts empty."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def get(self, key, build):
+        if key != self.key:
+            self.key, self.value = key, build()
+        return self.value
+
+    def clear(self) -> None:
+        self.key = self.value = None
+
+    def __deepcopy__(self, memo) -> "DecodeCache":
+        return DecodeCache()
+
+    def __reduce__(self):
+        return DecodeCache, ()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with bf16-autocast GEMMs run as fp32 kernels on bf16-rounded operands on CPUs without
     bf16 GEMM hardware (module docstring)."""

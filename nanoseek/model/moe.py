@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import Linear, cast, emulate_bf16, linear, round_bf16
+from nanoseek.model.linear import DecodeCache, Linear, cast, emulate_bf16, linear, round_bf16
 
 
 class MLP(nn.Module):
@@ -47,6 +47,11 @@ class Routing:
     weights: torch.Tensor  # [T, K] gate values (fp32), scaled by routed_scaling_factor
     indices: torch.Tensor  # [T, K] selected experts, distinct per token
     scores: torch.Tensor  # [T, E] affinities s (fp32), for the balance losses
+
+    def detached(self) -> "Routing":
+        if not (self.weights.requires_grad or self.scores.requires_grad):
+            return self
+        return Routing(self.weights.detach(), self.indices, self.scores.detach())
 
     @property
     def load(self) -> torch.Tensor:
@@ -102,7 +107,7 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, I, D))
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
-        self._views: tuple | None = None
+        self._decode_cache = DecodeCache()
 
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
                 keep_TK: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,9 +142,7 @@ class Experts(nn.Module):
         parameter is a dispatched op, and one decoded token would index it 3·K times per layer)."""
         params = [self._parameters[name] for name in ("gate_proj", "up_proj", "down_proj")]
         key = tuple((p.data_ptr(), p._version) for p in params)
-        if self._views is None or self._views[0] != key:
-            self._views = (key, list(zip(*(p.detach().unbind(0) for p in params))))
-        return self._views[1]
+        return self._decode_cache.get(key, lambda: list(zip(*(p.detach().unbind(0) for p in params))))
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         dev = x.device.type
@@ -252,7 +255,7 @@ class MoE(nn.Module):
         y = self.experts(x_TD, r.indices, r.weights, keep)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_TD)
-        self.last_routing = r
+        self.last_routing = r.detached()  # (kept past the step: no graph)
         self.last_aux_loss = balance_loss(self.cfg, r, B, S) if self.training else None
         return y.view(B, S, D)
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import RMSNorm, build_attention, causal_mask
-from nanoseek.model.linear import Linear, decode_layout, linear
+from nanoseek.model.linear import DecodeCache, Linear, decode_layout, linear
 from nanoseek.model.moe import MLP, Experts, Gate, MoE, Routing
 from nanoseek.model.mtp import MTPLayer
 from nanoseek.model.rope import RotaryEmbedding
@@ -73,7 +73,7 @@ class DeepSeekForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         L = cfg.num_hidden_layers
         self.mtp = nn.ModuleList(MTPLayer(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
-        self._decode_head: tuple | None = None
+        self._decode_cache = DecodeCache()  # the LM head's weight in decode layout
         rope_dim = cfg.qk_rope_head_dim if cfg.is_mla else cfg.attn_head_dim
         self.rotary = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_interleave)
         self.init_weights()
@@ -168,6 +168,15 @@ class DeepSeekForCausalLM(nn.Module):
         h = layer(hidden_BSD, emb, self.rotary(position_ids), mask, cache, start)
         return self._head(layer.shared_head.norm(h[:, -logits_to_keep:] if logits_to_keep else h), cache), h
 
+    def clear_decode_caches(self) -> None:
+        """Drop the weight copies kept for decoding (absorbed MLA weights, per-expert views, the LM head's
+        decode layout: each module's `_decode_cache`). They are rebuilt when a weight is replaced or its
+        version changes, but some in-place updates leave the version alone (fused AdamW, writes through
+        `.data`), so the inference engine clears them whenever it starts a batch."""
+        for m in self.modules():
+            if isinstance(getattr(m, "_decode_cache", None), DecodeCache):
+                m._decode_cache.clear()
+
     def _head(self, h: torch.Tensor, cache) -> torch.Tensor:
         """The LM head; when decoding without grad, through a copy of its weight laid out for a few rows
         (`decode_layout`: 2.5x faster on CPU for one row at small-v3's 4096 x 256, the step's largest GEMM),
@@ -176,9 +185,7 @@ class DeepSeekForCausalLM(nn.Module):
             return self.lm_head(h)
         w = self.lm_head.weight
         key = (w.data_ptr(), w._version)
-        if self._decode_head is None or self._decode_head[0] != key:
-            self._decode_head = (key, decode_layout(w.detach()))
-        return linear(h, self._decode_head[1], self.lm_head.bias)
+        return linear(h, self._decode_cache.get(key, lambda: decode_layout(w.detach())), self.lm_head.bias)
 
     @staticmethod
     def _mask(attention_mask, B, S, start, dtype, device):
