@@ -122,7 +122,8 @@ class MLA(nn.Module):
         into the output, so keys and values are the cached [c_kv; k_pe] rows themselves. One GEMM
         projects x to the query's latent (or the query) and the new cache row together; with `fuse`,
         the query comes out already absorbed and scaled and o_proj takes the latent output directly.
-        Batched matmuls (not einsum: ~5x less overhead per call on CPU), the (s, h) query rows together."""
+        Batched matmuls (not einsum: ~5x less overhead per call on CPU), the (s, h) query rows together.
+        The projections' weights are read directly (an FP8Linear's master weights: decoding is not FP8)."""
         B, S, _ = x_BSD.shape
         H, dn, dr, C = self.n_heads, self.dn, self.dr, self.C
         w = self._absorbed_weights()
