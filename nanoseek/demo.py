@@ -49,7 +49,9 @@ class Plan:
     pretrain_batch: int       # sequences of 128 tokens
     r1_zero_steps: int        # GRPO steps of R1-Zero
     r1_steps: dict            # the R1 stages' sizes: cold_start / reasoning_rl / sft / rl steps, rejection prompts
-    distill_prompts: int      # teacher prompts sampled for the student's traces
+    distill_prompts: int      # teacher prompts sampled for the student's traces; 0: the R1 pipeline's
+                              # rejection-sampled data instead (R1 §2.4 distills on those; a quick run's
+                              # teacher solves too few prompts to be sampled reliably)
     distill_steps: int
     eval_examples: int        # held-out problems per evaluation
     eval_k: int               # samples per problem for pass@1 / cons@k
@@ -62,7 +64,7 @@ PLANS = {
                  distill_prompts=4000, distill_steps=600, eval_examples=200, eval_k=4, spec_prompts=16),
     "quick": Plan(docs=8_000, vocab_size=300, pretrain_steps=200, pretrain_batch=16, r1_zero_steps=6,
                   r1_steps={"cold_start": 40, "reasoning_rl": 4, "rejection": 200, "sft": 10, "rl": 4},
-                  distill_prompts=100, distill_steps=20, eval_examples=50, eval_k=2, spec_prompts=4),
+                  distill_prompts=0, distill_steps=20, eval_examples=50, eval_k=2, spec_prompts=4),
 }
 STAGES = ("data", "pretrain", "r1-zero", "r1", "distill", "speculative", "report")
 
@@ -233,13 +235,16 @@ class Demo:
         from nanoseek.train.post_config import load_post_config
 
         p = self.plan
-        teacher = self.state["stages"]["r1"]["result"]["final_model"]
+        r1 = self.state["stages"]["r1"]["result"]
+        if p.distill_prompts:
+            traces = [f"rejection.prompts={p.distill_prompts}", "rejection.samples=1", "rejection.max_new_tokens=64"]
+        else:
+            rejection = next(s["dir"] for s in r1["stages"] if s["command"] == "rejection")
+            traces = [f"distill.traces={json.dumps(os.path.join(rejection, 'data.jsonl'))}"]
         return load_post_config(None, [
             # The student: a dense Llama-layout model (GQA) with 2 layers, smaller than the teacher's active part.
-            f"distill.teacher={teacher}", "model.preset=tiny-dense", "model.overrides.num_hidden_layers=2",
-            f"task.name={TASK}", f'task.options.template="{TEMPLATE}"', f"rejection.prompts={p.distill_prompts}",
-            "rejection.samples=1",
-            "rejection.max_new_tokens=64", "optim.lr=3e-3", "schedule.lr_schedule=constant", "schedule.warmup_steps=20",
+            f"distill.teacher={r1['final_model']}", "model.preset=tiny-dense", "model.overrides.num_hidden_layers=2",
+            f"task.name={TASK}", f'task.options.template="{TEMPLATE}"', *traces, "optim.lr=3e-3", "schedule.lr_schedule=constant", "schedule.warmup_steps=20",
             f"train.steps={p.distill_steps}", "train.batch_size=64", f"train.seed={self.seed}",
             f"train.threads={self.threads}", f"eval.examples={p.eval_examples}", f"eval.k={p.eval_k}",
             "eval.max_new_tokens=64", f"checkpoint.every={max(p.distill_steps // 4, 1)}",

@@ -8,8 +8,8 @@ groups (V2 group max; V3 sum of the top-2). Experts are stacked tensors evaluate
 the tokens routed to it, so the cost follows the active parameters, not the total: one grouped
 matmul per projection over the (token, expert) pairs sorted by expert (torch's grouped_mm), which
 keeps the step time flatter as the expert count grows; a loop over the experts hit where grouped_mm
-is missing, and a direct loop over each token's K experts at inference over a few tokens (decoding
-small batches, and batch 1's speculative verify).
+is missing, and on CPU a direct loop over each token's K experts at inference over a few tokens
+(decoding small batches, and batch 1's speculative verify).
 
 V2 §2.2.4 device-level token dropping (training only): with `MoE.capacity_factor` set, each of the
 `ep_size` devices processes at most capacity_factor · T·K / ep_size (token, expert) pairs, dropping
@@ -116,7 +116,8 @@ class Experts(nn.Module):
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
                 keep_TK: torch.Tensor | None = None) -> torch.Tensor:
         """Σ_k weights[t, k] · expert_{indices[t, k]}(x_t); pairs where `keep_TK` is False are dropped."""
-        if x_TD.shape[0] <= self.per_token_max and keep_TK is None and not torch.is_grad_enabled():
+        if x_TD.shape[0] <= self.per_token_max and keep_TK is None and not torch.is_grad_enabled() \
+                and x_TD.device.type == "cpu":  # (measured on CPU; it syncs on the expert ids)
             return self._per_token(x_TD, indices_TK, weights_TK)
         K = indices_TK.shape[1]
         flat = indices_TK.flatten()
