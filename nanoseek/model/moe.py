@@ -176,9 +176,9 @@ class Experts(nn.Module):
     def _operand(self, t: torch.Tensor) -> torch.Tensor:
         """grouped_mm is not autocast-aware: its operands go to the autocast dtype as autocast would cast
         them or, where the CPU has no bf16 GEMM, to their bf16-rounded values in fp32 for the fp32 kernel
-        (same numerics, see nanoseek.model.linear)."""
+        (same numerics, see nanoseek.model.linear) — except under torch.compile, whose grouped_mm takes bf16 only."""
         dtype = self._compute_dtype(t)
-        return round_bf16(t) if emulate_bf16(t, dtype) else cast(t, dtype)
+        return round_bf16(t) if emulate_bf16(t, dtype) and not torch.compiler.is_compiling() else cast(t, dtype)
 
     def _grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND: the sorted rows, already an `_operand`."""
