@@ -244,7 +244,8 @@ class Demo:
         return load_post_config(None, [
             # The student: a dense Llama-layout model (GQA) with 2 layers, smaller than the teacher's active part.
             f"distill.teacher={r1['final_model']}", "model.preset=tiny-dense", "model.overrides.num_hidden_layers=2",
-            f"task.name={TASK}", f'task.options.template="{TEMPLATE}"', *traces, "optim.lr=3e-3", "schedule.lr_schedule=constant", "schedule.warmup_steps=20",
+            f"task.name={TASK}", f'task.options.template="{TEMPLATE}"', *traces,
+            "optim.lr=3e-3", "schedule.lr_schedule=constant", "schedule.warmup_steps=20",
             f"train.steps={p.distill_steps}", "train.batch_size=64", f"train.seed={self.seed}",
             f"train.threads={self.threads}", f"eval.examples={p.eval_examples}", f"eval.k={p.eval_k}",
             "eval.max_new_tokens=64", f"checkpoint.every={max(p.distill_steps // 4, 1)}",

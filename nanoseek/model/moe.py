@@ -83,9 +83,9 @@ class Gate(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> Routing:
         cfg = self.cfg
         dev = x_TD.device.type
-        x, w = (t if t.dtype == torch.float32 else t.float() for t in (x_TD, self.weight))  # (no no-op casts: decode)
         with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext():
-            logits = F.linear(x, w)  # routing in fp32, as DeepSeek does (not autocast)
+            # routing in fp32, as DeepSeek does (not autocast)
+            logits = F.linear(cast(x_TD, torch.float32), cast(self.weight, torch.float32))
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         sel = (scores.detach() if scores.requires_grad else scores) + self.e_score_correction_bias  # bias: selection only
         if cfg.topk_devices is not None:
