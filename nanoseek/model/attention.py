@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import DecodeCache, Linear, decode_layout, emulate_bf16, linear
+from nanoseek.model.linear import DecodeCache, Linear, decode_layout, emulate_bf16, linear, scalar
 from nanoseek.model.rope import apply_rope
 
 
@@ -28,12 +28,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self._dim_eps = scalar(dim), scalar(eps)  # (a decoded token runs 25 norms: no Python numbers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x·rsqrt(mean(x²) + eps) in the ops transformers uses, bit for bit; cheaper than F.rms_norm on
         # CPU both for a decoded token (fewer dispatches) and in training
         xf = x if x.dtype == torch.float32 else x.float()
-        y = xf * xf.square().sum(-1, keepdim=True).div_(x.shape[-1]).add_(self.eps).rsqrt_()
+        dim, eps = self._dim_eps
+        y = xf * xf.square().sum(-1, keepdim=True).div_(dim).add_(eps).rsqrt_()
         return self.weight * (y if y.dtype == x.dtype else y.to(x.dtype))
 
 

@@ -47,6 +47,12 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def scalar(value: float) -> torch.Tensor:
+    """value as a 0-dim fp32 CPU tensor, to combine with tensors of any device and floating dtype in place
+    of a Python number: torch wraps a Python number into a tensor on every call, ~4 µs per op on CPU."""
+    return torch.tensor(value, dtype=torch.float32, device="cpu")  # (explicit device: models are built on meta too)
+
+
 def decode_layout(w: torch.Tensor) -> torch.Tensor:
     """w [out, in] (same shape and values) laid out for `linear` over a few rows: column-major on CPU,
     where MKL multiplies one to eight rows by it 1.1-2.5x faster than by a row-major weight."""
