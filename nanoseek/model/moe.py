@@ -9,7 +9,7 @@ the tokens routed to it, so the cost follows the active parameters, not the tota
 matmul per projection over the (token, expert) pairs sorted by expert (torch's grouped_mm), which
 keeps the step time flatter as the expert count grows; a loop over the experts hit where grouped_mm
 is missing, and on CPU a direct loop over each token's K experts at inference over a few tokens
-(decoding small batches, and batch 1's speculative verify).
+(decoding batches of up to 8 rows, and the speculative verify of up to 4).
 
 V2 §2.2.4 device-level token dropping (training only): with `MoE.capacity_factor` set, each of the
 `ep_size` devices processes at most capacity_factor · T·K / ep_size (token, expert) pairs, dropping
