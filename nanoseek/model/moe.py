@@ -140,7 +140,7 @@ class Experts(nn.Module):
         return torch.zeros_like(x_TD).index_add_(0, token, cast(y_sorted, x_TD.dtype))
 
     def _per_token(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        """Decoding a few tokens (a small batch, or batch 1's speculative verify): each token's K experts
+        """Decoding a few tokens (a small batch, or a small batch's speculative verify): each token's K experts
         are one row through one expert each, cheaper than the sort/gather/scatter bookkeeping and the
         grouped kernel's walk over all experts. Each projection is a vector dot product over the rows
         of the expert's weight (`linalg.vecdot`, which streams a weight from memory ~1.7x faster on CPU

@@ -191,7 +191,7 @@ class DeepSeekForCausalLM(nn.Module):
             return linear(h, self._decode_cache.get(key, lambda: decode_layout(w.detach())), b)
         if h.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
             return self.lm_head(h)
-        y = torch.mm(w, h.reshape(rows, -1).t()).t().view(*h.shape[:-1], -1)
+        y = torch.mm(w, h.reshape(rows, -1).t()).t().contiguous().view(*h.shape[:-1], -1)
         return y if b is None else y + b
 
     @staticmethod
