@@ -210,13 +210,19 @@ def test_grouped_expert_matmuls_match_the_per_expert_loop(seed):
     grouped = experts(x, idx, w, keep)
     grouped.square().sum().backward()
     grads = [p.grad.clone() for p in experts.parameters()]
+    threads = torch.get_num_threads()
     with torch.no_grad():
-        one = [experts(x[t:t + 2], idx[t:t + 2], w[t:t + 2]) for t in range(0, 40, 2)]  # the per-token decode path
+        one = {}  # the per-token decode path, with its single- and multi-threaded kernels
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            one[n] = torch.cat([experts(x[t:t + 2], idx[t:t + 2], w[t:t + 2]) for t in range(0, 40, 2)])
+    torch.set_num_threads(threads)
     experts.zero_grad()
     experts._can_group = lambda x: False  # the per-expert loop: the reference
     with torch.no_grad():
         looped = experts(x, idx, w, keep)
-        torch.testing.assert_close(torch.cat(one), experts(x, idx, w), atol=1e-5, rtol=1e-5)
+        for y in one.values():
+            torch.testing.assert_close(y, experts(x, idx, w), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grouped, looped, atol=1e-5, rtol=1e-5)
     experts(x, idx, w, keep).square().sum().backward()
     for p, g in zip(experts.parameters(), grads):

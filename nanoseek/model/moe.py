@@ -115,15 +115,18 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self._decode_cache = DecodeCache()
         self.per_token_max = 8
-        """Inference over at most this many tokens evaluates each token's experts directly (`_per_token`;
-        small-v3 decode on CPU, vs the grouped kernel: 28% faster at batch 1, 14% at 4, 7% at 6, even at 8)."""
+        """Inference over at most this many tokens (half as many when torch runs several threads) evaluates
+        each token's experts directly (`_per_token`). small-v3 decode on CPU, against the grouped kernel: with
+        1 thread 28% faster at batch 1, 14% at 4, 7% at 6, even at 8; with 2 threads 11% faster at batch 1,
+        3% at 4, 15% slower at 8."""
 
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
                 keep_TK: torch.Tensor | None = None) -> torch.Tensor:
         """Σ_k weights[t, k] · expert_{indices[t, k]}(x_t); pairs where `keep_TK` is False are dropped."""
         # (per token: measured on CPU, where syncing on the expert ids is free; no bf16 emulation under autocast)
-        if x_TD.shape[0] <= self.per_token_max and keep_TK is None and not torch.is_grad_enabled() \
-                and x_TD.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        limit = self.per_token_max if torch.get_num_threads() == 1 else self.per_token_max // 2
+        if x_TD.shape[0] <= limit and keep_TK is None and not torch.is_grad_enabled() and x_TD.device.type == "cpu" \
+                and not torch.is_autocast_enabled("cpu"):
             return self._per_token(x_TD, indices_TK, weights_TK)
         K = indices_TK.shape[1]
         flat = indices_TK.flatten()
@@ -142,13 +145,15 @@ class Experts(nn.Module):
     def _per_token(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """Decoding a few tokens (a small batch, or a small batch's speculative verify): each token's K experts
         are one row through one expert each, cheaper than the sort/gather/scatter bookkeeping and the
-        grouped kernel's walk over all experts. Each projection is a vector dot product over the rows
-        of the expert's weight (`linalg.vecdot`, which streams a weight from memory ~1.7x faster on CPU
-        than the matrix-vector product F.linear calls), and a token's K outputs are summed with their
-        gate values in one product."""
+        grouped kernel's walk over all experts; a token's K outputs are summed with their gate values in
+        one product. With one thread each projection is a vector dot product over the rows of the expert's
+        weight (`linalg.vecdot`: it streams a weight that is not in cache ~1.3-1.8x faster than MKL's
+        matrix-vector product); with two threads it made the decode step slower, not faster (small-v3:
+        9% at batch 1, 18% at batch 4; the cause is not pinned down), so there MKL's product it is."""
         experts, out = self._expert_weights(), []
+        row = vecdot if torch.get_num_threads() == 1 else lambda w, x: F.linear(x, w)
         for x_D, ids, w_K in zip(x_TD, indices_TK.tolist(), weights_TK):
-            h_KD = torch.stack([vecdot(down, F.silu(vecdot(gate, x_D)) * vecdot(up, x_D))
+            h_KD = torch.stack([row(down, F.silu(row(gate, x_D)) * row(up, x_D))
                                 for gate, up, down in (experts[e] for e in ids)])
             out.append(cast(w_K, h_KD.dtype) @ h_KD)
         return torch.stack(out)
