@@ -210,13 +210,14 @@ def test_grouped_expert_matmuls_match_the_per_expert_loop(seed):
     grouped = experts(x, idx, w, keep)
     grouped.square().sum().backward()
     grads = [p.grad.clone() for p in experts.parameters()]
-    threads = torch.get_num_threads()
-    with torch.no_grad():
-        one = {}  # the per-token decode path, with its single- and multi-threaded kernels
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            one[n] = torch.cat([experts(x[t:t + 2], idx[t:t + 2], w[t:t + 2]) for t in range(0, 40, 2)])
-    torch.set_num_threads(threads)
+    threads, one = torch.get_num_threads(), {}  # the per-token decode path, with its 1- and 2-thread kernels
+    try:
+        with torch.no_grad():
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                one[n] = torch.cat([experts(x[t:t + 2], idx[t:t + 2], w[t:t + 2]) for t in range(0, 40, 2)])
+    finally:
+        torch.set_num_threads(threads)
     experts.zero_grad()
     experts._can_group = lambda x: False  # the per-expert loop: the reference
     with torch.no_grad():
