@@ -38,13 +38,13 @@ def main():
                    help="ModelConfig overrides of the tiny-v3 student (TOML inline table)")
     args = p.parse_args()
 
-    from nanoseek.train.distill import distill
-    from nanoseek.train.grpo import grpo
+    from nanoseek.posttrain.distill import distill
+    from nanoseek.posttrain.grpo import grpo
     from nanoseek.train.metrics import read_metrics
-    from nanoseek.train.pipeline import MICRO_DEFAULTS, load_pipeline_config, plan, run_pipeline
-    from nanoseek.train.post_config import post_from_dict
-    from nanoseek.train.posttrain import read_summary
-    from nanoseek.train.sft import sft
+    from nanoseek.recipes.r1 import MICRO_DEFAULTS, load_pipeline_config, plan, run_pipeline
+    from nanoseek.posttrain.config import post_from_dict
+    from nanoseek.posttrain.trainer import read_summary
+    from nanoseek.posttrain.sft import sft
 
     out = Path(args.out)
     common = [f"train.threads={args.threads}", f"train.seed={args.seed}", "log.progress=false"]
@@ -58,7 +58,7 @@ def main():
     # The student base: the r1-zero base recipe, smaller, with the teacher's tokenizer.
     stages = {s.name: s for s in plan("r1-zero", out / "unused", load_pipeline_config("r1-zero"))}
     base_cfg = stages["base"].config
-    from nanoseek.train.post_config import apply_post_overrides
+    from nanoseek.posttrain.config import apply_post_overrides
     base_cfg = apply_post_overrides(base_cfg, [*common, f"model.overrides={args.student}",
                                                f"model.tokenizer={json.dumps(str(teacher))}"]).validate()
     student_base = out / "student-base"

@@ -30,7 +30,7 @@ def main():
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
-    from nanoseek.train.losses import lm_losses, model_inputs, total_loss
+    from nanoseek.pretrain.losses import lm_losses, model_inputs, total_loss
     from nanoseek.train.optim import build_optimizer
 
     if args.threads:

@@ -29,7 +29,7 @@ def main():
     args = p.parse_args()
 
     from nanoseek.train.metrics import read_metrics
-    from nanoseek.train.pipeline import run_pipeline
+    from nanoseek.recipes.r1 import run_pipeline
 
     sets = [f"pipeline.threads={args.threads}", f"pipeline.seed={args.seed}", "pipeline.progress=false",
             "rl.train.steps=100000", f"rl.train.time_limit={60 * args.minutes}", f"rl.eval.every={args.eval_every}",

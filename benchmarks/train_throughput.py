@@ -41,8 +41,8 @@ def optimizer(model):
 
 
 def nanoseek_step(model, opt, batch, dtype, S, bias_update=False):
-    from nanoseek.train.balance import update_biases
-    from nanoseek.train.losses import lm_losses, model_inputs, total_loss
+    from nanoseek.pretrain.balance import update_biases
+    from nanoseek.pretrain.losses import lm_losses, model_inputs, total_loss
 
     D = model.config.num_nextn_predict_layers
     with autocast(dtype):

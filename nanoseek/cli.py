@@ -11,14 +11,14 @@ import sys
 # Modules that add commands with `register(subparsers)`, in the order `--help` lists them.
 COMMAND_MODULES = (
     "nanoseek.data.cli",       # tokenizer, data
-    "nanoseek.train.cli",      # pretrain
-    "nanoseek.train.post_cli", # sft, dpo, grpo, distill, rejection-sample, pipeline
+    "nanoseek.pretrain.cli",   # pretrain
+    "nanoseek.posttrain.cli",  # sft, dpo, grpo, distill, rejection-sample
     "nanoseek.eval.cli",       # eval
     "nanoseek.interop.cli",    # convert
     "nanoseek.infer.cli",      # generate
     "nanoseek.infer.chat",     # chat
     "nanoseek.infer.server",   # serve
-    "nanoseek.demo",           # demo
+    "nanoseek.recipes.cli",    # pipeline, demo
 )
 
 

@@ -1,6 +1,6 @@
 """A bimodal arithmetic base for the post-training tests, built once per test session.
 
-The base is the micro R1-Zero's (nanoseek.train.pipeline, stage "base") with a test-sized budget: a
+The base is the micro R1-Zero's (nanoseek.recipes.r1, stage "base") with a test-sized budget: a
 tiny-v3 SFT'd on 30% correct <think> scratchpad traces and 70% dropped-carry answers in <answer> tags. Under
 pytest-xdist every worker asks for it; the first builds it under a file lock in the session's shared
 temporary directory and the others wait and reuse it.
@@ -27,8 +27,8 @@ def shared_root(tmp_path_factory) -> Path:
 
 def bimodal_base(tmp_path_factory, steps: int, batch_size: int) -> Path:
     """DIR/model of the session's bimodal base (built on first use)."""
-    from nanoseek.train.post_config import load_post_config
-    from nanoseek.train.sft import sft
+    from nanoseek.posttrain.config import load_post_config
+    from nanoseek.posttrain.sft import sft
 
     root = shared_root(tmp_path_factory)
     out = root / f"nanoseek-bimodal-base-{steps}-{batch_size}"

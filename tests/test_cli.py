@@ -23,7 +23,7 @@ def test_convert_fp8_and_back(tmp_path, seed):
 
 @pytest.fixture
 def quick_demo_dir(tmp_path):
-    from nanoseek.demo import Demo
+    from nanoseek.recipes.demo import Demo
 
     Demo(tmp_path / "demo", quick=True)._save_state()
     return tmp_path / "demo"

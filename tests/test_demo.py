@@ -6,17 +6,17 @@ import json
 import pytest
 
 from nanoseek.data.chat import render_chat
-from nanoseek.demo import STYLES, Demo
-from nanoseek.eval.report import check_report, findings, results_table
+from nanoseek.recipes.demo import STYLES, Demo
+from nanoseek.recipes.report import check_report, findings, results_table
 from nanoseek.tasks import make_task
-from nanoseek.train.sft import task_sft_rows
+from nanoseek.posttrain.sft import task_sft_rows
 
 
 def test_chat_corpus_tokens_match_post_training_prompts(tmp_path):
     """A pretraining document (a rendered chat) encodes to exactly BOS + prompt + completion + EOS as
     post-training encodes them apart: the base sees at RL time the token boundaries it was trained on."""
     from nanoseek.data.tokenizer import train_tokenizer_from_texts
-    from nanoseek.train.posttrain import encode_pair
+    from nanoseek.posttrain.trainer import encode_pair
 
     rows = task_sft_rows(make_task("bilingual"), 400, seed=0, styles=STYLES, tag_bare=True)
     docs = [render_chat([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}],
@@ -97,7 +97,7 @@ def test_check_report_names_what_is_missing(tmp_path):
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end_and_rerun_reuses(tmp_path):
-    from nanoseek.demo import run
+    from nanoseek.recipes.demo import run
 
     report = run(tmp_path, quick=True, threads=1, progress=False)
     assert check_report(tmp_path)["rows"] == json.loads(json.dumps(report["rows"]))

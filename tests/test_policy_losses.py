@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanoseek.eval.metrics import majority_answer, pass_at_k
-from nanoseek.train.policy_losses import (dpo_loss, group_advantages, grpo_loss, kl_penalty, token_entropy,
+from nanoseek.posttrain.policy_losses import (dpo_loss, group_advantages, grpo_loss, kl_penalty, token_entropy,
                                           token_logprobs)
 
 

@@ -7,7 +7,7 @@ pytestmark = pytest.mark.slow
 def test_r1_zero_grpo_gains_20_points_within_5_minutes(tmp_path):
     """Issue 5: from a bimodal base, GRPO raises held-out greedy accuracy by >= 20 points within 5
     minutes on 2 cores, and response length and <think> use grow (benchmarks/r1_zero.py prints the curve)."""
-    from nanoseek.train.pipeline import run_pipeline
+    from nanoseek.recipes.r1 import run_pipeline
 
     report = run_pipeline("r1-zero", tmp_path / "r1-zero", overrides=[
         "pipeline.threads=2", "pipeline.progress=false", "rl.train.steps=100000", "rl.train.time_limit=300"])
@@ -18,7 +18,7 @@ def test_r1_zero_grpo_gains_20_points_within_5_minutes(tmp_path):
 
 
 def test_pipeline_r1_full_reports_accuracy_and_language_consistency(tmp_path):
-    from nanoseek.train.pipeline import run_pipeline
+    from nanoseek.recipes.r1 import run_pipeline
 
     report = run_pipeline("r1", tmp_path / "r1", overrides=["pipeline.threads=2", "pipeline.progress=false"])
     rows = {r["stage"]: r for r in report["stages"]}

@@ -11,7 +11,7 @@ from post_fixtures import bimodal_base, summary
 import nanoseek
 from nanoseek.tasks import make_task
 from nanoseek.train.metrics import read_metrics
-from nanoseek.train.post_config import load_post_config
+from nanoseek.posttrain.config import load_post_config
 
 # The session's bimodal base (tests/post_fixtures.py): 30% <think> traces, 70% tagged dropped-carry answers.
 BASE_STEPS, BASE_BATCH = 800, 64
@@ -29,7 +29,7 @@ def _cfg(*sets):
 
 # ---------------------------------------------------------------- SFT
 def test_sft_trains_exports_and_resumes_identically(tmp_path):
-    from nanoseek.train.sft import sft
+    from nanoseek.posttrain.sft import sft
 
     sets = ["task.name=arithmetic", "task.train_size=400", "data.styles={think=0.5, buggy=0.5}", "train.batch_size=16",
             "model.overrides={num_nextn_predict_layers=0, hidden_size=32}", "eval.examples=8", "eval.max_new_tokens=8",
@@ -59,7 +59,7 @@ def test_sft_trains_exports_and_resumes_identically(tmp_path):
 
 
 def test_sft_on_chat_jsonl_trains_only_assistant_tokens(tmp_path):
-    from nanoseek.train.sft import SFTTrainer, write_jsonl
+    from nanoseek.posttrain.sft import SFTTrainer, write_jsonl
 
     rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
             for w in ("red", "green", "blue", "cyan")] * 4
@@ -76,7 +76,7 @@ def test_sft_on_chat_jsonl_trains_only_assistant_tokens(tmp_path):
 # ---------------------------------------------------------------- GRPO: R1-Zero at micro scale
 def test_grpo_raises_heldout_accuracy_from_bimodal_base(base, tmp_path):
     """The seeded short-budget version of the acceptance run (benchmarks/r1_zero.py has the 5-minute one)."""
-    from nanoseek.train.grpo import grpo
+    from nanoseek.posttrain.grpo import grpo
 
     start = summary(base)["eval"]
     out = grpo(_cfg(f"model.init_from={json.dumps(str(base / 'model'))}", "task.name=arithmetic",
@@ -94,7 +94,7 @@ def test_grpo_raises_heldout_accuracy_from_bimodal_base(base, tmp_path):
 
 
 def test_grpo_kl_reference_mu_and_resume(base, tmp_path):
-    from nanoseek.train.grpo import grpo
+    from nanoseek.posttrain.grpo import grpo
 
     sets = [f"model.init_from={json.dumps(str(base / 'model'))}", "task.name=arithmetic", "grpo.prompts_per_step=4",
             "grpo.group_size=4", "grpo.beta=0.04", "grpo.mu=2", "grpo.ref_reset_every=2", "grpo.epsilon_high=0.28",
@@ -113,7 +113,7 @@ def test_grpo_kl_reference_mu_and_resume(base, tmp_path):
 
 # ---------------------------------------------------------------- DPO
 def test_dpo_on_policy_pairs_raise_heldout_accuracy(base, tmp_path):
-    from nanoseek.train.dpo import dpo
+    from nanoseek.posttrain.dpo import dpo
 
     start = summary(base)["eval"]
     # sigmoid DPO + NLL on the chosen (IRPO), three epochs over ~200 pairs: plain DPO overfits them and is
@@ -131,9 +131,9 @@ def test_dpo_on_policy_pairs_raise_heldout_accuracy(base, tmp_path):
 
 # ---------------------------------------------------------------- rejection sampling and distillation
 def test_rejection_sampling_feeds_logit_distillation_of_a_smaller_student(base, tmp_path):
-    from nanoseek.train.distill import distill
-    from nanoseek.train.rejection import rejection_sample_run
-    from nanoseek.train.sft import read_jsonl
+    from nanoseek.posttrain.distill import distill
+    from nanoseek.posttrain.rejection import rejection_sample_run
+    from nanoseek.posttrain.sft import read_jsonl
 
     teacher = str(base / "model")
     stats = rejection_sample_run(_cfg(f"model.init_from={json.dumps(teacher)}", "task.name=arithmetic",
@@ -174,7 +174,7 @@ def test_eval_cli_reports_greedy_and_sampled_metrics(base, tmp_path, capsys):
 
 # ---------------------------------------------------------------- the pipelines
 def test_pipeline_r1_zero_stages_resume_and_refuse_changed_configs(tmp_path):
-    from nanoseek.train.pipeline import run_pipeline
+    from nanoseek.recipes.r1 import run_pipeline
 
     sets = ["common.train.threads=1", "pipeline.progress=false", "pipeline.eval_examples=8",
             "common.eval.max_new_tokens=8", "common.grpo.max_new_tokens=8", "base.train.steps=10",
@@ -194,7 +194,7 @@ def test_pipeline_r1_zero_stages_resume_and_refuse_changed_configs(tmp_path):
 
 def test_pipeline_r1_runs_end_to_end_and_reports_every_stage(tmp_path):
     """Tiny budgets and one-digit sums keep it a smoke test; `make test-slow` runs the real one."""
-    from nanoseek.train.pipeline import run_pipeline
+    from nanoseek.recipes.r1 import run_pipeline
 
     sets = ["common.task.options.digits=1", "common.train.threads=1", "pipeline.progress=false",
             "pipeline.eval_examples=20", "common.eval.max_new_tokens=40",

@@ -4,7 +4,7 @@ import pytest
 
 from nanoseek.data.tokenizer import train_tokenizer_from_texts
 from nanoseek.tasks import make_task
-from nanoseek.train.post_config import load_post_config, post_from_toml_text, post_to_toml
+from nanoseek.posttrain.config import load_post_config, post_from_toml_text, post_to_toml
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def test_config_round_trips_and_fails_clearly(tmp_path):
 
 # ---------------------------------------------------------------- SFT data
 def test_sft_rows_encode_completion_only_masks_and_pack(tok, tmp_path):
-    from nanoseek.train.posttrain import collate
-    from nanoseek.train.sft import encode_rows, pack, read_jsonl, style_plan, task_sft_rows
+    from nanoseek.posttrain.trainer import collate
+    from nanoseek.posttrain.sft import encode_rows, pack, read_jsonl, style_plan, task_sft_rows
 
     rows = [{"prompt": "12+79=", "completion": "<think>2+9+0=11 1+7+1=9</think><answer>91</answer>"},
             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
@@ -76,8 +76,8 @@ def test_sft_rows_encode_completion_only_masks_and_pack(tok, tmp_path):
 
 
 def test_rollout_batch_masks_sampled_tokens_and_truncation(tok):
-    from nanoseek.train.grpo import rollout_batch
-    from nanoseek.train.posttrain import Sample
+    from nanoseek.posttrain.grpo import rollout_batch
+    from nanoseek.posttrain.trainer import Sample
 
     prompts = [tok.encode("1+2=", add_bos=True), tok.encode("12+34=", add_bos=True)]
     samples = [Sample([40, 41, tok.eos_id], "x", True), Sample([40, 41, 42, 43], "y", False)]
@@ -89,8 +89,8 @@ def test_rollout_batch_masks_sampled_tokens_and_truncation(tok):
 
 # ---------------------------------------------------------------- rejection sampling
 def test_rejection_sampling_keeps_verified_wellformed_single_language(monkeypatch):
-    import nanoseek.train.rejection as rej
-    from nanoseek.train.posttrain import Sample
+    import nanoseek.posttrain.rejection as rej
+    from nanoseek.posttrain.trainer import Sample
 
     task = make_task("bilingual", languages=["en"])
     ex = task.examples(2, seed=0)
@@ -119,7 +119,7 @@ def test_rejection_sampling_keeps_verified_wellformed_single_language(monkeypatc
 
 # ---------------------------------------------------------------- pipeline plan
 def test_pipeline_plan_chains_stages_and_applies_overrides(tmp_path):
-    from nanoseek.train.pipeline import load_pipeline_config, plan
+    from nanoseek.recipes.r1 import load_pipeline_config, plan
 
     cfg = load_pipeline_config("r1", None, ["common.train.threads=1", "rl.grpo.beta=0.04", "pipeline.eval_k=4",
                                             "rl.task.weights.format=0.5"])

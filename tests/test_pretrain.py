@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoseek.train.config import load_run_config
+from nanoseek.pretrain.config import load_run_config
 from nanoseek.train.metrics import read_metrics
-from nanoseek.train.pretrain import Trainer, TrainingError, pretrain
+from nanoseek.pretrain.trainer import Trainer, TrainingError, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.toml"
@@ -79,8 +79,8 @@ def test_tiny_run_lowers_heldout_loss_and_exports_hf_model(dataset, tmp_path):
 # ---------------------------------------------------------------- resume after SIGKILL
 _CHILD = textwrap.dedent("""
     import sys, time
-    from nanoseek.train.config import load_run_config
-    from nanoseek.train.pretrain import pretrain
+    from nanoseek.pretrain.config import load_run_config
+    from nanoseek.pretrain.trainer import pretrain
     config, out, *sets = sys.argv[1:]
     slow = lambda step, micro, loss: (time.sleep(0.15), loss)[1]  # room to kill it mid-run
     pretrain(load_run_config(config, sets), out, loss_hook=slow, progress=False)

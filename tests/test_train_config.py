@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoseek.train.config import (
+from nanoseek.pretrain.config import (
     RunConfig, apply_overrides, describe, field_docs, from_toml_text, load_run_config, to_toml,
 )
 
@@ -135,7 +135,7 @@ def test_weight_decay_on_matrices_only_and_router_bias_outside_the_optimizer():
 
 def test_mtp_targets_are_shifted_by_depth():
     from nanoseek.model.transformer import ModelOutput
-    from nanoseek.train.losses import lm_losses, model_inputs, total_loss
+    from nanoseek.pretrain.losses import lm_losses, model_inputs, total_loss
 
     S, D, V = 6, 2, 50
     window = torch.arange(S + 1 + D)[None].repeat(2, 1)  # token value = its position

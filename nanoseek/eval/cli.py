@@ -18,7 +18,7 @@ def evaluate_model(model_dir: str | os.PathLike, cfg) -> dict:
     """Metrics of the model in `model_dir` on cfg's task ([task]) with cfg's [eval] settings."""
     import torch
 
-    from nanoseek.train.posttrain import build_policy, eval_examples, evaluate
+    from nanoseek.posttrain.trainer import build_policy, eval_examples, evaluate
 
     task = cfg.build_task()
     if task is None:
@@ -36,7 +36,7 @@ def evaluate_model(model_dir: str | os.PathLike, cfg) -> dict:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from nanoseek.train.post_config import load_post_config, post_to_toml
+    from nanoseek.posttrain.config import load_post_config, post_to_toml
 
     sets = [f"task.name={json.dumps(args.task)}"] if args.task else []
     if args.examples is not None:

@@ -1,409 +1,266 @@
-"""Run configuration for pretraining: nested dataclasses, loaded from TOML and overridden with --set.
+"""Configs as nested dataclasses: TOML in, TOML out, `--set section.key=value` overrides.
 
-    cfg = load_run_config("configs/small-v3.toml", ["optim.lr=3e-4", "balance.strategy=none"])
-    print(to_toml(cfg))              # the resolved config, every field commented with its docstring
-
-Every field carries a one-line docstring (the string under it), shown by `nanoseek pretrain
---show-config` and written as comments into DIR/config.toml. A TOML table maps onto a section;
-unknown keys fail with the valid ones listed; values are type-checked against the field's type.
-`--set section.key=value` parses `value` as a TOML literal (3e-4, true, [0.8, 0.9], "text") and
-falls back to a bare string, so `--set schedule.lr_schedule=cosine` needs no quotes.
-TOML has no null: model overrides spell None as "null" (e.g. `q_lora_rank = "null"`).
+The pretraining config (`nanoseek.pretrain.config.RunConfig`) and the post-training one
+(`nanoseek.posttrain.config.PostConfig`) are both a root dataclass of sections, each section a
+dataclass whose fields carry a one-line docstring (the string under the field). This module holds
+what they share: typed loading with errors that name the key and list the valid ones, `--set`
+parsing, TOML writing that reads back to an equal config, and the key listing for `--help`.
+TOML has no null: the string "null" stands for None where a field allows it (`null`).
 """
 from __future__ import annotations
 
+import ast
+import copy
 import dataclasses
+import inspect
+import json
 import math
 import os
-from dataclasses import dataclass, field, fields
+import textwrap
+import types
+import typing
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import fields
+from functools import cache
 from typing import Any
 
-from nanoseek.train.toml_config import (  # noqa: F401  (field_docs, flatten, to_toml: part of this module's API)
-    assignments, field_docs, flatten, null, parse_toml, read_toml, to_toml, unknown_key, update,
-)
-from nanoseek.train.toml_config import describe as _describe
-
-LR_SCHEDULE_NAMES = ("deepseek-multistep", "warmup-constant-cosine", "cosine", "constant")
-BALANCE_STRATEGIES = ("none", "aux_free", "seq_aux", "v3", "v2")
-DTYPES = ("fp32", "bf16")
+import tomllib
 
 
-@dataclass
-class ModelSection:
-    """Which model to train."""
-
-    preset: str = "small-v3"
-    """ModelConfig preset to start from (tiny-v3, tiny-v2, tiny-dense, small-v3, ...)."""
-    overrides: dict = field(default_factory=dict)
-    """ModelConfig fields replacing the preset's, e.g. {num_hidden_layers = 4, n_routed_experts = 64}."""
-    init_from: str = ""
-    """Start from the weights of this HF-layout model directory ("" = fresh initialization)."""
+def null(value):
+    """TOML has no null: the string "null" (or "none") stands for None in model overrides."""
+    if isinstance(value, str) and value.lower() in ("null", "none"):
+        return None
+    if isinstance(value, dict):
+        return {k: null(v) for k, v in value.items()}
+    return value
 
 
-@dataclass
-class DataSection:
-    """Where the tokens come from."""
-
-    dataset: str = ""
-    """Prepared dataset directory (`nanoseek data prepare`); "" = build one from `sources`."""
-    sources: list[str] = field(default_factory=lambda: ["stdlib"])
-    """Text used to build the dataset when `dataset` is "": files, directories or "stdlib"."""
-    tokenizer: str = ""
-    """Tokenizer directory used to build the dataset; "" = train one with the model's vocab_size."""
-    max_bytes: int = 0
-    """Cap on the text read when building the tokenizer and dataset (0 = all of it)."""
-    val_fraction: float = 0.01
-    """Fraction of documents held out when building the dataset."""
-    cache_dir: str = ""
-    """Directory where built datasets are kept and reused across runs ("" = DIR/data)."""
-    seq_len: int = 256
-    """Tokens per training sequence (main-model positions; MTP's extra targets come on top)."""
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstring under each field of a dataclass (attribute docstrings, read from source)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
-@dataclass
-class OptimSection:
-    """AdamW with DeepSeek's settings (DeepSeek LLM §2.3, V3 §4.2)."""
-
-    lr: float = 3e-3
-    """Peak learning rate (the schedule scales it)."""
-    beta1: float = 0.9
-    """AdamW β1."""
-    beta2: float = 0.95
-    """AdamW β2."""
-    eps: float = 1e-8
-    """AdamW ε."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay on matrices and embeddings; norms and biases are never decayed."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 = off)."""
+def sections(root: type) -> dict[str, type]:
+    """{section name: section dataclass} of a root config class."""
+    hints = typing.get_type_hints(root)
+    return {f.name: hints[f.name] for f in fields(root)}
 
 
-@dataclass
-class ScheduleSection:
-    """Learning-rate schedule (in optimizer steps) and batch-size ramp (in tokens)."""
-
-    lr_schedule: str = "warmup-constant-cosine"
-    """deepseek-multistep | warmup-constant-cosine | cosine | constant."""
-    warmup_steps: int = 20
-    """Linear warmup steps."""
-    min_lr_ratio: float = 0.1
-    """Final LR / peak LR for cosine and warmup-constant-cosine (V3: 2.2e-5 / 2.2e-4)."""
-    milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])
-    """deepseek-multistep: fractions of the steps where the LR drops."""
-    factors: list[float] = field(default_factory=lambda: [0.316, 0.1])
-    """deepseek-multistep: LR / peak from each milestone on."""
-    decay_start: float = 0.676
-    """warmup-constant-cosine: fraction of the steps where the cosine decay starts (V3: 10/14.8)."""
-    decay_end: float = 0.966
-    """warmup-constant-cosine: fraction of the steps where it reaches the floor (V3: 14.3/14.8)."""
-    batch_ramp_start: int = 0
-    """Batch-size ramp: sequences per step at the start (0 = no ramp; a multiple of train.batch_size)."""
-    batch_ramp_tokens: int = 0
-    """Batch-size ramp: tokens over which the batch grows to batch_size × grad_accum."""
+def type_name(tp) -> str:
+    if typing.get_origin(tp) is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", None) or str(tp)
 
 
-@dataclass
-class BalanceSection:
-    """Load balancing of the routed experts (V2 §2.2.3-4, V3 §2.1.2, aux-loss-free 2408.15664)."""
+def coerce(value, tp, name: str):
+    """`value` as type `tp` (int, float, bool, str, list[X], dict), or a ValueError naming `name`."""
+    def fail():
+        raise ValueError(f"{name} = {value!r} is invalid: expected {type_name(tp)}")
 
-    strategy: str = "v3"
-    """none | aux_free (bias update) | seq_aux (V3 sequence-wise loss) | v3 (both) | v2 (α1, α2, α3 losses)."""
-    bias_update_speed: float = 0.001
-    """γ of the aux-loss-free update b_i += γ·sign(mean load − load_i)."""
-    bias_update_until: float = 1.0
-    """Fraction of the steps after which γ = 0 (V3: 14.3/14.8 of the tokens)."""
-    center_bias: bool = False
-    """Keep the routing biases zero-mean after each update (selection unchanged, no drift)."""
-    seq_aux_alpha: float = 0.0001
-    """α of the V3 sequence-wise balance loss (seq_aux, v3)."""
-    expert_aux_alpha: float = 0.003
-    """α1, V2 expert-level balance loss (v2)."""
-    device_aux_alpha: float = 0.05
-    """α2, V2 device-level balance loss over model ep_size devices (v2)."""
-    comm_aux_alpha: float = 0.02
-    """α3, V2 communication balance loss (v2; only with device-limited routing, model topk_devices)."""
-    capacity_factor: float = 0.0
-    """V2 device-level token dropping in training: capacity per device (0 = off; V2: 1.0)."""
-    no_drop_fraction: float = 0.1
-    """Fraction of each batch's sequences never dropped (V2: ~10%)."""
-
-
-@dataclass
-class MTPSection:
-    """Multi-token-prediction loss L = L_main + λ/D Σ_k L_k (V3 §2.2); depth D = model num_nextn_predict_layers."""
-
-    weight: float = 0.3
-    """λ until `switch_at` (V3: 0.3)."""
-    weight_after: float = 0.1
-    """λ after `switch_at` (V3: 0.1)."""
-    switch_at: float = 0.676
-    """Fraction of the steps where λ switches (V3: 10/14.8 of the tokens)."""
-
-
-@dataclass
-class TrainSection:
-    """The training loop."""
-
-    steps: int = 300
-    """Optimizer steps."""
-    batch_size: int = 8
-    """Sequences per micro-batch."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (the batch ramp overrides it while ramping)."""
-    dtype: str = "bf16"
-    """fp32 or bf16 (autocast; master weights and optimizer state stay fp32)."""
-    device: str = "auto"
-    """cpu, cuda (or cuda:N), or auto (cuda when available)."""
-    compile: bool = False
-    """torch.compile the model."""
-    fp8: bool = False
-    """Block-scaled FP8 linear layers (V3 §3.3, emulated on CPU)."""
-    seed: int = 0
-    """Seeds initialization and data order."""
-    threads: int = 0
-    """torch intra-op threads (0 = torch's default)."""
-    deterministic: bool = False
-    """torch.use_deterministic_algorithms (bit-identical resumes on any thread count)."""
-    spike_factor: float = 3.0
-    """Skip a step whose total loss exceeds this × its running mean (0 = off); non-finite losses always skip."""
-    spike_warmup: int = 20
-    """Accepted steps before spike detection starts."""
-    max_bad_steps: int = 3
-    """Consecutive skipped steps that trigger a rollback to the last checkpoint."""
-    max_rollbacks: int = 3
-    """Rollbacks allowed before the run stops with an error."""
-
-
-@dataclass
-class EvalSection:
-    """Held-out evaluation."""
-
-    every: int = 50
-    """Evaluate every N steps (and at the end; 0 = only at the end)."""
-    batches: int = 0
-    """Held-out batches per evaluation (0 = the whole held-out split)."""
-    batch_size: int = 8
-    """Sequences per held-out batch."""
-
-
-@dataclass
-class CheckpointSection:
-    """Resumable checkpoints in DIR/checkpoints."""
-
-    every: int = 100
-    """Checkpoint every N steps (and at the end; 0 = only at the end)."""
-    keep: int = 2
-    """Checkpoints kept (oldest removed first)."""
-
-
-@dataclass
-class LogSection:
-    """Metrics and progress."""
-
-    tensorboard: bool = True
-    """Also write TensorBoard events to DIR/tensorboard when tensorboard is installed."""
-    progress: bool = True
-    """Show a tqdm progress bar."""
-    expert_load_every: int = 0
-    """Write the full per-layer expert load every N steps (0 = only at evaluations)."""
-
-
-@dataclass
-class RunConfig:
-    """A pretraining run (`nanoseek pretrain`)."""
-
-    model: ModelSection = field(default_factory=ModelSection)
-    """The model."""
-    data: DataSection = field(default_factory=DataSection)
-    """The data."""
-    optim: OptimSection = field(default_factory=OptimSection)
-    """The optimizer."""
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
-    """LR schedule and batch ramp."""
-    balance: BalanceSection = field(default_factory=BalanceSection)
-    """Expert load balancing."""
-    mtp: MTPSection = field(default_factory=MTPSection)
-    """Multi-token prediction."""
-    train: TrainSection = field(default_factory=TrainSection)
-    """The loop."""
-    eval: EvalSection = field(default_factory=EvalSection)
-    """Evaluation."""
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    """Checkpoints."""
-    log: LogSection = field(default_factory=LogSection)
-    """Logging."""
-
-    # ------------------------------------------------------------------ derived
-    def model_config(self, **token_ids):
-        """The ModelConfig of this run: preset + overrides + the balance strategy's loss weights.
-
-        token_ids (bos_token_id, eos_token_id, pad_token_id) come from the tokenizer."""
-        from nanoseek.config import PRESETS, ModelConfig
-
-        if self.model.preset not in PRESETS:
-            raise ValueError(f"model.preset = {self.model.preset!r} is invalid: allowed: {', '.join(PRESETS)}")
-        overrides = {k: null(v) for k, v in self.model.overrides.items()}
-        cfg = ModelConfig.preset(self.model.preset, **{**overrides, **token_ids})
-        b = self.balance
-        on = b.strategy
-        return cfg.replace(
-            seq_aux_alpha=b.seq_aux_alpha if on in ("seq_aux", "v3") else 0.0,
-            expert_aux_alpha=b.expert_aux_alpha if on == "v2" else 0.0,
-            device_aux_alpha=b.device_aux_alpha if on == "v2" and cfg.ep_size > 1 else 0.0,
-            comm_aux_alpha=b.comm_aux_alpha if on == "v2" and cfg.topk_devices is not None else 0.0,
-            mtp_loss_weight=self.mtp.weight,
-        )
-
-    @property
-    def uses_bias_update(self) -> bool:
-        return self.balance.strategy in ("aux_free", "v3")
-
-    def lr_schedule(self):
-        """The LR schedule over optimizer steps."""
-        from nanoseek.train.schedules import build_lr_schedule
-
-        s, total, peak = self.schedule, self.train.steps, self.optim.lr
-        kwargs: dict[str, Any] = {"peak_lr": peak, "warmup_steps": s.warmup_steps}
-        if s.lr_schedule != "constant":
-            kwargs["total_steps"] = total
-        if s.lr_schedule == "deepseek-multistep":
-            kwargs.update(milestones=tuple(s.milestones), factors=tuple(s.factors))
-        elif s.lr_schedule == "warmup-constant-cosine":
-            kwargs.update(decay_start=s.decay_start, decay_end=s.decay_end, min_lr=peak * s.min_lr_ratio)
-        elif s.lr_schedule == "cosine":
-            kwargs.update(min_lr=peak * s.min_lr_ratio)
-        try:
-            return build_lr_schedule(s.lr_schedule, **kwargs)
-        except ValueError as e:
-            raise ValueError(f"[schedule] is invalid for train.steps = {total}: {e}") from None
-
-    def batch_ramp(self):
-        """BatchSizeRamp in sequences per step, or None."""
-        from nanoseek.train.schedules import BatchSizeRamp
-
-        s, t = self.schedule, self.train
-        if not s.batch_ramp_start:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
             return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, name)
+            except ValueError:
+                pass
+        fail()
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            fail()
+        return [coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        fail()
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        fail()
+    raise TypeError(f"unsupported config type {tp} for {name}")
+
+
+def unknown_key(key: str, where: str, valid) -> ValueError:
+    return ValueError(f"unknown config key {key!r} in {where}; valid keys: {', '.join(valid)}")
+
+
+def update(cfg, data: dict, merged: Collection[tuple[str, str]] = (),
+           checks: Mapping[tuple[str, str], Callable[[Any], None]] | None = None):
+    """A copy of `cfg` updated by nested dicts (a parsed TOML file). Dict fields named in `merged` are
+    updated key by key (a table adds to the default rather than replacing it); `checks` validate a
+    field's value before it is set."""
+    cfg = copy.deepcopy(cfg)
+    secs = sections(type(cfg))
+    if not isinstance(data, dict):
+        raise ValueError(f"a run config must be a table of sections, got {type(data).__name__}")
+    for name, values in data.items():
+        if name not in secs:
+            raise unknown_key(name, "the run config (sections)", secs)
+        if not isinstance(values, dict):
+            raise ValueError(f"[{name}] must be a table of keys, got {values!r}")
+        section = getattr(cfg, name)
+        hints = typing.get_type_hints(secs[name])
+        valid = [f.name for f in fields(section)]
+        for key, value in values.items():
+            if key not in valid:
+                raise unknown_key(f"{name}.{key}", f"[{name}]", valid)
+            value = coerce(value, hints[key], f"{name}.{key}")
+            if checks and (name, key) in checks:
+                checks[name, key](value)
+            if (name, key) in merged:
+                value = {**getattr(section, key), **value}
+            setattr(section, key, value)
+    return cfg
+
+
+def assignments(items: list[str]) -> dict:
+    """`--set` strings as nested dicts: `section.key=value`, or `section.dictfield.KEY=value` for one
+    entry of a dict field; values are TOML literals or bare strings (`parse_value`)."""
+    data: dict[str, dict] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r} is invalid: expected section.key=value, e.g. optim.lr=3e-4")
+        value = parse_value(text.strip())
+        parts = key.split(".")
+        if len(parts) == 3:
+            data.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = value
+        elif len(parts) == 2:
+            data.setdefault(parts[0], {})[parts[1]] = value
+        else:
+            raise ValueError(f"--set {item!r} is invalid: the key must be section.key (or section.dictfield.KEY)")
+    return data
+
+
+def parse_value(text: str):
+    """A TOML literal (3e-4, true, [1, 2], "s", {a = 1}), or the text itself as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def read_toml(path: str | os.PathLike) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path, "rb") as f:
         try:
-            return BatchSizeRamp(s.batch_ramp_start, t.batch_size * t.grad_accum, s.batch_ramp_tokens,
-                                 multiple=t.batch_size)
-        except ValueError as e:
-            raise ValueError(f"schedule.batch_ramp_* with train.batch_size = {t.batch_size} and train.grad_accum = "
-                             f"{t.grad_accum} is invalid: {e}") from None
-
-    def mtp_schedule(self):
-        from nanoseek.train.schedules import mtp_weight_schedule
-
-        return mtp_weight_schedule(self.mtp.switch_at * self.train.steps, self.mtp.weight, self.mtp.weight_after)
-
-    def bias_speed_schedule(self):
-        from nanoseek.train.schedules import bias_update_speed_schedule
-
-        speed = self.balance.bias_update_speed if self.uses_bias_update else 0.0
-        return bias_update_speed_schedule(self.balance.bias_update_until * self.train.steps, speed, 0.0)
-
-    # ------------------------------------------------------------------ validation
-    def validate(self) -> "RunConfig":
-        """Fail with the field, the value and what is allowed; builds every schedule once."""
-        def bad(name, allowed):
-            section, key = name.split(".")
-            raise ValueError(f"{name} = {getattr(getattr(self, section), key)!r} is invalid: {allowed}")
-
-        def positive(name, minimum=1):
-            section, key = name.split(".")
-            if getattr(getattr(self, section), key) < minimum:
-                bad(name, f"must be >= {minimum}")
-
-        for name in ("data.seq_len", "train.steps", "train.batch_size", "train.grad_accum", "eval.batch_size",
-                     "checkpoint.keep"):
-            positive(name)
-        for name in ("data.max_bytes", "train.threads", "eval.every", "eval.batches", "checkpoint.every",
-                     "train.spike_warmup", "train.max_rollbacks", "log.expert_load_every", "schedule.warmup_steps"):
-            positive(name, 0)
-        positive("train.max_bad_steps", 1)
-        if not (self.train.device in ("auto", "cpu") or self.train.device.split(":")[0] == "cuda"):
-            bad("train.device", "allowed: auto, cpu, cuda, cuda:N")
-        if self.train.dtype not in DTYPES:
-            bad("train.dtype", f"allowed: {', '.join(DTYPES)}")
-        if self.schedule.lr_schedule not in LR_SCHEDULE_NAMES:
-            bad("schedule.lr_schedule", f"allowed: {', '.join(LR_SCHEDULE_NAMES)}")
-        if self.balance.strategy not in BALANCE_STRATEGIES:
-            bad("balance.strategy", f"allowed: {', '.join(BALANCE_STRATEGIES)}")
-        if not 0 < self.data.val_fraction < 1:
-            bad("data.val_fraction", "must be in (0, 1): evaluation needs a held-out split")
-        if not self.optim.lr > 0 or not math.isfinite(self.optim.lr):
-            bad("optim.lr", "must be a finite number > 0")
-        for name in ("optim.beta1", "optim.beta2"):
-            if not 0 <= getattr(self.optim, name.split(".")[1]) < 1:
-                bad(name, "must be in [0, 1)")
-        for name in ("optim.eps", "optim.weight_decay", "optim.grad_clip", "train.spike_factor",
-                     "balance.bias_update_speed", "balance.seq_aux_alpha", "balance.expert_aux_alpha",
-                     "balance.device_aux_alpha", "balance.comm_aux_alpha", "balance.capacity_factor",
-                     "mtp.weight", "mtp.weight_after"):
-            section, key = name.split(".")
-            value = getattr(getattr(self, section), key)
-            if not (value >= 0 and math.isfinite(value)):
-                bad(name, "must be a finite number >= 0")
-        if not 0 <= self.schedule.min_lr_ratio <= 1:
-            bad("schedule.min_lr_ratio", "must be in [0, 1]")
-        for name in ("balance.bias_update_until", "mtp.switch_at", "balance.no_drop_fraction"):
-            section, key = name.split(".")
-            if not 0 <= getattr(getattr(self, section), key) <= 1:
-                bad(name, "must be a fraction in [0, 1]")
-        if self.schedule.batch_ramp_start and not self.schedule.batch_ramp_tokens:
-            bad("schedule.batch_ramp_tokens", "must be > 0 when schedule.batch_ramp_start is set")
-        if self.train.fp8 and self.train.compile:
-            bad("train.fp8", "FP8 layers use a custom autograd function; do not combine with train.compile")
-        self.lr_schedule()
-        self.batch_ramp()
-        self.mtp_schedule()
-        self.bias_speed_schedule()
-        if not self.model.init_from:
-            self.model_config()  # preset and overrides must make a valid ModelConfig
-        return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
 
 
-def _check_model_overrides(overrides: dict) -> None:
-    from nanoseek.config import ModelConfig
-
-    valid = [f.name for f in fields(ModelConfig) if f.name != "extra"]
-    for key in overrides:
-        if key not in valid:
-            raise unknown_key(f"model.overrides.{key}", "[model.overrides] (ModelConfig fields)", valid)
+def parse_toml(text: str, where: str = "<string>") -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{where}: not valid TOML ({e})") from None
 
 
-def from_dict(data: dict, base: RunConfig | None = None) -> RunConfig:
-    """A RunConfig from nested dicts (a parsed TOML file): `base` (default: the defaults) updated by `data`."""
-    return update(base if base is not None else RunConfig(), data, merged={("model", "overrides")},
-                  checks={("model", "overrides"): _check_model_overrides})
+# ---------------------------------------------------------------------- writing
+def toml_value(value) -> str:
+    if value is None:
+        return '"null"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        text = repr(value)
+        return text if any(c in text for c in ".en") else text + ".0"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def apply_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
-    """Apply `section.key=value` strings (`--set`); `model.overrides.FIELD=value` sets a ModelConfig field."""
-    return from_dict(assignments(items), cfg)
+def toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
 
 
-def from_toml_text(text: str, where: str = "<string>") -> RunConfig:
-    return from_dict(parse_toml(text, where))
+def to_toml(cfg, comments: bool = True) -> str:
+    """The config as TOML that reads back (`update`) to an equal config; comments are the docstrings."""
+    lines: list[str] = []
+    top = field_docs(type(cfg))
+    for name, cls in sections(type(cfg)).items():
+        section = getattr(cfg, name)
+        docs = field_docs(cls)
+        if lines:
+            lines.append("")
+        if comments:
+            lines.append(f"# {inspect.getdoc(cls) or top.get(name, '')}")
+        lines.append(f"[{name}]")
+        nested = []
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, dict):
+                nested.append((f.name, value))
+                continue
+            if comments and f.name in docs:
+                lines.append(f"# {docs[f.name]}")
+            lines.append(f"{f.name} = {toml_value(value)}")
+        for key, value in nested:
+            lines.append("")
+            if comments and key in docs:
+                lines.append(f"# {docs[key]}")
+            lines.append(f"[{name}.{key}]")
+            lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()]
+    return "\n".join(lines) + "\n"
 
 
-def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, updated by the TOML file at `path` (if given), then by `--set` strings; validated."""
-    cfg = RunConfig()
-    if path is not None:
-        data = read_toml(path)
-        try:
-            cfg = from_dict(data)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-    if overrides:
-        cfg = apply_overrides(cfg, overrides)
-    return cfg.validate()
+def flatten(cfg) -> dict[str, Any]:
+    """{"section.key": value} (dict fields as one value)."""
+    return {f"{s}.{k}": v for s, section in dataclasses.asdict(cfg).items() for k, v in section.items()}
 
 
-def describe() -> str:
-    """Every key with its type, default and docstring (for --help)."""
-    return _describe(RunConfig)
+def describe(root: type, only: Collection[str] | None = None) -> str:
+    """Every key (of the sections in `only`, default all) with its type, default and docstring."""
+    out = []
+    defaults = root()
+    for name, cls in sections(root).items():
+        if only is not None and name not in only:
+            continue
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        out.append(f"[{name}] {inspect.getdoc(cls) or ''}")
+        for f in fields(cls):
+            default = getattr(getattr(defaults, name), f.name)
+            out.append(f"  {name}.{f.name} ({type_name(hints[f.name])}, default {toml_value(default)}): "
+                       f"{docs.get(f.name, '')}")
+    return "\n".join(out)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.pretrain.balance import max_violation
 from nanoseek.utils import atomic_write_text
 
 _PEAK_CACHE: dict[tuple, float] = {}
@@ -119,7 +120,6 @@ def truncate_metrics(run_dir: str | os.PathLike, last_step: int) -> None:
 
 def load_summary(load_LE: torch.Tensor) -> dict:
     """Per-layer summary of one step's expert load [layers, E]: MaxVio_batch and the least-loaded share."""
-    from nanoseek.train.balance import max_violation
 
     vio = max_violation(load_LE)
     load = load_LE.float()

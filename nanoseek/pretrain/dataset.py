@@ -14,7 +14,9 @@ import os
 import re
 from pathlib import Path
 
-from nanoseek.data.shards import load_metadata
+from nanoseek.data.corpus import resolve_files
+from nanoseek.data.shards import load_metadata, prepare
+from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
 
 DATA_SEED = 0
 
@@ -43,9 +45,6 @@ def resolve_dataset(data_cfg, run_dir: str | os.PathLike, vocab_size: int, progr
                                 "`nanoseek data prepare`, or leave it empty to build from data.sources)")
         load_metadata(path)  # raises with a clear message when it is not a dataset
         return path
-    from nanoseek.data.corpus import resolve_files
-    from nanoseek.data.shards import prepare
-    from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
 
     if not data_cfg.sources:
         raise ValueError("data.sources is empty and data.dataset is not set: name text files, directories or 'stdlib'")

@@ -25,9 +25,20 @@ import random
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanoseek.train.post_config import PostConfig
-from nanoseek.train.posttrain import (
-    PostTrainer, autocast, build_policy, collate, encode_pair, forward_logits, micro_slices, sample_completions,
+from nanoseek.posttrain.config import PostConfig
+from nanoseek.posttrain.policy_losses import dpo_loss, token_logprobs
+from nanoseek.posttrain.sft import EpochSampler, read_jsonl, write_jsonl
+from nanoseek.posttrain.trainer import (
+    PostTrainer,
+    autocast,
+    build_policy,
+    collate,
+    encode_pair,
+    forward_logits,
+    micro_slices,
+    sample_completions,
+    sequence_logprobs,
+    update_summary,
 )
 
 
@@ -55,7 +66,6 @@ class DPOTrainer(PostTrainer):
     command = "dpo"
 
     def setup(self) -> None:
-        from nanoseek.train.sft import EpochSampler, read_jsonl, write_jsonl
 
         cfg, d = self.cfg, self.cfg.dpo
         if not cfg.model.init_from:
@@ -102,7 +112,6 @@ class DPOTrainer(PostTrainer):
 
     @torch.no_grad()
     def _logps(self, rows) -> torch.Tensor:
-        from nanoseek.train.posttrain import sequence_logprobs
 
         was_training = self.model.training
         self.model.eval()
@@ -122,7 +131,6 @@ class DPOTrainer(PostTrainer):
             self.sampler.load_state_dict(state["sampler"])
 
     def train_step(self) -> dict:
-        from nanoseek.train.policy_losses import dpo_loss, token_logprobs
 
         cfg = self.cfg
         lr = self.set_lr()
@@ -160,7 +168,6 @@ class DPOTrainer(PostTrainer):
 
 def dpo(cfg: PostConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool | None = None) -> dict:
     """DPO per `cfg` into `out_dir`; returns the run summary, with the pair statistics under "pairs"."""
-    from nanoseek.train.posttrain import update_summary
 
     trainer = DPOTrainer(cfg, out_dir, resume=resume, progress=progress)
     trainer.run()

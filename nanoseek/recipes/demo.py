@@ -9,9 +9,9 @@ one resumes from its last checkpoint):
                most with a bare, often wrong answer; a byte-level BPE trained on it
                (nanoseek.data.tokenizer) and memory-mapped token shards (nanoseek.data.shards)
 2. pretrain    a DeepSeek-V3-style model (MLA, DeepSeekMoE with a shared expert, aux-loss-free
-               balancing, MTP) pretrained on those shards (nanoseek.train.pretrain); evaluated as the
+               balancing, MTP) pretrained on those shards (nanoseek.pretrain.trainer); evaluated as the
                base: it reasons sometimes, answers at once mostly, and is right only sometimes
-3. r1-zero     GRPO straight on the base with the accuracy reward (nanoseek.train.pipeline "r1-zero")
+3. r1-zero     GRPO straight on the base with the accuracy reward (nanoseek.recipes.r1 "r1-zero")
 4. r1          cold start -> reasoning RL -> rejection sampling + SFT -> all-scenario RL ("r1")
 5. distill     a smaller dense student trained on the R1 model's rejection-sampled traces
 6. speculative MTP speculative decoding on the base and the R1 model: acceptance and speed-up
@@ -22,15 +22,31 @@ one resumes from its last checkpoint):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from nanoseek.data.shards import prepare
+from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
+from nanoseek.eval.tasks import evaluate_task
+from nanoseek.infer.engine import Engine
+from nanoseek.model.transformer import DeepSeekForCausalLM
+from nanoseek.posttrain.config import load_post_config
+from nanoseek.posttrain.distill import distill
+from nanoseek.posttrain.sft import task_sft_rows
+from nanoseek.posttrain.trainer import eval_examples, read_summary
+from nanoseek.pretrain.config import from_dict
+from nanoseek.pretrain.trainer import pretrain
+from nanoseek.recipes.r1 import load_pipeline_config, plan, run_pipeline
+from nanoseek.recipes.report import write_report
+from nanoseek.tasks import make_task
+from nanoseek.train.checkpoint import latest_checkpoint
+from nanoseek.utils import atomic_write_text
 
 TASK = "bilingual"
 TEMPLATE = "chat"
@@ -92,7 +108,6 @@ class Demo:
         return state
 
     def _save_state(self) -> None:
-        from nanoseek.utils import atomic_write_text
 
         atomic_write_text(self.state_file, json.dumps(self.state, indent=1) + "\n")
 
@@ -134,7 +149,6 @@ class Demo:
         finally:
             torch.set_num_threads(threads_before)
         self.log(f"== {len(STAGES)}/{len(STAGES)} report")
-        from nanoseek.eval.report import write_report
 
         report = write_report(self, results)
         self.log(f"\nwrote {self.out / 'report.md'} ({time.perf_counter() - t0:.0f} s this time)")
@@ -144,11 +158,6 @@ class Demo:
         return report
 
     def data(self) -> dict:
-        from nanoseek.data.shards import prepare
-        from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
-        from nanoseek.tasks import make_task
-        from nanoseek.train.sft import task_sft_rows
-        from nanoseek.utils import atomic_write_text
 
         d = self.path("data")
         d.mkdir(parents=True, exist_ok=True)
@@ -172,7 +181,6 @@ class Demo:
                 "docs": self.plan.docs, "vocab_size": tok.vocab_size, "tokens": splits}
 
     def pretrain_config(self):
-        from nanoseek.train.config import from_dict
 
         p = self.plan
         vocab = self.state["stages"]["data"]["result"]["vocab_size"]
@@ -193,8 +201,6 @@ class Demo:
         }).validate()
 
     def pretrain(self) -> dict:
-        from nanoseek.train.checkpoint import latest_checkpoint
-        from nanoseek.train.pretrain import pretrain
 
         d = self.path("pretrain")
         summary = pretrain(self.pretrain_config(), d, resume=latest_checkpoint(d) is not None)
@@ -222,17 +228,14 @@ class Demo:
             f"rejection.rejection.prompts={s['rejection']}", f"sft.train.steps={s['sft']}", f"rl.train.steps={s['rl']}"]
 
     def r1_zero(self) -> dict:
-        from nanoseek.train.pipeline import run_pipeline
 
         return run_pipeline("r1-zero", self.path("r1-zero"), overrides=self.r1_zero_overrides(), log=self.log)
 
     def r1(self) -> dict:
-        from nanoseek.train.pipeline import run_pipeline
 
         return run_pipeline("r1", self.path("r1"), overrides=self.r1_overrides(), log=self.log)
 
     def distill_config(self):
-        from nanoseek.train.post_config import load_post_config
 
         p = self.plan
         r1 = self.state["stages"]["r1"]["result"]
@@ -252,9 +255,6 @@ class Demo:
             f"log.progress={str(self.progress).lower()}"])
 
     def distill(self) -> dict:
-        from nanoseek.train.checkpoint import latest_checkpoint
-        from nanoseek.train.distill import distill
-        from nanoseek.train.posttrain import read_summary
 
         d = self.path("distill")
         summary = read_summary(d) or distill(self.distill_config(), d, resume=latest_checkpoint(d) is not None)
@@ -264,11 +264,6 @@ class Demo:
     # ------------------------------------------------------------------ measurements
     def evaluate(self, model_dir: str | os.PathLike) -> dict:
         """The held-out metrics of a model, on the same problems the pipelines evaluate on."""
-        from nanoseek.eval.tasks import evaluate_task
-        from nanoseek.model.transformer import DeepSeekForCausalLM
-        from nanoseek.data.tokenizer import load_tokenizer
-        from nanoseek.train.pipeline import load_pipeline_config, plan
-        from nanoseek.train.posttrain import eval_examples
 
         cfg = plan("r1-zero", self.path("r1-zero"), load_pipeline_config("r1-zero", None, self.r1_zero_overrides()))[0].config
         task = cfg.build_task()
@@ -300,12 +295,7 @@ def line(metrics: dict) -> str:
 
 def measure_speculative(model_dir, n_prompts: int, new_tokens: int = 48, reps: int = 3, seed: int = 0) -> dict:
     """Greedy decoding of held-out prompts (batch 1) with and without MTP drafts, interleaved."""
-    import statistics
 
-    from nanoseek.data.tokenizer import load_tokenizer
-    from nanoseek.infer.engine import Engine
-    from nanoseek.model.transformer import DeepSeekForCausalLM
-    from nanoseek.tasks import make_task
 
     model = DeepSeekForCausalLM.from_pretrained(model_dir).eval()
     tok = load_tokenizer(model_dir)
@@ -337,43 +327,7 @@ def measure_speculative(model_dir, n_prompts: int, new_tokens: int = 48, reps: i
             "tokens": n}
 
 
-def machine() -> dict:
-    import nanoseek
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for row in Path("/proc/cpuinfo").read_text().splitlines():
-            if row.startswith("model name"):
-                cpu = row.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "nanoseek": getattr(nanoseek, "__version__", "")}
-
-
-# ---------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------- entry point
 def run(out: str = "runs/demo", quick: bool = False, seed: int = 0, threads: int = 0, progress: bool = True) -> dict:
     """Run (or resume) the demo into `out`; returns the report dict (also OUT/report.json)."""
     return Demo(out, quick=quick, seed=seed, threads=threads, progress=progress).run()
-
-
-def _run(args: argparse.Namespace) -> None:
-    out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
-    run(out, quick=args.quick, seed=args.seed, threads=args.threads, progress=not args.no_progress)
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "demo", help="run the whole DeepSeek recipe at micro scale and write a report",
-        description="Pretrain a DeepSeek-V3-style model, run R1-Zero and the R1 pipeline on it, distill a dense "
-                    "student, measure MTP speculative decoding, and write OUT/report.md. Running it again "
-                    "resumes: finished stages are reused.")
-    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default runs/demo, or "
-                   "runs/demo-quick with --quick)")
-    p.add_argument("--quick", action="store_true", help="a ~2 minute smoke run (tiny sizes; numbers mean little)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run)

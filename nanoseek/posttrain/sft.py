@@ -1,8 +1,8 @@
 """Supervised fine-tuning: completion-only NLL on chat or prompt/completion data, with packing
 (DeepSeek-R1 §2.3.1 cold start, §2.3.3 the SFT on rejection-sampled data; DeepSeek-V3 §5.1).
 
-    from nanoseek.train.post_config import load_post_config
-    from nanoseek.train.sft import sft
+    from nanoseek.posttrain.config import load_post_config
+    from nanoseek.posttrain.sft import sft
     sft(load_post_config("configs/r1-zero.toml", ["data.train=data.jsonl", "train.steps=200"]), "runs/sft")
 
 Data (`data.train`, jsonl; one row per example):
@@ -33,8 +33,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoseek.train.post_config import PostConfig
-from nanoseek.train.posttrain import PostTrainer, autocast, collate, encode_pair, forward_logits, micro_slices
+from nanoseek.data.chat import render_chat
+from nanoseek.posttrain.config import PostConfig
+from nanoseek.posttrain.policy_losses import token_logprobs
+from nanoseek.posttrain.trainer import (
+    PostTrainer,
+    autocast,
+    build_policy,
+    collate,
+    encode_pair,
+    forward_logits,
+    micro_slices,
+)
+from nanoseek.tasks.rewards import ANSWER_CLOSE, ANSWER_OPEN, TAGS
+from nanoseek.utils import atomic_write_text
 
 
 # ---------------------------------------------------------------------- data
@@ -61,7 +73,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
-    from nanoseek.utils import atomic_write_text
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return Path(path)
 
@@ -88,7 +99,6 @@ def task_sft_rows(task, n: int, seed: int, styles: dict[str, float], tag_bare: b
     unknown = [s for s in styles if s not in task.styles]
     if unknown:
         raise ValueError(f"data.styles {unknown} are not styles of task {task.name!r}; allowed: {list(task.styles)}")
-    from nanoseek.tasks.rewards import ANSWER_CLOSE, ANSWER_OPEN, TAGS
 
     examples = task.examples(n, seed=seed, split="train")
     rows = []
@@ -144,7 +154,6 @@ def load_sft_data(cfg: PostConfig, task) -> list[dict]:
 
 def row_texts(rows: Sequence[dict]) -> list[str]:
     """Texts a fresh tokenizer is trained on."""
-    from nanoseek.data.chat import render_chat
     return [render_chat(r["messages"], False) if "messages" in r else r.get("prompt", "") + r.get("completion", "")
             for r in rows]
 
@@ -184,7 +193,6 @@ class SFTTrainer(PostTrainer):
     command = "sft"
 
     def setup(self) -> None:
-        from nanoseek.train.posttrain import build_policy
 
         cfg = self.cfg
         rows = load_sft_data(cfg, self.task)
@@ -213,7 +221,6 @@ class SFTTrainer(PostTrainer):
         return None, {}
 
     def train_step(self) -> dict:
-        from nanoseek.train.policy_losses import token_logprobs
 
         cfg = self.cfg
         lr = self.set_lr()

@@ -1,6 +1,6 @@
 """The DeepSeek-R1 training pipelines at micro scale (DeepSeek-R1 §2.2 R1-Zero, §2.3 R1).
 
-    from nanoseek.train.pipeline import run_pipeline
+    from nanoseek.recipes.r1 import run_pipeline
     report = run_pipeline("r1-zero", "runs/r1-zero")                 # or "r1"; returns the report dict
     report = run_pipeline("r1", "runs/r1", overrides=["rl.train.steps=20", "common.train.threads=1"])
 
@@ -40,13 +40,25 @@ import copy
 import json
 import os
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from nanoseek.train.post_config import (
-    PostConfig, flatten_post, post_from_dict, post_from_toml_text, read_toml,
+from nanoseek.posttrain.config import (
+    PostConfig,
+    flatten_post,
+    post_from_dict,
+    post_from_toml_text,
+    read_toml,
 )
+from nanoseek.posttrain.grpo import grpo
+from nanoseek.posttrain.rejection import rejection_sample_run
+from nanoseek.posttrain.sft import sft
+from nanoseek.posttrain.trainer import RESUMABLE_CHANGES, read_summary
+from nanoseek.train.checkpoint import latest_checkpoint
+from nanoseek.train.config import coerce, parse_value
+from nanoseek.utils import atomic_write_text
 
 PIPELINES = ("r1-zero", "r1")
 
@@ -138,8 +150,6 @@ def load_pipeline_config(kind: str, path: str | os.PathLike | None = None,
     """[pipeline] options, [common] tables and per-stage tables from a TOML file and `--set` strings.
 
     `--set` keys: pipeline.KEY, common.SECTION.KEY, STAGE.SECTION.KEY (and .DICTKEY for dict fields)."""
-    from nanoseek.train.toml_config import coerce, parse_value
-    import typing
 
     if kind not in PIPELINES:
         raise ValueError(f"pipeline {kind!r} is unknown; allowed: {', '.join(PIPELINES)}")
@@ -210,10 +220,7 @@ def plan(kind: str, out: str | os.PathLike, cfg: PipelineConfig) -> list[Stage]:
 
 def _run_stage(stage: Stage, log: Callable[[str], None]) -> dict:
     """Run (or resume, or reuse) one stage; returns its summary."""
-    from nanoseek.train.checkpoint import latest_checkpoint
-    from nanoseek.train.posttrain import read_summary
 
-    from nanoseek.train.posttrain import RESUMABLE_CHANGES
 
     d, cfg = stage.dir, stage.config
     saved = d / "config.toml"
@@ -234,10 +241,8 @@ def _run_stage(stage: Stage, log: Callable[[str], None]) -> dict:
     log(f"[{stage.name}] {'resuming' if resume else 'running'} `{stage.command}` in {d}"
         + (f" from {cfg.model.init_from}" if cfg.model.init_from else ""))
     if stage.command == "sft":
-        from nanoseek.train.sft import sft
         return sft(cfg, d, resume=resume)
     if stage.command == "grpo":
-        from nanoseek.train.grpo import grpo
         return grpo(cfg, d, resume=resume)
     if stage.command == "rejection":
         return _rejection_stage(cfg, d)
@@ -245,8 +250,6 @@ def _run_stage(stage: Stage, log: Callable[[str], None]) -> dict:
 
 
 def _rejection_stage(cfg: PostConfig, d: Path) -> dict:
-    from nanoseek.train.rejection import rejection_sample_run
-    from nanoseek.utils import atomic_write_text
 
     t0 = time.perf_counter()
     stats = rejection_sample_run(cfg, d)
@@ -312,7 +315,6 @@ def run_pipeline(kind: str, out: str | os.PathLike, config: str | os.PathLike | 
     Each row holds the stage's held-out metrics after it ran (greedy_accuracy, language_consistency
     for the bilingual task, think_rate, format_rate, mean_length, pass@1 / cons@k with eval_k), its
     run directory and training time; OUT/report.json and OUT/report.md hold the same."""
-    from nanoseek.utils import atomic_write_text
 
     cfg = load_pipeline_config(kind, config, overrides)
     stages = plan(kind, out, cfg)

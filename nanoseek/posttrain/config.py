@@ -1,6 +1,6 @@
 """Run configuration of the post-training commands (sft, dpo, grpo, distill, rejection-sample, eval):
 one dataclass of sections, loaded from TOML and overridden with `--set section.key=value`, exactly as
-the pretraining config (both through `nanoseek.train.toml_config`).
+the pretraining config (both through `nanoseek.train.config`).
 
     cfg = load_post_config("configs/grpo-arithmetic.toml", ["grpo.beta=0.04", "train.steps=50"])
     print(post_to_toml(cfg))
@@ -17,10 +17,23 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanoseek.train.config import CheckpointSection, OptimSection
-from nanoseek.train.toml_config import (  # noqa: F401  (read_toml: part of this module's API)
-    assignments, describe, flatten, parse_toml, read_toml, to_toml, update,
+from nanoseek.posttrain.policy_losses import (
+    ADVANTAGE_SCALES,
+    AGGREGATIONS,
+    KL_ESTIMATORS,
 )
+from nanoseek.pretrain.config import CheckpointSection, OptimSection
+from nanoseek.tasks import TASKS, make_task
+from nanoseek.train.config import (  # noqa: F401  (read_toml: part of this module's API)
+    assignments,
+    describe,
+    flatten,
+    parse_toml,
+    read_toml,
+    to_toml,
+    update,
+)
+from nanoseek.train.schedules import build_lr_schedule
 
 DTYPES = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -310,7 +323,6 @@ class PostConfig:
             bad("schedule.lr_schedule", f"allowed: {', '.join(LR_SCHEDULES)}")
         if not 0 <= self.schedule.min_lr_ratio <= 1:
             bad("schedule.min_lr_ratio", "must be in [0, 1]")
-        from nanoseek.train.policy_losses import ADVANTAGE_SCALES, AGGREGATIONS, KL_ESTIMATORS
         if self.grpo.aggregation not in AGGREGATIONS:
             bad("grpo.aggregation", f"allowed: {', '.join(AGGREGATIONS)}")
         if self.grpo.advantage_scale not in ADVANTAGE_SCALES:
@@ -328,7 +340,6 @@ class PostConfig:
         if self.distill.temperature <= 0:
             bad("distill.temperature", "must be > 0")
         if self.task.name:
-            from nanoseek.tasks import TASKS
             if self.task.name not in TASKS:
                 bad("task.name", f"allowed: {', '.join(sorted(TASKS))} or \"\" (no task)")
         for style, share in self.data.styles.items():
@@ -345,7 +356,6 @@ class PostConfig:
         """The configured Task (None when task.name is "")."""
         if not self.task.name:
             return None
-        from nanoseek.tasks import make_task
         kwargs = dict(self.task.options)
         if self.task.weights:
             kwargs["weights"] = dict(self.task.weights)
@@ -356,7 +366,6 @@ class PostConfig:
                              f"{e}") from None
 
     def lr_schedule(self):
-        from nanoseek.train.schedules import build_lr_schedule
         s, peak = self.schedule, self.optim.lr
         if s.lr_schedule == "cosine":
             return build_lr_schedule("cosine", peak_lr=peak, total_steps=max(self.train.steps, 1),

@@ -1,15 +1,14 @@
-"""`nanoseek sft | dpo | grpo | distill | rejection-sample | pipeline`: thin front-ends to the
-post-training library functions (nanoseek.train.sft, dpo, grpo, distill, rejection, pipeline).
+"""`nanoseek sft | dpo | grpo | distill | rejection-sample`: thin front-ends to the post-training
+library functions (nanoseek.posttrain.sft, dpo, grpo, distill, rejection).
 
     nanoseek sft --task arithmetic --set 'data.styles={think=0.3, buggy=0.7}' --out runs/base
     nanoseek grpo --model runs/base/model --task arithmetic --set train.steps=60 --out runs/grpo
     nanoseek dpo --model runs/base/model --task arithmetic --out runs/dpo
     nanoseek rejection-sample --model runs/grpo/model --task arithmetic --out runs/rs
     nanoseek distill --set distill.teacher=runs/grpo/model --set model.init_from=runs/small/model --out runs/distill
-    nanoseek pipeline r1-zero --out runs/r1-zero        # nanoseek pipeline r1 --out runs/r1
     nanoseek grpo --config configs/grpo-arithmetic.toml --show-config
 
-Every command takes --config FILE (TOML: the sections of `nanoseek.train.post_config.PostConfig`),
+Every command takes --config FILE (TOML: the sections of `nanoseek.posttrain.config.PostConfig`),
 --set section.key=value overrides (repeatable), --seed and --out; `--keys` lists every key.
 """
 from __future__ import annotations
@@ -18,6 +17,14 @@ import argparse
 import json
 from pathlib import Path
 
+from nanoseek.posttrain.config import describe_post, load_post_config, post_to_toml
+from nanoseek.posttrain.distill import distill
+from nanoseek.posttrain.dpo import dpo
+from nanoseek.posttrain.grpo import grpo
+from nanoseek.posttrain.rejection import rejection_sample_run
+from nanoseek.posttrain.sft import sft
+
+TRAINERS = {"sft": sft, "dpo": dpo, "grpo": grpo, "distill": distill}
 COMMANDS = {
     "sft": ("supervised fine-tuning: completion-only loss on chat / prompt-completion jsonl or task data",
             ("model", "task", "data", "optim", "schedule", "train", "sft", "eval", "checkpoint", "log")),
@@ -34,7 +41,6 @@ COMMANDS = {
 
 
 def _config(args: argparse.Namespace, out: Path):
-    from nanoseek.train.post_config import load_post_config
 
     config = args.config
     if config is None and getattr(args, "resume", False) and (out / "config.toml").is_file():
@@ -64,8 +70,6 @@ def _fmt_eval(ev: dict | None) -> str:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from nanoseek.train.post_config import describe_post, post_to_toml
-
     command = args.command
     if args.keys:
         print(describe_post(COMMANDS[command][1]))
@@ -76,20 +80,11 @@ def _run(args: argparse.Namespace) -> None:
         print(post_to_toml(cfg), end="")
         return
     if command == "rejection-sample":
-        from nanoseek.train.rejection import rejection_sample_run
         stats = rejection_sample_run(cfg, out)
         print(f"rejection-sample: kept {stats['kept']} of {stats['samples']} samples ({stats['prompts']} prompts, "
               f"sample accuracy {stats['sample_accuracy']:.3f}); rejected {stats['rejected']}; data in {stats['data']}")
         return
-    if command == "sft":
-        from nanoseek.train.sft import sft as fn
-    elif command == "dpo":
-        from nanoseek.train.dpo import dpo as fn
-    elif command == "grpo":
-        from nanoseek.train.grpo import grpo as fn
-    else:
-        from nanoseek.train.distill import distill as fn
-    summary = fn(cfg, out, resume=args.resume)
+    summary = TRAINERS[command](cfg, out, resume=args.resume)
     parts = [f"{summary['steps']} steps in {summary['train_time']:.1f}s"]
     if summary.get("loss") is not None:
         parts.append(f"loss {summary['loss']:.4f}")
@@ -100,24 +95,7 @@ def _run(args: argparse.Namespace) -> None:
     print(f"{command}: {'; '.join(parts)}; model in {summary['model_dir']}, metrics in {summary['metrics']}")
 
 
-def _pipeline(args: argparse.Namespace) -> None:
-    from nanoseek.train.pipeline import run_pipeline
-
-    out = args.out or f"runs/{args.kind}"
-    sets = list(args.set or [])
-    if args.seed is not None:
-        sets.append(f"pipeline.seed={args.seed}")
-    if args.base:
-        sets.append(f"pipeline.base={json.dumps(args.base)}")
-    if args.threads is not None:
-        sets.append(f"pipeline.threads={args.threads}")
-    report = run_pipeline(args.kind, out, args.config, sets)
-    print(f"pipeline {args.kind}: {len(report['stages'])} stages in {report['wall_time']:.0f}s; report in "
-          f"{Path(out) / 'report.md'}; final model in {report['final_model']}")
-    print((Path(out) / "report.md").read_text(encoding="utf-8"), end="")
-
-
-def _common(p: argparse.ArgumentParser, out_default: str) -> None:
+def add_common_args(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--config", metavar="FILE", help="run config (TOML); defaults apply to keys it leaves out")
     p.add_argument("--out", metavar="DIR", help=f"output directory (default {out_default})")
     p.add_argument("--seed", type=int, default=None,
@@ -127,7 +105,7 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `nanoseek sft`, `dpo`, `grpo`, `distill`, `rejection-sample` and `pipeline`."""
+    """Add `nanoseek sft`, `dpo`, `grpo`, `distill` and `rejection-sample`."""
     for command, (help_text, _) in COMMANDS.items():
         p = subparsers.add_parser(
             command, help=help_text,
@@ -136,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 "Writes DIR/metrics.jsonl, DIR/checkpoints/ (resumable), DIR/model/ (HF layout + tokenizer), "
                 "DIR/config.toml and DIR/summary.json."),
             epilog=f"Run `nanoseek {command} --keys` for every config key it reads, with its meaning and default.")
-        _common(p, f"runs/{command}")
+        add_common_args(p, f"runs/{command}")
         p.add_argument("--model", metavar="DIR", help="starting model directory (model.init_from)")
         p.add_argument("--task", help="verifiable task: arithmetic, countdown, bilingual (task.name)")
         if command in ("sft", "dpo", "distill"):
@@ -147,19 +125,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--show-config", action="store_true", help="print the resolved config as TOML and exit")
         p.add_argument("--keys", action="store_true", help="list the config keys this command reads and exit")
         p.set_defaults(func=_run)
-
-    p = subparsers.add_parser(
-        "pipeline", help="the DeepSeek-R1 pipelines at micro scale: r1-zero (base → GRPO) and r1 (cold start → "
-                         "reasoning RL → rejection sampling + SFT → all-scenario RL)",
-        description="Run a whole post-training pipeline; every stage is its own run directory OUT/NN-stage, "
-                    "finished stages are reused and interrupted ones resume. Reports held-out accuracy and "
-                    "language consistency after each stage (OUT/report.md, OUT/report.json).",
-        epilog="Config: [pipeline] options (base, seed, threads, eval_examples, eval_k, progress), [common] "
-               "PostConfig tables for every stage, [STAGE] tables for one stage; --set pipeline.eval_k=4, "
-               "--set common.train.threads=1, --set rl.grpo.beta=0.04. Stages: r1-zero: base, rl; "
-               "r1: base, cold_start, reasoning_rl, rejection, sft, rl.")
-    p.add_argument("kind", choices=("r1-zero", "r1"), help="which pipeline")
-    _common(p, "runs/<kind>")
-    p.add_argument("--base", metavar="DIR", help="start from this base model instead of building the micro base")
-    p.add_argument("--threads", type=int, default=None, help="torch threads of every stage")
-    p.set_defaults(func=_pipeline)

@@ -2,7 +2,7 @@
 sequence batches with a completion mask, sampling through the one inference engine, held-out task
 evaluation, and `PostTrainer`, the loop around a method's `train_step`.
 
-A run directory is the pretraining one (`nanoseek.train.pretrain`): DIR/metrics.jsonl (one JSON
+A run directory is the pretraining one (`nanoseek.pretrain.trainer`): DIR/metrics.jsonl (one JSON
 record per step, at least `step` and `loss`; evaluations add `eval_*` keys), DIR/model (HF layout +
 tokenizer), DIR/checkpoints (resumable: weights, AdamW state, loop state; written atomically by
 `nanoseek.train.checkpoint`), DIR/config.toml (the resolved config), plus DIR/summary.json once the
@@ -23,8 +23,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from nanoseek.train.post_config import PostConfig, flatten_post, post_from_toml_text, post_to_toml
+from nanoseek.config import ModelConfig
+from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer_from_texts
+from nanoseek.eval.tasks import evaluate_task
+from nanoseek.infer.generate import generate
+from nanoseek.model.transformer import DeepSeekForCausalLM
+from nanoseek.posttrain.config import (
+    PostConfig,
+    flatten_post,
+    post_from_toml_text,
+    post_to_toml,
+)
+from nanoseek.posttrain.policy_losses import token_logprobs
+from nanoseek.pretrain.trainer import resolve_device
+from nanoseek.train.checkpoint import (
+    export_model,
+    load_checkpoint,
+    load_model_state,
+    open_run_dir,
+    save_checkpoint,
+)
+from nanoseek.train.config import null
+from nanoseek.train.metrics import MetricsLogger, read_metrics, truncate_metrics
+from nanoseek.train.optim import build_optimizer, clip_grad_norm, set_lr
+from nanoseek.utils import atomic_write_text
 
 # Config keys that may change when a run is resumed; anything else must match the saved config.
 RESUMABLE_CHANGES = ("train.steps", "train.threads", "train.time_limit", "train.device", "eval.", "checkpoint.",
@@ -38,11 +62,6 @@ def build_policy(cfg: PostConfig, texts: Sequence[str] | None = None, *, init_fr
     and the weights loaded strictly) or a fresh `model.preset` whose tokenizer is `tokenizer` (default
     model.tokenizer) or a byte-level BPE trained on `texts`. `overrides` replaces model.overrides (pass {}
     for a teacher or a reference, whose saved config is already what it is)."""
-    from nanoseek.config import ModelConfig
-    from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer_from_texts
-    from nanoseek.model.transformer import DeepSeekForCausalLM
-    from nanoseek.train.checkpoint import load_model_state
-    from nanoseek.train.toml_config import null
 
     overrides = {k: null(v) for k, v in (cfg.model.overrides if overrides is None else overrides).items()}
     source = cfg.model.init_from if init_from is None else init_from
@@ -128,7 +147,6 @@ def forward_logits(model, batch: SeqBatch) -> tuple[torch.Tensor, torch.Tensor |
 
 def sequence_logprobs(model, batch: SeqBatch, dtype: str = "fp32") -> torch.Tensor:
     """Σ_t log π(y_t | <t) over each row's masked (completion) tokens [B]."""
-    from nanoseek.train.policy_losses import token_logprobs
 
     with autocast(dtype, batch.ids.device):
         logits, _ = forward_logits(model, batch)
@@ -166,7 +184,6 @@ def sample_completions(model, tok, prompts: Sequence[str] | Sequence[list[int]],
     """One completion per prompt from `nanoseek.generate`, the engine shared with eval and chat.
 
     Prompts are texts (encoded with BOS) or token ids; generation stops at EOS."""
-    from nanoseek.infer.generate import generate
 
     out: list[Sample] = []
     for i in range(0, len(prompts), batch_size):
@@ -186,7 +203,6 @@ def eval_examples(cfg: PostConfig, task):
 
 def evaluate(model, tok, task, examples, cfg: PostConfig) -> dict:
     """`nanoseek.eval.tasks.evaluate_task` with the [eval] settings; keys prefixed "eval_"."""
-    from nanoseek.eval.tasks import evaluate_task
 
     e = cfg.eval
     result = evaluate_task(model, tok, task, examples, k=e.k, temperature=e.temperature, top_p=e.top_p,
@@ -207,9 +223,6 @@ class PostTrainer:
 
     def __init__(self, cfg: PostConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                  progress: bool | None = None):
-        from nanoseek.train.checkpoint import open_run_dir
-        from nanoseek.train.optim import build_optimizer
-        from nanoseek.train.pretrain import resolve_device
 
         self.cfg = cfg.validate()
         self.progress = cfg.log.progress if progress is None else progress
@@ -259,14 +272,12 @@ class PostTrainer:
                              f"{', '.join(RESUMABLE_CHANGES)} may change")
 
     def set_lr(self) -> float:
-        from nanoseek.train.optim import set_lr
         lr = self.lr_schedule(self.step)
         set_lr(self.optimizer, lr)
         return lr
 
     def optimizer_step(self) -> float:
         """Clip, step, zero; returns the gradient norm before clipping (non-finite: the step is skipped)."""
-        from nanoseek.train.optim import clip_grad_norm
         norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip)
         if math.isfinite(norm):
             self.optimizer.step()
@@ -283,7 +294,6 @@ class PostTrainer:
             self.model.train(was_training)
 
     def save_checkpoint(self) -> None:
-        from nanoseek.train.checkpoint import export_model, save_checkpoint
 
         state = {"command": self.command, "train_time": self.train_time, "extra": self.extra_state(),
                  "config": post_to_toml(self.cfg, comments=False)}
@@ -292,8 +302,6 @@ class PostTrainer:
         self.last_checkpoint_step = self.step
 
     def _resume(self) -> None:
-        from nanoseek.train.checkpoint import load_checkpoint
-        from nanoseek.train.metrics import truncate_metrics
 
         state = load_checkpoint(self._resume_from, self.model, self.optimizer)
         if state.get("command", self.command) != self.command:
@@ -310,10 +318,7 @@ class PostTrainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         """Train to train.steps (or train.time_limit); returns the summary also written to DIR/summary.json."""
-        from tqdm import tqdm
 
-        from nanoseek.train.metrics import MetricsLogger, read_metrics
-        from nanoseek.utils import atomic_write_text
 
         cfg = self.cfg
         try:
@@ -383,7 +388,6 @@ def _eval_line(record: dict) -> str:
 
 def update_summary(run_dir: str | os.PathLike, **fields) -> dict:
     """Add fields to DIR/summary.json (atomically); returns the new summary."""
-    from nanoseek.utils import atomic_write_text
 
     summary = {**(read_summary(run_dir) or {}), **fields}
     atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=1) + "\n")

@@ -24,8 +24,11 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.train.post_config import PostConfig
-from nanoseek.train.posttrain import sample_completions
+from nanoseek.posttrain.config import PostConfig, post_to_toml
+from nanoseek.posttrain.sft import write_jsonl
+from nanoseek.posttrain.trainer import build_policy, sample_completions
+from nanoseek.pretrain.trainer import resolve_device
+from nanoseek.utils import atomic_write_text
 
 REASONS = ("incorrect", "truncated", "format", "language", "duplicate", "over_limit")
 
@@ -68,11 +71,6 @@ def rejection_sample(model, tok, task, examples, samples: int = 4, temperature: 
 def rejection_sample_run(cfg: PostConfig, out_dir: str | os.PathLike) -> dict:
     """`nanoseek rejection-sample`: model.init_from's samples on the task → DIR/data.jsonl (+ stats.json,
     config.toml). Returns the statistics with the path of the data under "data"."""
-    from nanoseek.train.post_config import post_to_toml
-    from nanoseek.train.posttrain import build_policy
-    from nanoseek.train.pretrain import resolve_device
-    from nanoseek.train.sft import write_jsonl
-    from nanoseek.utils import atomic_write_text
 
     cfg = cfg.validate()
     r = cfg.rejection

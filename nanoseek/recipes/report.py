@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shlex
 import time
 from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanoseek import __version__
+from nanoseek.config import ModelConfig
+from nanoseek.model.transformer import DeepSeekForCausalLM
+from nanoseek.pretrain.config import to_toml
+from nanoseek.utils import atomic_write_text
 
 # (key in an evaluation, column title, is a rate)
 COLUMNS = (("greedy_accuracy", "greedy acc.", True), ("pass@1", "pass@1 (T 0.6)", True), ("cons@", "cons@k", True),
@@ -29,10 +39,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def parameters(model_dir: str | os.PathLike) -> tuple[int, int]:
     """(total, active per token) parameters of a saved model, MTP modules excluded; built on the meta device."""
-    import torch
 
-    from nanoseek.config import ModelConfig
-    from nanoseek.model.transformer import DeepSeekForCausalLM
 
     with torch.device("meta"):
         model = DeepSeekForCausalLM(ModelConfig.from_pretrained(model_dir))
@@ -137,7 +144,6 @@ def plot_pretraining(plt, records: list[dict], path: Path) -> None:
 
 def plot_experts(plt, records: list[dict], path: Path) -> None:
     """MaxVio_batch per MoE layer over training, and each layer's expert load shares over time."""
-    import numpy as np
 
     vio = [r for r in records if r.get("max_vio_batch")]
     loads = [r for r in records if r.get("expert_load")]
@@ -195,11 +201,22 @@ def _command(kind: str, out, overrides: list[str]) -> str:
         f"--set {shlex.quote(s)}" for s in overrides)
 
 
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for row in Path("/proc/cpuinfo").read_text().splitlines():
+            if row.startswith("model name"):
+                cpu = row.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "nanoseek": __version__}
+
+
 def write_report(demo, results: dict) -> dict:
     """Write OUT/report.md, OUT/report.json and OUT/plots/*.png for a finished demo; returns report.json's dict."""
-    from nanoseek.demo import machine
-    from nanoseek.train.config import to_toml
-    from nanoseek.utils import atomic_write_text
 
     out = Path(demo.out)
     rows = summary_rows(results)
@@ -314,7 +331,7 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 3 or sys.argv[1] != "--check":
-        raise SystemExit("usage: python -m nanoseek.eval.report --check OUT")
+        raise SystemExit("usage: python -m nanoseek.recipes.report --check OUT")
     r = check_report(sys.argv[2])
     print(f"{sys.argv[2]}/report.md: ok; " + "; ".join(f"{row['stage']} {100 * row['greedy_accuracy']:.1f}%"
                                                     for row in r["rows"] if "greedy_accuracy" in row))

@@ -1,8 +1,8 @@
 """GRPO: reinforcement learning with rule-based rewards and group-relative advantages
 (DeepSeekMath §4.1; DeepSeek-R1 §2.2 R1-Zero, §2.3.2 reasoning RL, §2.3.4 all-scenario RL).
 
-    from nanoseek.train.post_config import load_post_config
-    from nanoseek.train.grpo import grpo
+    from nanoseek.posttrain.config import load_post_config
+    from nanoseek.posttrain.grpo import grpo
     grpo(load_post_config(None, ["model.init_from=runs/base/model", "task.name=arithmetic"]), "runs/grpo")
 
 One step:
@@ -38,10 +38,24 @@ from statistics import mean
 
 import torch
 
-from nanoseek.train.post_config import PostConfig
-from nanoseek.train.posttrain import (
-    PostTrainer, SeqBatch, autocast, build_policy, collate, forward_logits, micro_slices, sample_completions,
+from nanoseek.posttrain.config import PostConfig
+from nanoseek.posttrain.policy_losses import (
+    group_advantages,
+    grpo_loss,
+    token_entropy,
+    token_logprobs,
 )
+from nanoseek.posttrain.trainer import (
+    PostTrainer,
+    SeqBatch,
+    autocast,
+    build_policy,
+    collate,
+    forward_logits,
+    micro_slices,
+    sample_completions,
+)
+from nanoseek.train.checkpoint import export_model
 
 
 def rollout_batch(prompt_ids: list[list[int]], samples, pad_id: int, mask_truncated: bool = False) -> SeqBatch:
@@ -82,7 +96,6 @@ class GRPOTrainer(PostTrainer):
             self.ref.to(self.device).eval().requires_grad_(False)
 
     def _save_reference(self) -> None:
-        from nanoseek.train.checkpoint import export_model
         export_model(self.ref, self.tok, Path(self.out) / "reference")
 
     def prompt_ids(self, example) -> list[int]:
@@ -91,7 +104,6 @@ class GRPOTrainer(PostTrainer):
         return self._prompt_ids[example.prompt]
 
     def train_step(self) -> dict:
-        from nanoseek.train.policy_losses import group_advantages, grpo_loss, token_entropy, token_logprobs
 
         cfg, g = self.cfg, self.cfg.grpo
         G, seed = g.group_size, cfg.train.seed

@@ -1,4 +1,4 @@
-"""`nanoseek pretrain`: a thin front-end to `nanoseek.train.pretrain`.
+"""`nanoseek pretrain`: a thin front-end to `nanoseek.pretrain.trainer`.
 
     nanoseek pretrain --config configs/small-v3.toml --out runs/small-v3
     nanoseek pretrain --config configs/tiny.toml --set optim.lr=1e-3 --set balance.strategy=none --out runs/x
@@ -11,9 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from nanoseek.pretrain.config import describe, load_run_config, to_toml
+from nanoseek.pretrain.trainer import TrainingError, pretrain
+
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from nanoseek.train.config import describe, load_run_config, to_toml
 
     if args.keys:
         print(describe())
@@ -29,7 +31,6 @@ def _pretrain(args: argparse.Namespace) -> None:
     if args.show_config:
         print(to_toml(cfg), end="")
         return
-    from nanoseek.train.pretrain import TrainingError, pretrain
 
     try:
         summary = pretrain(cfg, out, resume=args.resume)

@@ -1,13 +1,13 @@
 """Pretraining: the loop of DeepSeek-V3 §4 (and DeepSeek LLM §2.3, V2 §3.1) at any scale.
 
-    from nanoseek.train.config import load_run_config
-    from nanoseek.train.pretrain import pretrain
+    from nanoseek.pretrain.config import load_run_config
+    from nanoseek.pretrain.trainer import pretrain
     summary = pretrain(load_run_config("configs/tiny.toml"), "runs/tiny")
 
 One optimizer step: `n` micro-batches (train.grad_accum, or the batch-size ramp) of packed windows,
-each scored with L = L_main + λ/D·Σ_k L_MTP,k + balance losses (see `nanoseek.train.losses`) under
+each scored with L = L_main + λ/D·Σ_k L_MTP,k + balance losses (see `nanoseek.pretrain.losses`) under
 bf16 autocast or fp32; the global gradient norm is clipped; AdamW steps with the scheduled LR; then
-the aux-loss-free router biases move from the step's expert load (`nanoseek.train.balance`).
+the aux-loss-free router biases move from the step's expert load (`nanoseek.pretrain.balance`).
 
 Guards: a step whose loss or gradient norm is not finite, or whose loss exceeds spike_factor × the
 running mean, is skipped (no update, logged); max_bad_steps skips in a row roll the model and
@@ -27,8 +27,44 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-from nanoseek.train.config import RunConfig, flatten, from_toml_text, to_toml
+from nanoseek.config import ModelConfig
+from nanoseek.data.loader import PackedLoader, ValLoader
+from nanoseek.data.shards import check_vocab, load_metadata
+from nanoseek.data.tokenizer import load_tokenizer
+from nanoseek.model.transformer import DeepSeekForCausalLM
+from nanoseek.pretrain.balance import (
+    bias_stats,
+    configure_token_dropping,
+    drop_fraction,
+    max_violation,
+    update_biases,
+)
+from nanoseek.pretrain.config import RunConfig, flatten, from_toml_text, to_toml
+from nanoseek.pretrain.dataset import resolve_dataset
+from nanoseek.pretrain.losses import lm_losses, model_inputs, total_loss
+from nanoseek.quant.fp8 import convert_to_fp8
+from nanoseek.scaling.flops import training_flops_per_token
+from nanoseek.train.checkpoint import (
+    export_model,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    open_run_dir,
+    save_checkpoint,
+)
+from nanoseek.train.config import null
+from nanoseek.train.metrics import (
+    MetricsLogger,
+    load_summary,
+    measure_matmul_peak,
+    read_metrics,
+    truncate_metrics,
+)
+from nanoseek.train.optim import build_optimizer, clip_grad_norm, set_lr
+from nanoseek.utils import atomic_write_text
 
 # Run-config keys that may change when a run is resumed; anything else must match the checkpoint.
 RESUMABLE_CHANGES = ("train.steps", "train.threads", "train.deterministic", "train.max_rollbacks", "train.device",
@@ -62,12 +98,6 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                  loss_hook: LossHook | None = None, progress: bool | None = None):
-        from nanoseek.data.loader import PackedLoader, ValLoader
-        from nanoseek.data.shards import check_vocab, load_metadata
-        from nanoseek.data.tokenizer import load_tokenizer
-        from nanoseek.scaling.flops import training_flops_per_token
-        from nanoseek.train.checkpoint import open_run_dir
-        from nanoseek.train.dataset import resolve_dataset
 
         self.cfg = cfg.validate()
         self.loss_hook = loss_hook
@@ -107,7 +137,6 @@ class Trainer:
         # Model and optimizer.
         self.device = resolve_device(t.device)
         self.model = self._build_model().to(self.device)
-        from nanoseek.train.optim import build_optimizer
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
         self.forward = torch.compile(self.model) if t.compile else self.model
@@ -125,7 +154,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup helpers
     def _base_model_config(self):
-        from nanoseek.config import ModelConfig
 
         if self.cfg.model.init_from:
             return ModelConfig.from_pretrained(self.cfg.model.init_from)
@@ -135,8 +163,6 @@ class Trainer:
         cfg = self.cfg
         if not cfg.model.init_from:
             return cfg.model_config(**ids)
-        from nanoseek.config import ModelConfig
-        from nanoseek.train.toml_config import null
 
         base = ModelConfig.from_pretrained(cfg.model.init_from)
         own = cfg.model_config()  # only its balance / MTP weights are used
@@ -146,9 +172,6 @@ class Trainer:
                                "comm_aux_alpha": own.comm_aux_alpha, "mtp_loss_weight": own.mtp_loss_weight})
 
     def _build_model(self):
-        from nanoseek.model.transformer import DeepSeekForCausalLM
-        from nanoseek.train.balance import configure_token_dropping
-        from nanoseek.train.checkpoint import load_model_state
 
         torch.manual_seed(self.cfg.train.seed)
         model = DeepSeekForCausalLM(self.model_cfg)
@@ -157,7 +180,6 @@ class Trainer:
         model.train()
         configure_token_dropping(model, self.cfg.balance.capacity_factor, self.cfg.balance.no_drop_fraction)
         if self.cfg.train.fp8:
-            from nanoseek.quant.fp8 import convert_to_fp8
             convert_to_fp8(model)
         return model
 
@@ -188,7 +210,6 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
-        from nanoseek.train.checkpoint import export_model, save_checkpoint
 
         path = save_checkpoint(self.out, self.step, self.model, self.optimizer, self.trainer_state(),
                                keep_last=self.cfg.checkpoint.keep)
@@ -197,7 +218,6 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: Path, restore_loader: bool = True) -> None:
-        from nanoseek.train.checkpoint import load_checkpoint
 
         state = load_checkpoint(path, self.model, self.optimizer)
         self.step = int(state["step"])
@@ -217,10 +237,6 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step (or a skipped one); returns its metrics record."""
-        from nanoseek.train.balance import bias_stats, drop_fraction, update_biases
-        from nanoseek.train.losses import lm_losses, model_inputs, total_loss
-        from nanoseek.train.metrics import load_summary
-        from nanoseek.train.optim import clip_grad_norm, set_lr
 
         cfg, t = self.cfg, self.cfg.train
         step, S, D = self.step, self.seq_len, self.depth
@@ -298,7 +314,6 @@ class Trainer:
     @property
     def peak_flops(self) -> float:
         if self._peak is None:
-            from nanoseek.train.metrics import measure_matmul_peak
             self._peak = measure_matmul_peak(torch.bfloat16 if self.cfg.train.dtype == "bf16" else torch.float32,
                                              device=self.device)
         return self._peak
@@ -307,9 +322,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out loss, bits per byte and MaxVio_global (expert load summed over the evaluated set)."""
-        import torch.nn.functional as F
 
-        from nanoseek.train.balance import max_violation
 
         self.model.eval()
         nll, count, load = 0.0, 0, None
@@ -337,7 +350,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ rollback
     def _rollback(self, record: dict, log) -> None:
-        from nanoseek.train.checkpoint import latest_checkpoint
 
         ckpt = latest_checkpoint(self.out)
         if ckpt is None:
@@ -359,10 +371,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         """Train to cfg.train.steps; returns a summary (final losses, last eval, paths)."""
-        from tqdm import tqdm
 
-        from nanoseek.train.metrics import MetricsLogger, truncate_metrics
-        from nanoseek.utils import atomic_write_text
 
         cfg = self.cfg
         deterministic_before = torch.are_deterministic_algorithms_enabled()
@@ -411,7 +420,6 @@ class Trainer:
             torch.use_deterministic_algorithms(deterministic_before)
             torch.set_num_threads(threads_before)
         if not last:  # resumed a finished run: report what its metrics say
-            from nanoseek.train.metrics import read_metrics
             records = [r for r in read_metrics(self.out) if "loss" in r]
             last = records[-1] if records else {}
             last_eval = next((r for r in reversed(records) if "val_loss" in r), {})

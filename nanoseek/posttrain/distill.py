@@ -5,9 +5,9 @@ SFT only, no RL, and found this beats running large-scale RL on the small model 
 (R1 Table 6: R1-Distill-Qwen-32B 72.6 AIME pass@1 vs R1-Zero-Qwen-32B 47.0). Here:
 
 * the traces are `distill.traces` (an SFT jsonl) or are rejection-sampled from `distill.teacher` with
-  the [rejection] settings (`nanoseek.train.rejection`) into DIR/traces.jsonl;
+  the [rejection] settings (`nanoseek.posttrain.rejection`) into DIR/traces.jsonl;
 * the student is `model.init_from` (a smaller base) or a fresh `model.preset` with the teacher's
-  tokenizer, trained by the SFT loop (`nanoseek.train.sft`);
+  tokenizer, trained by the SFT loop (`nanoseek.posttrain.sft`);
 * optional logit distillation (`distill.logit_weight` > 0, Hinton et al. 2015) adds, on every
   completion token, τ² · KL(p_teacher^τ ‖ p_student^τ) computed from a teacher forward on the same
   batch — which needs the same vocabulary, hence the shared tokenizer.
@@ -22,17 +22,21 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.train.post_config import PostConfig
-from nanoseek.train.sft import SFTTrainer
+from nanoseek.posttrain.config import PostConfig
+from nanoseek.posttrain.rejection import rejection_sample
+from nanoseek.posttrain.sft import EpochSampler, SFTTrainer, read_jsonl, write_jsonl
+from nanoseek.posttrain.trainer import (
+    autocast,
+    build_policy,
+    forward_logits,
+    update_summary,
+)
 
 
 class DistillTrainer(SFTTrainer):
     command = "distill"
 
     def setup(self) -> None:
-        from nanoseek.train.posttrain import build_policy
-        from nanoseek.train.rejection import rejection_sample
-        from nanoseek.train.sft import read_jsonl, write_jsonl
 
         cfg, d = self.cfg, self.cfg.distill
         if not d.teacher:
@@ -71,14 +75,12 @@ class DistillTrainer(SFTTrainer):
                              f"{self.teacher.config.vocab_size} tokens, the student {self.model.config.vocab_size} "
                              "(give the student the teacher's tokenizer)")
         self.rows = self.prepare_rows(rows)
-        from nanoseek.train.sft import EpochSampler
         self.sampler = EpochSampler(len(self.rows), cfg.train.batch_size, cfg.train.seed)
         self.n_traces = len(rows)
 
     def extra_loss(self, batch, logits):
         if self.teacher is None:
             return None, {}
-        from nanoseek.train.posttrain import autocast, forward_logits
 
         tau = self.cfg.distill.temperature
         with torch.no_grad(), autocast(self.cfg.train.dtype, self.device):
@@ -92,7 +94,6 @@ class DistillTrainer(SFTTrainer):
 
 def distill(cfg: PostConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool | None = None) -> dict:
     """Distill per `cfg` into `out_dir`; returns the run summary, with the trace statistics under "traces"."""
-    from nanoseek.train.posttrain import update_summary
 
     trainer = DistillTrainer(cfg, out_dir, resume=resume, progress=progress)
     trainer.run()
