@@ -25,6 +25,8 @@ import json
 import time
 from pathlib import Path
 
+from nanoseek.posttrain.config import PostConfig
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,11 +42,10 @@ def main():
 
     from nanoseek.posttrain.distill import distill
     from nanoseek.posttrain.grpo import grpo
-    from nanoseek.train.metrics import read_metrics
-    from nanoseek.recipes.r1 import MICRO_DEFAULTS, load_pipeline_config, plan, run_pipeline
-    from nanoseek.posttrain.config import post_from_dict
-    from nanoseek.posttrain.trainer import read_summary
     from nanoseek.posttrain.sft import sft
+    from nanoseek.posttrain.trainer import read_summary
+    from nanoseek.recipes.r1 import load_pipeline_config, plan, run_pipeline, stage_defaults
+    from nanoseek.train.metrics import read_metrics
 
     out = Path(args.out)
     common = [f"train.threads={args.threads}", f"train.seed={args.seed}", "log.progress=false"]
@@ -58,9 +59,8 @@ def main():
     # The student base: the r1-zero base recipe, smaller, with the teacher's tokenizer.
     stages = {s.name: s for s in plan("r1-zero", out / "unused", load_pipeline_config("r1-zero"))}
     base_cfg = stages["base"].config
-    from nanoseek.posttrain.config import apply_post_overrides
-    base_cfg = apply_post_overrides(base_cfg, [*common, f"model.overrides={args.student}",
-                                               f"model.tokenizer={json.dumps(str(teacher))}"]).validate()
+    base_cfg = base_cfg.with_overrides([*common, f"model.overrides={args.student}",
+                                        f"model.tokenizer={json.dumps(str(teacher))}"]).validate()
     student_base = out / "student-base"
     if read_summary(student_base) is None:
         sft(base_cfg, student_base)
@@ -71,7 +71,7 @@ def main():
 
     # Arm 1: distillation (traces sampled once from the teacher, then SFT for the time budget).
     t0 = time.perf_counter()
-    d_cfg = apply_post_overrides(post_from_dict({}), [
+    d_cfg = PostConfig().with_overrides([
         *init, "eval.every=20", f"distill.teacher={json.dumps(str(teacher))}", "rejection.prompts=1500",
         "rejection.samples=4",
         "rejection.temperature=1.0", "rejection.max_new_tokens=48", "optim.lr=1e-3", "train.batch_size=64"]).validate()
@@ -79,8 +79,7 @@ def main():
     wall_distill = time.perf_counter() - t0
 
     # Arm 2: GRPO with the teacher's RL recipe (the r1-zero "rl" stage), same training-time budget.
-    rl_tables = MICRO_DEFAULTS["r1-zero"]["rl"][2]
-    rl_cfg = apply_post_overrides(post_from_dict(rl_tables), [*init, "eval.every=4"]).validate()
+    rl_cfg = stage_defaults("r1-zero", "rl").with_overrides([*init, "eval.every=4"]).validate()
     rl = read_summary(out / "grpo") or grpo(rl_cfg, out / "grpo")
 
     traces = distilled.get("traces", {})

@@ -28,8 +28,8 @@ def main():
     p.add_argument("--set", action="append", default=[], help="extra pipeline overrides (STAGE.section.key=value)")
     args = p.parse_args()
 
-    from nanoseek.train.metrics import read_metrics
     from nanoseek.recipes.r1 import run_pipeline
+    from nanoseek.train.metrics import read_metrics
 
     sets = [f"pipeline.threads={args.threads}", f"pipeline.seed={args.seed}", "pipeline.progress=false",
             "rl.train.steps=100000", f"rl.train.time_limit={60 * args.minutes}", f"rl.eval.every={args.eval_every}",

@@ -4,7 +4,8 @@ A `config.json` written by transformers (or shipped with a DeepSeek checkpoint) 
 `ModelConfig(**json.load(f))` or `ModelConfig.from_pretrained(dir)`. Fields transformers lacks are
 added with names that say what they are and defaults that reproduce DeepSeek-V3:
 `attention_type` (mla | mha | gqa | mqa, the latter three for the dense DeepSeek-LLM models),
-`ep_size` / `topk_devices` (device-limited routing), the balance-loss weights and the MTP loss weight.
+`ep_size` / `topk_devices` (device-limited routing) and the balance-loss weights (the single home of
+those: training configs set them as model overrides).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ _IGNORED_KEYS = {
     "pretraining_tp", "output_router_logits", "aux_loss_alpha", "seq_aux", "moe_layer_freq",
     "_name_or_path", "mlp_bias", "num_mtp_layers", "qk_head_dim", "router_aux_loss_coef",
     "num_local_experts",
+    "mtp_loss_weight",  # written by nanoseek < 0.2; the MTP weight is a training setting ([mtp] weight)
 }
 
 
@@ -88,8 +90,6 @@ class ModelConfig:
     attention_dropout: float = 0.0
     num_nextn_predict_layers: int = 1
     """Multi-token prediction depth D (V3: 1)."""
-    mtp_loss_weight: float = 0.3
-    """λ of L_MTP = λ/D Σ_k L_k (V3: 0.3 for the first 10T tokens, then 0.1)."""
     seq_aux_alpha: float = 0.0001
     """V3 sequence-wise balance loss α (0 = off)."""
     expert_aux_alpha: float = 0.0
@@ -231,7 +231,7 @@ class ModelConfig:
             bad("num_nextn_predict_layers", "must be an integer >= 0")
         if self.rms_norm_eps <= 0:
             bad("rms_norm_eps", "must be positive")
-        for name in ("mtp_loss_weight", "seq_aux_alpha", "expert_aux_alpha", "device_aux_alpha", "comm_aux_alpha"):
+        for name in ("seq_aux_alpha", "expert_aux_alpha", "device_aux_alpha", "comm_aux_alpha"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if self.rope_scaling is not None:
@@ -388,14 +388,15 @@ _TINY_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddi
               "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
 
 PRESETS: dict[str, dict] = {
-    # tiny: a few hundred thousand parameters, every feature switched on, for tests.
-    "tiny-v3": dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+    # tiny: a few hundred thousand parameters, every feature switched on, for tests; 300 tokens hold the
+    # smallest byte-level BPE (256 bytes + 7 special tokens) with a few merges.
+    "tiny-v3": dict(vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
                     n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=32, q_lora_rank=48,
                     qk_rope_head_dim=16, v_head_dim=16, qk_nope_head_dim=16, n_group=4, topk_group=2,
                     num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=128,
                     rope_scaling=_TINY_YARN, num_nextn_predict_layers=1),
-    "tiny-v2": dict(model_type="deepseek_v2", vocab_size=256, hidden_size=64, intermediate_size=128,
+    "tiny-v2": dict(model_type="deepseek_v2", vocab_size=300, hidden_size=64, intermediate_size=128,
                     moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
                     n_shared_experts=2, n_routed_experts=8, routed_scaling_factor=1.0, kv_lora_rank=32,
                     q_lora_rank=None, qk_rope_head_dim=16, v_head_dim=16, qk_nope_head_dim=16, n_group=4,
@@ -403,7 +404,7 @@ PRESETS: dict[str, dict] = {
                     scoring_func="softmax", topk_method="group_limited_greedy", max_position_embeddings=128,
                     rope_scaling={**_TINY_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
                     num_nextn_predict_layers=0, seq_aux_alpha=0.0, expert_aux_alpha=0.003),
-    "tiny-dense": dict(model_type="llama", attention_type="gqa", vocab_size=256, hidden_size=64,
+    "tiny-dense": dict(model_type="llama", attention_type="gqa", vocab_size=300, hidden_size=64,
                        intermediate_size=176, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                        n_routed_experts=0, max_position_embeddings=128, rope_interleave=False,
                        num_nextn_predict_layers=0, seq_aux_alpha=0.0, initializer_range=0.006),

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from nanoseek.posttrain.config import PostConfig
+
 BASE_SETS = [
     "task.name=arithmetic", "data.styles={think=0.3, buggy=0.7}", "data.tag_bare=true",
     'model.overrides={num_nextn_predict_layers=0, rope_scaling="null", seq_aux_alpha=0.0}',
@@ -27,14 +29,13 @@ def shared_root(tmp_path_factory) -> Path:
 
 def bimodal_base(tmp_path_factory, steps: int, batch_size: int) -> Path:
     """DIR/model of the session's bimodal base (built on first use)."""
-    from nanoseek.posttrain.config import load_post_config
     from nanoseek.posttrain.sft import sft
 
     root = shared_root(tmp_path_factory)
     out = root / f"nanoseek-bimodal-base-{steps}-{batch_size}"
     with FileLock(str(out) + ".lock"):
         if not (out / "summary.json").is_file():
-            cfg = load_post_config(None, BASE_SETS + [f"train.steps={steps}", f"train.batch_size={batch_size}"])
+            cfg = PostConfig.load(None, BASE_SETS + [f"train.steps={steps}", f"train.batch_size={batch_size}"])
             sft(cfg, out)
     return out
 

@@ -6,10 +6,10 @@ import json
 import pytest
 
 from nanoseek.data.chat import render_chat
+from nanoseek.posttrain.sft import task_sft_rows
 from nanoseek.recipes.demo import STYLES, Demo
 from nanoseek.recipes.report import check_report, findings, results_table
 from nanoseek.tasks import make_task
-from nanoseek.posttrain.sft import task_sft_rows
 
 
 def test_chat_corpus_tokens_match_post_training_prompts(tmp_path):

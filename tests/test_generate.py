@@ -51,7 +51,7 @@ def test_generate_rejects_bad_input(seed):
     model = nanoseek.DeepSeekForCausalLM(nanoseek.ModelConfig.preset("tiny-v3")).eval()
     with pytest.raises(ValueError, match="at least one token"):
         nanoseek.generate(model, [[1], []])
-    with pytest.raises(ValueError, match=r"\[0, 256\)"):
+    with pytest.raises(ValueError, match=r"\[0, 300\)"):
         nanoseek.generate(model, [[1, 999]])
     with pytest.raises(ValueError, match="top_p"):
         nanoseek.generate(model, [[1]], temperature=1.0, top_p=0.0)

@@ -239,13 +239,14 @@ def test_mtp_shapes_and_causality(seed):
     ids = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
         out = model(ids)
-        assert [t.shape for t in out.mtp_logits] == [(2, 19, 256)]
+        assert [t.shape for t in out.mtp_logits] == [(2, 19, 300)]
         # depth 1 at position i sees tokens up to i+1; changing token 10 leaves positions < 9 unchanged
         ids2 = ids.clone()
         ids2[:, 10] = (ids2[:, 10] + 1) % 256
         out2 = model(ids2)
     d = (out.mtp_logits[0] - out2.mtp_logits[0]).abs().amax(dim=(0, 2))
-    assert d[:9].max() == 0 and d[9] > 0
+    # (up to float rounding: the changed token regroups the routed rows, so summation orders differ)
+    assert d[:9].max() < 1e-6 and d[9] > 1e-3
     assert model(ids, mtp=False).mtp_logits == []
 
 

@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from nanoseek.eval.metrics import majority_answer, pass_at_k
-from nanoseek.posttrain.policy_losses import (dpo_loss, group_advantages, grpo_loss, kl_penalty, token_entropy,
-                                          token_logprobs)
+from nanoseek.posttrain.policy_losses import (
+    dpo_loss,
+    group_advantages,
+    grpo_loss,
+    kl_penalty,
+    token_entropy,
+    token_logprobs,
+)
 
 
 def test_group_advantages():

@@ -5,13 +5,12 @@ import json
 
 import pytest
 import torch
-
 from post_fixtures import bimodal_base, summary
 
 import nanoseek
+from nanoseek.posttrain.config import PostConfig
 from nanoseek.tasks import make_task
 from nanoseek.train.metrics import read_metrics
-from nanoseek.posttrain.config import load_post_config
 
 # The session's bimodal base (tests/post_fixtures.py): 30% <think> traces, 70% tagged dropped-carry answers.
 BASE_STEPS, BASE_BATCH = 800, 64
@@ -24,7 +23,7 @@ def base(tmp_path_factory):
 
 
 def _cfg(*sets):
-    return load_post_config(None, [*QUIET, *sets])
+    return PostConfig.load(None, [*QUIET, *sets])
 
 
 # ---------------------------------------------------------------- SFT

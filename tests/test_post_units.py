@@ -3,8 +3,8 @@ encoding and packing, rollout batches, rejection-sampling filters, the pipeline 
 import pytest
 
 from nanoseek.data.tokenizer import train_tokenizer_from_texts
+from nanoseek.posttrain.config import PostConfig
 from nanoseek.tasks import make_task
-from nanoseek.posttrain.config import load_post_config, post_from_toml_text, post_to_toml
 
 
 @pytest.fixture(scope="module")
@@ -16,30 +16,36 @@ def tok():
 
 # ---------------------------------------------------------------- config
 def test_config_round_trips_and_fails_clearly(tmp_path):
-    cfg = load_post_config(None, ["grpo.beta=0.04", "task.options.digits=3", "model.overrides.hidden_size=32",
+    cfg = PostConfig.load(None, ["grpo.beta=0.04", "task.options.digits=3", "model.overrides.hidden_size=32",
                                   "data.styles={think=0.3, buggy=0.7}"])
     assert cfg.grpo.beta == 0.04 and cfg.task.options == {"digits": 3}
     assert cfg.data.styles == {"think": 0.3, "buggy": 0.7}
-    again = post_from_toml_text(post_to_toml(cfg))
+    again = PostConfig.from_toml_text(cfg.to_toml())
     assert again.to_dict() == cfg.to_dict()
     with pytest.raises(ValueError, match="grpo.aggregation = 'mean' is invalid: allowed: token, sequence, dr_grpo"):
-        load_post_config(None, ["grpo.aggregation=mean"])
+        PostConfig.load(None, ["grpo.aggregation=mean"])
     with pytest.raises(ValueError, match="unknown config key 'grpo.epsilom'"):
-        load_post_config(None, ["grpo.epsilom=0.2"])
+        PostConfig.load(None, ["grpo.epsilom=0.2"])
     with pytest.raises(ValueError, match="grpo.group_size = 1 is invalid"):
-        load_post_config(None, ["grpo.group_size=1"])
+        PostConfig.load(None, ["grpo.group_size=1"])
     with pytest.raises(ValueError, match="task.name = 'algebra' is invalid"):
-        load_post_config(None, ["task.name=algebra"])
+        PostConfig.load(None, ["task.name=algebra"])
     bad = tmp_path / "bad.toml"
     bad.write_text("[grpo]\nbeta = 'x'\n")
     with pytest.raises(ValueError, match=r"bad.toml: grpo.beta = 'x' is invalid: expected float"):
-        load_post_config(bad)
+        PostConfig.load(bad)
 
 
 # ---------------------------------------------------------------- SFT data
 def test_sft_rows_encode_completion_only_masks_and_pack(tok, tmp_path):
+    from nanoseek.posttrain.sft import (
+        encode_rows,
+        pack,
+        read_jsonl,
+        style_plan,
+        task_sft_rows,
+    )
     from nanoseek.posttrain.trainer import collate
-    from nanoseek.posttrain.sft import encode_rows, pack, read_jsonl, style_plan, task_sft_rows
 
     rows = [{"prompt": "12+79=", "completion": "<think>2+9+0=11 1+7+1=9</think><answer>91</answer>"},
             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
@@ -162,7 +168,7 @@ def test_cli_commands_have_help_show_config_and_fail_in_one_line(tmp_path, capsy
     code, out, _ = _cli(capsys, "grpo", "--set", "grpo.beta=0.04", "--seed", "3", "--task", "bilingual",
                         "--show-config")
     assert code == 0
-    shown = post_from_toml_text(out)
+    shown = PostConfig.from_toml_text(out)
     assert shown.grpo.beta == 0.04 and shown.train.seed == 3 and shown.task.name == "bilingual"
     code, out, _ = _cli(capsys, "grpo", "--keys")
     assert code == 0 and "grpo.epsilon_high" in out and "[sft]" not in out

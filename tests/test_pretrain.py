@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoseek.pretrain.config import load_run_config
+from nanoseek.pretrain.config import PretrainConfig
+from nanoseek.pretrain.trainer import Pretrainer, TrainingError, pretrain
 from nanoseek.train.metrics import read_metrics
-from nanoseek.pretrain.trainer import Trainer, TrainingError, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.toml"
@@ -34,7 +34,7 @@ def dataset(tmp_path_factory):
 
 
 def tiny(dataset, *sets):
-    return load_run_config(TINY, [f"data.dataset={json.dumps(str(dataset))}", "train.threads=1",
+    return PretrainConfig.load(TINY, [f"data.dataset={json.dumps(str(dataset))}", "train.threads=1",
                                   "log.progress=false", "log.tensorboard=false", *sets])
 
 
@@ -79,11 +79,11 @@ def test_tiny_run_lowers_heldout_loss_and_exports_hf_model(dataset, tmp_path):
 # ---------------------------------------------------------------- resume after SIGKILL
 _CHILD = textwrap.dedent("""
     import sys, time
-    from nanoseek.pretrain.config import load_run_config
+    from nanoseek.pretrain.config import PretrainConfig
     from nanoseek.pretrain.trainer import pretrain
     config, out, *sets = sys.argv[1:]
     slow = lambda step, micro, loss: (time.sleep(0.15), loss)[1]  # room to kill it mid-run
-    pretrain(load_run_config(config, sets), out, loss_hook=slow, progress=False)
+    pretrain(PretrainConfig.load(config, sets), out, loss_hook=slow, progress=False)
 """)
 
 
@@ -125,9 +125,9 @@ def test_resume_refuses_a_changed_config_and_fresh_runs_refuse_old_checkpoints(d
     out, short = tmp_path / "run", ("schedule.warmup_steps=1", "checkpoint.every=2")
     pretrain(tiny(dataset, "train.steps=4", *short), out)
     with pytest.raises(ValueError, match="--resume"):
-        Trainer(tiny(dataset, "train.steps=4", *short), out)
+        Pretrainer(tiny(dataset, "train.steps=4", *short), out)
     with pytest.raises(ValueError, match="optim.lr"):
-        Trainer(tiny(dataset, "train.steps=8", "optim.lr=1e-4", *short), out, resume=True)
+        Pretrainer(tiny(dataset, "train.steps=8", "optim.lr=1e-4", *short), out, resume=True)
     summary = pretrain(tiny(dataset, "train.steps=6", *short), out, resume=True)  # more steps: allowed
     assert summary["steps"] == 6 and [r["step"] for r in steps(out)] == list(range(1, 7))
 
@@ -139,8 +139,8 @@ def _mean_vio(run_dir, last=10):
 
 def test_aux_loss_free_balancing_lowers_max_vio(dataset, tmp_path):
     common = ["train.steps=40", "eval.every=0", "checkpoint.every=0", "balance.bias_update_speed=0.01"]
-    pretrain(tiny(dataset, *common, "balance.strategy=none"), tmp_path / "none")
-    pretrain(tiny(dataset, *common, "balance.strategy=aux_free"), tmp_path / "free")
+    pretrain(tiny(dataset, *common, "balance.bias_update_speed=0", "model.overrides.seq_aux_alpha=0"), tmp_path / "none")
+    pretrain(tiny(dataset, *common, "model.overrides.seq_aux_alpha=0"), tmp_path / "free")
     none, free = _mean_vio(tmp_path / "none"), _mean_vio(tmp_path / "free")
     assert free < 0.6 * none, (free, none)
     assert steps(tmp_path / "none")[-1]["router_bias_absmax"] == 0.0
@@ -148,10 +148,14 @@ def test_aux_loss_free_balancing_lowers_max_vio(dataset, tmp_path):
     assert steps(tmp_path / "none")[-1]["aux_loss"] == 0.0  # no balance loss either
 
 
+V2_LOSSES = ("model.overrides.seq_aux_alpha=0", "model.overrides.expert_aux_alpha=0.003",
+             "model.overrides.device_aux_alpha=0.05", "model.overrides.comm_aux_alpha=0.02")
+
+
 def test_v2_losses_and_device_level_token_dropping_run(dataset, tmp_path):
     out = tmp_path / "v2"
-    pretrain(tiny(dataset, "train.steps=4", "eval.every=0", "schedule.warmup_steps=1", "balance.strategy=v2",
-                  "balance.capacity_factor=1.0", "model.overrides.ep_size=4", "model.overrides.topk_devices=2"), out)
+    pretrain(tiny(dataset, "train.steps=4", "eval.every=0", "schedule.warmup_steps=1", "balance.bias_update_speed=0",
+                  *V2_LOSSES, "balance.capacity_factor=1.0", "model.overrides.ep_size=4", "model.overrides.topk_devices=2"), out)
     r = steps(out)[-1]
     assert r["aux_loss"] > 0 and 0 < r["dropped_fraction"] < 0.5 and r["router_bias_absmax"] == 0.0
     assert math.isfinite(r["val_loss"])
@@ -187,20 +191,20 @@ def test_divergence_without_checkpoint_stops_with_a_clear_error(dataset, tmp_pat
 # ---------------------------------------------------------------- batch composition
 def test_grad_accumulation_matches_one_big_batch(dataset, tmp_path):
     def after_one_step(*sets):
-        tr = Trainer(tiny(dataset, "train.steps=1", "eval.every=0", "schedule.lr_schedule=constant",
-                          "balance.strategy=none", *sets),
-                     tmp_path / sets[0].replace("=", "-"))
+        tr = Pretrainer(tiny(dataset, "train.steps=1", "eval.every=0", "schedule.lr_schedule=constant",
+                          "balance.bias_update_speed=0", "model.overrides.seq_aux_alpha=0", *sets),
+                     tmp_path / sets[-1].replace("=", "-"))
         record = tr.train_step()
         return record, torch.cat([p.detach().flatten() for p in tr.model.parameters()])
 
-    r1, p1 = after_one_step("train.batch_size=8", "train.grad_accum=1")
-    r2, p2 = after_one_step("train.batch_size=4", "train.grad_accum=2")
+    r1, p1 = after_one_step("train.batch_size=8", "train.micro_batch_size=0")
+    r2, p2 = after_one_step("train.batch_size=8", "train.micro_batch_size=4")
     assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-6) and r1["batch_size"] == r2["batch_size"] == 8
     torch.testing.assert_close(p1, p2, atol=1e-5, rtol=1e-4)  # Adam step 1 moves every weight by ~lr = 3e-3
 
 
 def test_batch_ramp_lr_and_mtp_schedules_are_wired(dataset, tmp_path):
-    cfg = tiny(dataset, "train.steps=12", "eval.every=0", "train.batch_size=2", "train.grad_accum=4",
+    cfg = tiny(dataset, "train.steps=12", "eval.every=0", "train.batch_size=8", "train.micro_batch_size=2",
                "schedule.batch_ramp_start=2", "schedule.batch_ramp_tokens=1280",
                "schedule.lr_schedule=deepseek-multistep", "schedule.warmup_steps=2", "mtp.switch_at=0.5",
                "mtp.weight=0.3", "mtp.weight_after=0.1")
@@ -220,18 +224,18 @@ def test_batch_ramp_lr_and_mtp_schedules_are_wired(dataset, tmp_path):
 # ---------------------------------------------------------------- bad input, before training
 def test_bad_inputs_fail_before_training(dataset, tmp_path):
     with pytest.raises(FileNotFoundError, match="data.dataset"):
-        Trainer(tiny(tmp_path / "nowhere"), tmp_path / "a")
+        Pretrainer(tiny(tmp_path / "nowhere"), tmp_path / "a")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(ValueError, match="empty"):
-        Trainer(load_run_config(TINY, [f"data.sources=[{json.dumps(str(empty))}]", "log.progress=false"]),
+        Pretrainer(PretrainConfig.load(TINY, [f"data.sources=[{json.dumps(str(empty))}]", "log.progress=false"]),
                 tmp_path / "b")
     with pytest.raises(FileNotFoundError, match="not found"):
-        Trainer(load_run_config(TINY, [f"data.sources=[{json.dumps(str(tmp_path / 'missing.txt'))}]"]), tmp_path / "c")
+        Pretrainer(PretrainConfig.load(TINY, [f"data.sources=[{json.dumps(str(tmp_path / 'missing.txt'))}]"]), tmp_path / "c")
     with pytest.raises(ValueError, match="vocab_size 512 is larger than the model's vocab_size 300"):
-        Trainer(tiny(dataset, "model.overrides.vocab_size=300"), tmp_path / "d")
+        Pretrainer(tiny(dataset, "model.overrides.vocab_size=300"), tmp_path / "d")
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        Trainer(tiny(dataset, "data.seq_len=200"), tmp_path / "e")
+        Pretrainer(tiny(dataset, "data.seq_len=200"), tmp_path / "e")
     with pytest.raises(ValueError, match=r"\[schedule\].*warmup_steps"):
         tiny(dataset, "train.steps=10", "schedule.warmup_steps=50")
     assert not (tmp_path / "d" / "metrics.jsonl").exists()
@@ -264,7 +268,7 @@ def test_fp8_and_bf16_training_runs(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_compiled_training_matches_eager_closely(dataset, tmp_path):
-    sets = ("train.steps=3", "schedule.warmup_steps=1", "eval.every=0", "balance.strategy=none", "train.dtype=bf16")
+    sets = ("train.steps=3", "schedule.warmup_steps=1", "eval.every=0", "balance.bias_update_speed=0", "train.dtype=bf16")
     eager = pretrain(tiny(dataset, *sets), tmp_path / "eager")
     compiled = pretrain(tiny(dataset, *sets, "train.compile=true"), tmp_path / "compiled")
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-2)
@@ -274,7 +278,7 @@ def test_cli_lists_keys_and_shows_the_resolved_config(capsys):
     from nanoseek.cli import main
 
     main(["pretrain", "--keys"])
-    assert "balance.strategy (str, default \"v3\")" in capsys.readouterr().out
+    assert "balance.bias_update_speed (float, default 0.001)" in capsys.readouterr().out
     main(["pretrain", "--config", str(TINY), "--set", "optim.lr=1e-3", "--seed", "7", "--show-config"])
     shown = capsys.readouterr().out
     assert "lr = 0.001" in shown and "seed = 7" in shown and 'preset = "tiny-v3"' in shown
@@ -285,7 +289,7 @@ def test_other_model_families_train(dataset, tmp_path, preset):
     """V2 (softmax router, no MTP) and the dense DeepSeek-LLM layout (GQA, no experts) go through the same loop."""
     out = tmp_path / preset
     summary = pretrain(tiny(dataset, f"model.preset={preset}", "train.steps=3", "schedule.warmup_steps=1",
-                            "balance.strategy=v2"), out)
+                            "balance.bias_update_speed=0"), out)
     r = steps(out)[-1]
     assert math.isfinite(summary["val_loss"]) and r["mtp_loss"] == 0.0
     assert ("max_vio_batch" in r) == (preset == "tiny-v2")

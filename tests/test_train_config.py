@@ -7,40 +7,39 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoseek.pretrain.config import (
-    RunConfig, apply_overrides, describe, field_docs, from_toml_text, load_run_config, to_toml,
-)
+from nanoseek.pretrain.config import PretrainConfig
+from nanoseek.train.config import field_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_field_has_a_one_line_docstring():
-    for section in [RunConfig] + [typing.get_type_hints(RunConfig)[f.name] for f in dataclasses.fields(RunConfig)]:
+    for section in [PretrainConfig] + [typing.get_type_hints(PretrainConfig)[f.name] for f in dataclasses.fields(PretrainConfig)]:
         docs = field_docs(section)
         for f in dataclasses.fields(section):
             assert docs.get(f.name), f"{section.__name__}.{f.name} has no docstring"
-    text = describe()
+    text = PretrainConfig.describe()
     assert "optim.lr (float, default 0.003): Peak learning rate" in text
 
 
 @pytest.mark.parametrize("name", ["tiny.toml", "small-v3.toml"])
 def test_shipped_configs_load_validate_and_round_trip(name):
-    cfg = load_run_config(ROOT / "configs" / name)
-    assert from_toml_text(to_toml(cfg)) == cfg
-    assert cfg.model_config(bos_token_id=0, eos_token_id=1).num_nextn_predict_layers == 1
+    cfg = PretrainConfig.load(ROOT / "configs" / name)
+    assert PretrainConfig.from_toml_text(cfg.to_toml()) == cfg
+    assert cfg.model.model_config(bos_token_id=0, eos_token_id=1).num_nextn_predict_layers == 1
 
 
 def test_set_parses_typed_values_and_model_overrides():
-    cfg = load_run_config(ROOT / "configs" / "tiny.toml", [
+    cfg = PretrainConfig.load(ROOT / "configs" / "tiny.toml", [
         "optim.lr=3e-4", "train.steps=77", "train.compile=true", "schedule.lr_schedule=cosine",
         "schedule.milestones=[0.6, 0.9]", "data.sources=[\"a.txt\", \"b\"]", "optim.grad_clip=2",
-        "model.overrides.q_lora_rank=null", "model.overrides.n_routed_experts=16", "data.tokenizer=\"\"",
+        "model.overrides.q_lora_rank=null", "model.overrides.n_routed_experts=16", "model.tokenizer=\"\"",
     ])
     assert cfg.optim.lr == 3e-4 and cfg.train.steps == 77 and cfg.train.compile is True
     assert cfg.schedule.lr_schedule == "cosine" and cfg.schedule.milestones == [0.6, 0.9]
     assert cfg.data.sources == ["a.txt", "b"] and cfg.optim.grad_clip == 2.0 and isinstance(cfg.optim.grad_clip, float)
     assert cfg.model.overrides == {"vocab_size": 512, "q_lora_rank": "null", "n_routed_experts": 16}
-    m = cfg.model_config()
+    m = cfg.model.model_config()
     assert m.q_lora_rank is None and m.n_routed_experts == 16 and m.vocab_size == 512
 
 
@@ -54,7 +53,9 @@ def test_set_parses_typed_values_and_model_overrides():
     (["model.overrides.hiden_size=8"], "unknown config key 'model.overrides.hiden_size'"),
     (["lr=3"], "must be section.key"),
     (["optim.lr"], "expected section.key=value"),
-    (["balance.strategy=magic"], "balance.strategy = 'magic' is invalid: allowed: none, aux_free, seq_aux, v3, v2"),
+    (["balance.bias_update_speed=-1"], "balance.bias_update_speed = -1.0 is invalid: must be >= 0"),
+    (["model.overrides.seq_aux_alpha=-1"], "seq_aux_alpha"),
+    (["train.micro_batch_size=3"], "train.micro_batch_size = 3 is invalid: must divide train.batch_size = 8"),
     (["schedule.lr_schedule=linear"], "allowed: deepseek-multistep, warmup-constant-cosine, cosine, constant"),
     (["train.steps=0"], "train.steps = 0 is invalid: must be >= 1"),
     (["schedule.lr_schedule=deepseek-multistep", "schedule.milestones=[0.9, 0.8]"], "strictly increasing"),
@@ -66,8 +67,8 @@ def test_set_parses_typed_values_and_model_overrides():
 ])
 def test_config_errors_name_the_key_the_value_and_what_is_allowed(sets, message):
     with pytest.raises(ValueError) as e:
-        cfg = load_run_config(ROOT / "configs" / "tiny.toml", sets)
-        cfg.model_config()
+        cfg = PretrainConfig.load(ROOT / "configs" / "tiny.toml", sets)
+        cfg.model.model_config()
     if message:
         assert message in str(e.value)
     else:
@@ -76,39 +77,32 @@ def test_config_errors_name_the_key_the_value_and_what_is_allowed(sets, message)
 
 def test_toml_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config file not found"):
-        load_run_config(tmp_path / "nope.toml")
+        PretrainConfig.load(tmp_path / "nope.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[optim\nlr = 1")
     with pytest.raises(ValueError, match="bad.toml: not valid TOML"):
-        load_run_config(bad)
+        PretrainConfig.load(bad)
     bad.write_text("[optim]\nlr = '1e-3'\n")
     with pytest.raises(ValueError, match="bad.toml: optim.lr = '1e-3' is invalid: expected float"):
-        load_run_config(bad)
+        PretrainConfig.load(bad)
 
 
-def test_strategy_sets_the_balance_weights():
-    def model(strategy, **overrides):
-        sets = [f"balance.strategy={strategy}"] + [f"model.overrides.{k}={v}" for k, v in overrides.items()]
-        cfg = apply_overrides(RunConfig(), sets).validate()
-        return cfg, cfg.model_config()
-
-    cfg, m = model("none")
-    assert (m.seq_aux_alpha, m.expert_aux_alpha, cfg.uses_bias_update) == (0.0, 0.0, False)
-    cfg, m = model("aux_free")
-    assert m.seq_aux_alpha == 0.0 and cfg.uses_bias_update and cfg.bias_speed_schedule()(0) == 0.001
-    cfg, m = model("v3")
-    assert m.seq_aux_alpha == 1e-4 and cfg.uses_bias_update
-    cfg, m = model("seq_aux")
-    assert m.seq_aux_alpha == 1e-4 and not cfg.uses_bias_update and cfg.bias_speed_schedule()(0) == 0.0
-    cfg, m = model("v2", ep_size=4, topk_devices=2)
-    assert (m.seq_aux_alpha, m.expert_aux_alpha, m.device_aux_alpha, m.comm_aux_alpha) == (0.0, 0.003, 0.05, 0.02)
-    cfg, m = model("v2")  # one device: no device/communication terms
-    assert (m.device_aux_alpha, m.comm_aux_alpha) == (0.0, 0.0)
+def test_balance_weights_live_in_the_model_config_only():
+    # the balance-loss weights are model fields; [balance] holds the bias update and token dropping
+    balance_keys = {f.name for f in dataclasses.fields(PretrainConfig().balance)}
+    assert not {"seq_aux_alpha", "expert_aux_alpha", "device_aux_alpha", "comm_aux_alpha"} & balance_keys
+    cfg = PretrainConfig().with_overrides(["model.overrides.seq_aux_alpha=0", "model.overrides.expert_aux_alpha=0.003",
+                                           "balance.bias_update_speed=0"]).validate()
+    m = cfg.model.model_config()
+    assert (m.seq_aux_alpha, m.expert_aux_alpha) == (0.0, 0.003) and cfg.bias_speed_schedule()(0) == 0.0
+    assert PretrainConfig().model.model_config().seq_aux_alpha == 1e-4  # V3: sequence-wise loss + bias update
+    assert PretrainConfig().bias_speed_schedule()(0) == 0.001
+    assert "mtp_loss_weight" not in PretrainConfig().model.model_config().to_dict()
 
 
 def test_gamma_and_lambda_schedules_switch_at_their_fractions():
-    cfg = apply_overrides(RunConfig(), ["train.steps=100", "balance.bias_update_until=0.9", "mtp.switch_at=0.7",
-                                        "balance.strategy=aux_free"]).validate()
+    cfg = PretrainConfig().with_overrides(["train.steps=100", "balance.bias_update_until=0.9",
+                                           "mtp.switch_at=0.7"]).validate()
     assert cfg.bias_speed_schedule()(89) == 0.001 and cfg.bias_speed_schedule()(90) == 0.0
     assert cfg.mtp_schedule()(69) == 0.3 and cfg.mtp_schedule()(70) == 0.1
     lr = cfg.lr_schedule()  # V3 warmup-constant-cosine: peak until 67.6%, floor 10% of peak at 96.6%

@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from nanoseek.posttrain.config import PostConfig
+
 
 def evaluate_model(model_dir: str | os.PathLike, cfg) -> dict:
     """Metrics of the model in `model_dir` on cfg's task ([task]) with cfg's [eval] settings."""
@@ -36,7 +38,6 @@ def evaluate_model(model_dir: str | os.PathLike, cfg) -> dict:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from nanoseek.posttrain.config import load_post_config, post_to_toml
 
     sets = [f"task.name={json.dumps(args.task)}"] if args.task else []
     if args.examples is not None:
@@ -45,7 +46,7 @@ def _eval(args: argparse.Namespace) -> None:
         sets.append(f"eval.k={args.k}")
     if args.seed is not None:
         sets.append(f"eval.seed={args.seed}")
-    cfg = load_post_config(args.config, sets + list(args.set or []))
+    cfg = PostConfig.load(args.config, sets + list(args.set or []))
     result = evaluate_model(args.model, cfg)
     width = max(map(len, result))
     for key, value in result.items():
@@ -56,7 +57,7 @@ def _eval(args: argparse.Namespace) -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "eval.json", json.dumps({"model": os.fspath(args.model), **result}, indent=1) + "\n")
-        atomic_write_text(out / "config.toml", post_to_toml(cfg))
+        atomic_write_text(out / "config.toml", cfg.to_toml())
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

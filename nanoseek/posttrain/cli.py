@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nanoseek.posttrain.config import describe_post, load_post_config, post_to_toml
+from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.distill import distill
 from nanoseek.posttrain.dpo import dpo
 from nanoseek.posttrain.grpo import grpo
@@ -54,7 +54,7 @@ def _config(args: argparse.Namespace, out: Path):
         sets.append(f"data.train={json.dumps(args.data)}")
     if args.seed is not None:
         sets.append(f"train.seed={args.seed}")
-    return load_post_config(config, sets + list(args.set or []))
+    return PostConfig.load(config, sets + list(args.set or []))
 
 
 def _fmt_eval(ev: dict | None) -> str:
@@ -72,12 +72,12 @@ def _fmt_eval(ev: dict | None) -> str:
 def _run(args: argparse.Namespace) -> None:
     command = args.command
     if args.keys:
-        print(describe_post(COMMANDS[command][1]))
+        print(PostConfig.describe(COMMANDS[command][1]))
         return
     out = Path(args.out) if args.out else Path("runs") / command
     cfg = _config(args, out)
     if args.show_config:
-        print(post_to_toml(cfg), end="")
+        print(cfg.to_toml(), end="")
         return
     if command == "rejection-sample":
         stats = rejection_sample_run(cfg, out)

@@ -1,59 +1,33 @@
 """Run configuration of the post-training commands (sft, dpo, grpo, distill, rejection-sample, eval):
-one dataclass of sections, loaded from TOML and overridden with `--set section.key=value`, exactly as
-the pretraining config (both through `nanoseek.train.config`).
+the shared sections (`nanoseek.train.config`) with post-training defaults, plus [task], [data], the
+methods' sections and [eval]; loaded from TOML and overridden with `--set section.key=value`.
 
-    cfg = load_post_config("configs/grpo-arithmetic.toml", ["grpo.beta=0.04", "train.steps=50"])
-    print(post_to_toml(cfg))
+    cfg = PostConfig.load("configs/grpo-arithmetic.toml", ["grpo.beta=0.04", "train.steps=50"])
+    print(cfg.to_toml())
 
 Each command reads the sections it needs ([sft] for sft, [grpo] for grpo, ...) and ignores the others,
 so one file can describe a whole family of runs. Every field carries a one-line docstring.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import math
-import os
 from dataclasses import dataclass, field
-from typing import Any
 
 from nanoseek.posttrain.policy_losses import (
     ADVANTAGE_SCALES,
     AGGREGATIONS,
     KL_ESTIMATORS,
 )
-from nanoseek.pretrain.config import CheckpointSection, OptimSection
 from nanoseek.tasks import TASKS, make_task
-from nanoseek.train.config import (  # noqa: F401  (read_toml: part of this module's API)
-    assignments,
-    describe,
-    flatten,
-    parse_toml,
-    read_toml,
-    to_toml,
-    update,
+from nanoseek.tasks.base import Task
+from nanoseek.train.config import (
+    CheckpointSection,
+    LogSection,
+    ModelSection,
+    OptimSection,
+    RunConfig,
+    ScheduleSection,
+    TrainSection,
 )
-from nanoseek.train.schedules import build_lr_schedule
-
-DTYPES = ("fp32", "bf16")
-LR_SCHEDULES = ("constant", "cosine")
-
-
-@dataclass
-class ModelSection:
-    """The policy (student) model."""
-
-    init_from: str = ""
-    """HF-layout model directory (with its tokenizer) to start from; "" = a fresh model from `preset`."""
-    preset: str = "tiny-v3"
-    """ModelConfig preset of a fresh model (tiny-v3, tiny-dense, small-v3, ...)."""
-    overrides: dict = field(default_factory=dict)
-    """ModelConfig fields replacing the preset's (fresh models) or the checkpoint's
-    (e.g. {num_nextn_predict_layers = 0})."""
-    tokenizer: str = ""
-    """Tokenizer directory for a fresh model ("" = train a byte-level BPE of `vocab_size` on the training texts)."""
-    vocab_size: int = 300
-    """Vocabulary of the tokenizer trained for a fresh model."""
 
 
 @dataclass
@@ -73,7 +47,7 @@ class TaskSection:
 
 
 @dataclass
-class DataSection:
+class PostDataSection:
     """Supervised data."""
 
     train: str = ""
@@ -88,40 +62,6 @@ class DataSection:
     """Longest training sequence in tokens (longer examples are cut; packing fills sequences up to it)."""
     pack: bool = False
     """Pack several examples into each sequence (each keeps its BOS and restarts its positions)."""
-
-
-@dataclass
-class ScheduleSection:
-    """Learning-rate schedule over optimizer steps."""
-
-    lr_schedule: str = "constant"
-    """constant | cosine."""
-    warmup_steps: int = 0
-    """Linear warmup steps."""
-    min_lr_ratio: float = 0.1
-    """Final LR / peak LR of the cosine schedule."""
-
-
-@dataclass
-class TrainSection:
-    """The loop."""
-
-    steps: int = 100
-    """Optimizer steps."""
-    batch_size: int = 64
-    """Sequences (sft, distill) or pairs (dpo) per step; grpo uses grpo.prompts_per_step x grpo.group_size."""
-    micro_batch_size: int = 0
-    """Split each step into micro-batches of this many sequences (0 = one pass); same update, less memory."""
-    dtype: str = "fp32"
-    """fp32 or bf16 autocast (fp32 is faster for tiny models on CPU)."""
-    device: str = "auto"
-    """cpu, cuda (or cuda:N), or auto (cuda when available)."""
-    seed: int = 0
-    """Seeds initialization, data order and sampling."""
-    threads: int = 0
-    """torch intra-op threads (0 = torch's default; 1 per process when tests run in parallel)."""
-    time_limit: float = 0.0
-    """Stop at the first step boundary after this many seconds of training (0 = off)."""
 
 
 @dataclass
@@ -223,7 +163,7 @@ class DistillSection:
 
 
 @dataclass
-class EvalSection:
+class TaskEvalSection:
     """Held-out task evaluation (greedy accuracy; pass@1, pass@k, cons@k with k samples)."""
 
     every: int = 0
@@ -245,31 +185,24 @@ class EvalSection:
 
 
 @dataclass
-class LogSection:
-    """Metrics and progress."""
+class PostConfig(RunConfig):
+    """A post-training run (`nanoseek sft | dpo | grpo | distill | rejection-sample`). Each command reads the
+    sections it needs ([sft] for sft, [grpo] for grpo, ...), so one file can describe a family of runs."""
 
-    tensorboard: bool = False
-    """Also write TensorBoard events to DIR/tensorboard when tensorboard is installed."""
-    progress: bool = True
-    """Show a tqdm progress bar."""
-
-
-@dataclass
-class PostConfig:
-    """A post-training run (`nanoseek sft | dpo | grpo | distill | rejection-sample`)."""
-
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelSection = field(default_factory=lambda: ModelSection(preset="tiny-v3"))
     """The policy / student."""
     task: TaskSection = field(default_factory=TaskSection)
     """The verifiable task."""
-    data: DataSection = field(default_factory=DataSection)
+    data: PostDataSection = field(default_factory=PostDataSection)
     """Supervised data."""
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-3, beta2=0.99, weight_decay=0.0))
     """AdamW."""
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    schedule: ScheduleSection = field(default_factory=lambda: ScheduleSection(lr_schedule="constant", warmup_steps=0))
     """LR schedule."""
-    train: TrainSection = field(default_factory=TrainSection)
-    """The loop."""
+    train: TrainSection = field(default_factory=lambda: TrainSection(
+        steps=100, batch_size=64, dtype="fp32", spike_factor=0.0))
+    """The loop (fp32: faster than bf16 for tiny models on CPU; no spike detection: RL losses are not
+    positive LM losses)."""
     sft: SFTSection = field(default_factory=SFTSection)
     """SFT."""
     dpo: DPOSection = field(default_factory=DPOSection)
@@ -280,68 +213,41 @@ class PostConfig:
     """Rejection sampling."""
     distill: DistillSection = field(default_factory=DistillSection)
     """Distillation."""
-    eval: EvalSection = field(default_factory=EvalSection)
+    eval: TaskEvalSection = field(default_factory=TaskEvalSection)
     """Evaluation."""
     checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(every=0, keep=2))
     """Checkpoints."""
-    log: LogSection = field(default_factory=LogSection)
+    log: LogSection = field(default_factory=lambda: LogSection(tensorboard=False))
     """Logging."""
 
+    merged = RunConfig.merged | {("task", "options"), ("task", "weights")}
+
     def validate(self) -> "PostConfig":
-        """Fail with the field, the value and what is allowed."""
-        def bad(name, allowed):
-            section, key = name.split(".")
-            raise ValueError(f"{name} = {getattr(getattr(self, section), key)!r} is invalid: {allowed}")
-
-        def at_least(names, minimum):
-            for name in names:
-                section, key = name.split(".")
-                value = getattr(getattr(self, section), key)
-                if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= minimum):
-                    bad(name, f"must be >= {minimum}")
-
-        at_least(["train.steps", "train.micro_batch_size", "train.threads", "train.time_limit", "eval.every",
-                  "eval.examples", "eval.k", "checkpoint.every", "schedule.warmup_steps", "task.train_size",
-                  "optim.eps", "optim.weight_decay", "optim.grad_clip", "grpo.beta", "grpo.ref_reset_every",
-                  "grpo.epsilon", "grpo.epsilon_high", "grpo.top_p", "rejection.top_p", "eval.top_p",
-                  "grpo.temperature", "rejection.temperature", "eval.temperature", "dpo.temperature",
-                  "distill.logit_weight", "dpo.nll_weight"], 0)
-        at_least(["train.batch_size", "data.seq_len", "grpo.group_size", "grpo.prompts_per_step", "grpo.mu",
-                  "grpo.max_new_tokens", "dpo.prompts", "dpo.samples", "dpo.max_new_tokens", "rejection.prompts",
-                  "rejection.samples", "rejection.max_new_tokens", "rejection.max_per_prompt",
-                  "eval.max_new_tokens", "checkpoint.keep", "model.vocab_size"], 1)
-        if not self.optim.lr > 0 or not math.isfinite(self.optim.lr):
-            bad("optim.lr", "must be a finite number > 0")
-        for name in ("optim.beta1", "optim.beta2"):
-            if not 0 <= getattr(self.optim, name.split(".")[1]) < 1:
-                bad(name, "must be in [0, 1)")
-        if self.train.dtype not in DTYPES:
-            bad("train.dtype", f"allowed: {', '.join(DTYPES)}")
-        if not (self.train.device in ("auto", "cpu") or self.train.device.split(":")[0] == "cuda"):
-            bad("train.device", "allowed: auto, cpu, cuda, cuda:N")
-        if self.schedule.lr_schedule not in LR_SCHEDULES:
-            bad("schedule.lr_schedule", f"allowed: {', '.join(LR_SCHEDULES)}")
-        if not 0 <= self.schedule.min_lr_ratio <= 1:
-            bad("schedule.min_lr_ratio", "must be in [0, 1]")
-        if self.grpo.aggregation not in AGGREGATIONS:
-            bad("grpo.aggregation", f"allowed: {', '.join(AGGREGATIONS)}")
-        if self.grpo.advantage_scale not in ADVANTAGE_SCALES:
-            bad("grpo.advantage_scale", f"allowed: {', '.join(ADVANTAGE_SCALES)}")
-        if self.grpo.kl_estimator not in KL_ESTIMATORS:
-            bad("grpo.kl_estimator", f"allowed: {', '.join(KL_ESTIMATORS)}")
+        super().validate()
+        self.at_least(["eval.every", "eval.examples", "eval.k", "task.train_size", "grpo.beta", "grpo.ref_reset_every",
+                       "grpo.epsilon", "grpo.epsilon_high", "grpo.top_p", "rejection.top_p", "eval.top_p",
+                       "grpo.temperature", "rejection.temperature", "eval.temperature", "dpo.temperature",
+                       "distill.logit_weight", "dpo.nll_weight"], 0)
+        self.at_least(["data.seq_len", "grpo.group_size", "grpo.prompts_per_step", "grpo.mu", "grpo.max_new_tokens",
+                       "dpo.prompts", "dpo.samples", "dpo.max_new_tokens", "rejection.prompts", "rejection.samples",
+                       "rejection.max_new_tokens", "rejection.max_per_prompt", "eval.max_new_tokens"], 1)
+        if self.schedule.batch_ramp_start:
+            self.fail("schedule.batch_ramp_start", "the batch-size ramp is a pretraining schedule (leave it 0)")
+        self.one_of("grpo.aggregation", AGGREGATIONS)
+        self.one_of("grpo.advantage_scale", ADVANTAGE_SCALES)
+        self.one_of("grpo.kl_estimator", KL_ESTIMATORS)
         if self.grpo.epsilon >= 1:
-            bad("grpo.epsilon", "must be in [0, 1): the ratio's lower clip 1 - ε must stay positive")
+            self.fail("grpo.epsilon", "must be in [0, 1): the ratio's lower clip 1 - ε must stay positive")
         if self.grpo.group_size < 2:
-            bad("grpo.group_size", "must be >= 2: a group of one has no relative advantage")
+            self.fail("grpo.group_size", "must be >= 2: a group of one has no relative advantage")
         for name in ("grpo.top_p", "rejection.top_p", "eval.top_p"):
             section, key = name.split(".")
             if not 0 < getattr(getattr(self, section), key) <= 1:
-                bad(name, "must be in (0, 1]")
+                self.fail(name, "must be in (0, 1]")
         if self.distill.temperature <= 0:
-            bad("distill.temperature", "must be > 0")
-        if self.task.name:
-            if self.task.name not in TASKS:
-                bad("task.name", f"allowed: {', '.join(sorted(TASKS))} or \"\" (no task)")
+            self.fail("distill.temperature", "must be > 0")
+        if self.task.name and self.task.name not in TASKS:
+            self.fail("task.name", f"allowed: {', '.join(sorted(TASKS))} or \"\" (no task)")
         for style, share in self.data.styles.items():
             if not (isinstance(share, (int, float)) and share >= 0):
                 raise ValueError(f"data.styles.{style} = {share!r} is invalid: must be a share >= 0")
@@ -349,10 +255,7 @@ class PostConfig:
             raise ValueError("data.styles is invalid: the shares must not all be zero")
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def build_task(self):
+    def build_task(self) -> Task | None:
         """The configured Task (None when task.name is "")."""
         if not self.task.name:
             return None
@@ -364,57 +267,3 @@ class PostConfig:
         except TypeError as e:
             raise ValueError(f"task.options = {self.task.options!r} is invalid for task {self.task.name!r}: "
                              f"{e}") from None
-
-    def lr_schedule(self):
-        s, peak = self.schedule, self.optim.lr
-        if s.lr_schedule == "cosine":
-            return build_lr_schedule("cosine", peak_lr=peak, total_steps=max(self.train.steps, 1),
-                                     warmup_steps=min(s.warmup_steps, self.train.steps), min_lr=peak * s.min_lr_ratio)
-        return build_lr_schedule("constant", peak_lr=peak, warmup_steps=s.warmup_steps)
-
-
-# ---------------------------------------------------------------------- loading and writing
-# Dict fields merged key by key (a TOML table adds to, not replaces, the default).
-_MERGED_DICTS = {("model", "overrides"), ("task", "options"), ("task", "weights")}
-
-
-def post_from_dict(data: dict, base: PostConfig | None = None) -> PostConfig:
-    """`base` (default: the defaults) updated by nested dicts (a parsed TOML file)."""
-    return update(base if base is not None else PostConfig(), data, merged=_MERGED_DICTS)
-
-
-def apply_post_overrides(cfg: PostConfig, items: list[str]) -> PostConfig:
-    return post_from_dict(assignments(items), cfg)
-
-
-def load_post_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                     base: PostConfig | None = None) -> PostConfig:
-    """`base` (default: the defaults), updated by the TOML file at `path`, then by `--set` strings; validated."""
-    cfg = copy.deepcopy(base) if base is not None else PostConfig()
-    if path is not None:
-        try:
-            cfg = post_from_dict(read_toml(path), cfg)
-        except ValueError as e:
-            msg = str(e)
-            raise ValueError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
-    if overrides:
-        cfg = apply_post_overrides(cfg, overrides)
-    return cfg.validate()
-
-
-def post_from_toml_text(text: str) -> PostConfig:
-    return post_from_dict(parse_toml(text))
-
-
-def post_to_toml(cfg: PostConfig, comments: bool = True) -> str:
-    """The config as TOML that `load_post_config` reads back to an equal config."""
-    return to_toml(cfg, comments)
-
-
-def flatten_post(cfg: PostConfig) -> dict[str, Any]:
-    return flatten(cfg)
-
-
-def describe_post(sections: tuple[str, ...] | None = None) -> str:
-    """Every key (of `sections`, default all) with its type, default and docstring (for --keys)."""
-    return describe(PostConfig, sections)

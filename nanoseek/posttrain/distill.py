@@ -12,7 +12,7 @@ SFT only, no RL, and found this beats running large-scale RL on the small model 
   completion token, τ² · KL(p_teacher^τ ‖ p_student^τ) computed from a teacher forward on the same
   batch — which needs the same vocabulary, hence the shared tokenizer.
 
-    cfg = load_post_config(None, ["distill.teacher=runs/rl/model", "model.init_from=runs/small-base/model"])
+    cfg = PostConfig.load(None, ["distill.teacher=runs/rl/model", "model.init_from=runs/small-base/model"])
     distill(cfg, "runs/distill")
 """
 from __future__ import annotations
@@ -25,12 +25,8 @@ import torch
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.rejection import rejection_sample
 from nanoseek.posttrain.sft import EpochSampler, SFTTrainer, read_jsonl, write_jsonl
-from nanoseek.posttrain.trainer import (
-    autocast,
-    build_policy,
-    forward_logits,
-    update_summary,
-)
+from nanoseek.posttrain.trainer import build_policy, forward_logits, update_summary
+from nanoseek.train.loop import autocast
 
 
 class DistillTrainer(SFTTrainer):

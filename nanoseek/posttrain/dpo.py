@@ -30,16 +30,15 @@ from nanoseek.posttrain.policy_losses import dpo_loss, token_logprobs
 from nanoseek.posttrain.sft import EpochSampler, read_jsonl, write_jsonl
 from nanoseek.posttrain.trainer import (
     PostTrainer,
-    autocast,
     build_policy,
     collate,
     encode_pair,
     forward_logits,
-    micro_slices,
     sample_completions,
     sequence_logprobs,
     update_summary,
 )
+from nanoseek.train.loop import autocast, micro_slices
 
 
 def onpolicy_pairs(model, tok, task, examples, samples: int, temperature: float, max_new_tokens: int,
@@ -133,7 +132,7 @@ class DPOTrainer(PostTrainer):
     def train_step(self) -> dict:
 
         cfg = self.cfg
-        lr = self.set_lr()
+        lr = self.lr
         pair_idx = self.sampler.next()
         # rows 2i (chosen) and 2i + 1 (rejected), interleaved so a micro-batch holds whole pairs
         rows = [r for i in pair_idx for r in (2 * i, 2 * i + 1)]

@@ -1,9 +1,9 @@
 """GRPO: reinforcement learning with rule-based rewards and group-relative advantages
 (DeepSeekMath §4.1; DeepSeek-R1 §2.2 R1-Zero, §2.3.2 reasoning RL, §2.3.4 all-scenario RL).
 
-    from nanoseek.posttrain.config import load_post_config
+    from nanoseek.posttrain.config import PostConfig
     from nanoseek.posttrain.grpo import grpo
-    grpo(load_post_config(None, ["model.init_from=runs/base/model", "task.name=arithmetic"]), "runs/grpo")
+    grpo(PostConfig.load(None, ["model.init_from=runs/base/model", "task.name=arithmetic"]), "runs/grpo")
 
 One step:
 1. draw `prompts_per_step` problems of the task's train split (seeded by (seed, step));
@@ -48,14 +48,13 @@ from nanoseek.posttrain.policy_losses import (
 from nanoseek.posttrain.trainer import (
     PostTrainer,
     SeqBatch,
-    autocast,
     build_policy,
     collate,
     forward_logits,
-    micro_slices,
     sample_completions,
 )
 from nanoseek.train.checkpoint import export_model
+from nanoseek.train.loop import autocast, micro_slices
 
 
 def rollout_batch(prompt_ids: list[list[int]], samples, pad_id: int, mask_truncated: bool = False) -> SeqBatch:
@@ -107,7 +106,7 @@ class GRPOTrainer(PostTrainer):
 
         cfg, g = self.cfg, self.cfg.grpo
         G, seed = g.group_size, cfg.train.seed
-        lr = self.set_lr()
+        lr = self.lr
         if self.ref is not None and g.ref_reset_every and self.step and self.step % g.ref_reset_every == 0:
             self.ref.load_state_dict(self.model.state_dict())
             self._save_reference()

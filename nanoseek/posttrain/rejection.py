@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.posttrain.config import PostConfig, post_to_toml
+from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.sft import write_jsonl
 from nanoseek.posttrain.trainer import build_policy, sample_completions
-from nanoseek.pretrain.trainer import resolve_device
+from nanoseek.train.loop import resolve_device
 from nanoseek.utils import atomic_write_text
 
 REASONS = ("incorrect", "truncated", "format", "language", "duplicate", "over_limit")
@@ -94,6 +94,6 @@ def rejection_sample_run(cfg: PostConfig, out_dir: str | os.PathLike) -> dict:
         torch.set_num_threads(threads)
     write_jsonl(out / "data.jsonl", rows)
     stats["data"] = os.fspath(out / "data.jsonl")
-    atomic_write_text(out / "config.toml", post_to_toml(cfg))
+    atomic_write_text(out / "config.toml", cfg.to_toml())
     atomic_write_text(out / "stats.json", json.dumps(stats, indent=1) + "\n")
     return stats

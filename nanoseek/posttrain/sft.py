@@ -1,9 +1,9 @@
 """Supervised fine-tuning: completion-only NLL on chat or prompt/completion data, with packing
 (DeepSeek-R1 §2.3.1 cold start, §2.3.3 the SFT on rejection-sampled data; DeepSeek-V3 §5.1).
 
-    from nanoseek.posttrain.config import load_post_config
+    from nanoseek.posttrain.config import PostConfig
     from nanoseek.posttrain.sft import sft
-    sft(load_post_config("configs/r1-zero.toml", ["data.train=data.jsonl", "train.steps=200"]), "runs/sft")
+    sft(PostConfig.load("configs/r1-zero.toml", ["data.train=data.jsonl", "train.steps=200"]), "runs/sft")
 
 Data (`data.train`, jsonl; one row per example):
     {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}
@@ -38,14 +38,13 @@ from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.policy_losses import token_logprobs
 from nanoseek.posttrain.trainer import (
     PostTrainer,
-    autocast,
     build_policy,
     collate,
     encode_pair,
     forward_logits,
-    micro_slices,
 )
 from nanoseek.tasks.rewards import ANSWER_CLOSE, ANSWER_OPEN, TAGS
+from nanoseek.train.loop import autocast, micro_slices
 from nanoseek.utils import atomic_write_text
 
 
@@ -223,7 +222,7 @@ class SFTTrainer(PostTrainer):
     def train_step(self) -> dict:
 
         cfg = self.cfg
-        lr = self.set_lr()
+        lr = self.lr
         batch = collate([self.rows[i] for i in self.sampler.next()], self.tok.pad_id).to(self.device)
         n_tokens = batch.loss_mask.sum().clamp(min=1)
         nll_sum, aux_sum, extras = 0.0, 0.0, {}

@@ -13,46 +13,23 @@ resumed run draws the same prompts and samples as an uninterrupted one.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from nanoseek.config import ModelConfig
 from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer_from_texts
 from nanoseek.eval.tasks import evaluate_task
 from nanoseek.infer.generate import generate
 from nanoseek.model.transformer import DeepSeekForCausalLM
-from nanoseek.posttrain.config import (
-    PostConfig,
-    flatten_post,
-    post_from_toml_text,
-    post_to_toml,
-)
+from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.policy_losses import token_logprobs
-from nanoseek.pretrain.trainer import resolve_device
-from nanoseek.train.checkpoint import (
-    export_model,
-    load_checkpoint,
-    load_model_state,
-    open_run_dir,
-    save_checkpoint,
-)
-from nanoseek.train.config import null
-from nanoseek.train.metrics import MetricsLogger, read_metrics, truncate_metrics
-from nanoseek.train.optim import build_optimizer, clip_grad_norm, set_lr
+from nanoseek.train.checkpoint import load_model_state
+from nanoseek.train.loop import Trainer, autocast
 from nanoseek.utils import atomic_write_text
-
-# Config keys that may change when a run is resumed; anything else must match the saved config.
-RESUMABLE_CHANGES = ("train.steps", "train.threads", "train.time_limit", "train.device", "eval.", "checkpoint.",
-                     "log.")
 
 
 # ---------------------------------------------------------------------- model and tokenizer
@@ -60,30 +37,24 @@ def build_policy(cfg: PostConfig, texts: Sequence[str] | None = None, *, init_fr
                  tokenizer: str | None = None, overrides: dict | None = None):
     """(model, tokenizer): from `init_from` (default model.init_from; its tokenizer, model.overrides applied
     and the weights loaded strictly) or a fresh `model.preset` whose tokenizer is `tokenizer` (default
-    model.tokenizer) or a byte-level BPE trained on `texts`. `overrides` replaces model.overrides (pass {}
-    for a teacher or a reference, whose saved config is already what it is)."""
-
-    overrides = {k: null(v) for k, v in (cfg.model.overrides if overrides is None else overrides).items()}
-    source = cfg.model.init_from if init_from is None else init_from
-    tokenizer = cfg.model.tokenizer if tokenizer is None else tokenizer
+    model.tokenizer) or a byte-level BPE of the model's vocab_size trained on `texts`. `overrides` replaces
+    model.overrides (pass {} for a teacher or a reference, whose saved config is already what it is)."""
+    section = replace(cfg.model, **{k: v for k, v in (("init_from", init_from), ("overrides", overrides),
+                                                      ("tokenizer", tokenizer)) if v is not None})
     torch.manual_seed(cfg.train.seed)
-    if source:
-        if not Path(source, "config.json").is_file():
-            raise FileNotFoundError(f"model.init_from = {source!r}: no config.json there (expected an HF-layout "
-                                    "model directory, e.g. a run's DIR/model)")
-        tok = load_tokenizer(tokenizer or source)
-        model = DeepSeekForCausalLM(ModelConfig.from_pretrained(source).replace(**overrides))
-        load_model_state(model, source)
-        return model, tok
-    if tokenizer:
-        tok = load_tokenizer(tokenizer)
+    if section.init_from:
+        model = DeepSeekForCausalLM(section.model_config())
+        load_model_state(model, section.init_from)
+        return model, load_tokenizer(section.tokenizer or section.init_from)
+    if section.tokenizer:
+        tok = load_tokenizer(section.tokenizer)
+    elif texts:
+        tok = train_tokenizer_from_texts(texts, section.model_config().vocab_size, None, progress=False)
     else:
-        if not texts:
-            raise ValueError("a fresh model (model.init_from = \"\") needs model.tokenizer or training texts to "
-                             "train a tokenizer on")
-        tok = train_tokenizer_from_texts(texts, cfg.model.vocab_size, None, progress=False)
-    ids = dict(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    model = DeepSeekForCausalLM(ModelConfig.preset(cfg.model.preset, **{**overrides, **ids}))
+        raise ValueError("a fresh model (model.init_from = \"\") needs model.tokenizer or training texts to "
+                         "train a tokenizer on")
+    model = DeepSeekForCausalLM(section.model_config(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
     return model, tok
 
 
@@ -153,17 +124,6 @@ def sequence_logprobs(model, batch: SeqBatch, dtype: str = "fp32") -> torch.Tens
     return (token_logprobs(logits, batch.ids[:, 1:]) * batch.loss_mask).sum(-1)
 
 
-def autocast(dtype: str, device: torch.device | str = "cpu"):
-    if dtype == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def micro_slices(n: int, micro: int) -> list[tuple[int, int]]:
-    micro = micro or n
-    return [(i, min(i + micro, n)) for i in range(0, n, micro)]
-
-
 # ---------------------------------------------------------------------- sampling
 @dataclass
 class Sample:
@@ -210,79 +170,19 @@ def evaluate(model, tok, task, examples, cfg: PostConfig) -> dict:
     return {f"eval_{k}": v for k, v in result.items()}
 
 
-# ---------------------------------------------------------------------- the loop
-class PostTrainer:
-    """Base of the SFT / DPO / GRPO / distillation trainers.
-
-    Subclasses implement `setup()` (data, `self.model`, `self.tok`), `train_step()` (one optimizer
-    step's update and its metrics record, which must hold "loss") and, when their data stream has a
-    position, `extra_state()` / `load_extra_state()`. `run()` does the rest: resume, evaluation,
-    metrics, checkpoints, export, time limit and summary."""
+# ---------------------------------------------------------------------- the trainer
+class PostTrainer(Trainer):
+    """Base of the SFT / DPO / GRPO / distillation trainers: the shared loop (`nanoseek.train.loop`) with
+    the task, its held-out set and task evaluation. Subclasses implement `setup()` (data, `self.model`,
+    `self.tok`) and `train_step()`, and `extra_state()` / `load_extra_state()` when their data has a position."""
 
     command = "post"
 
     def __init__(self, cfg: PostConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                  progress: bool | None = None):
-
-        self.cfg = cfg.validate()
-        self.progress = cfg.log.progress if progress is None else progress
-        self.out, self._resume_from = open_run_dir(out_dir, resume)
-        if self._resume_from is not None:
-            self._check_resumable_config()
-        self._threads_before = torch.get_num_threads()
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        self.device = resolve_device(cfg.train.device)
         self.task = cfg.build_task()
-        self.model = self.tok = None
-        self.setup()
-        self.model.to(self.device)
-        o = cfg.optim
-        self.optimizer = build_optimizer(self.model, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
-        self.lr_schedule = cfg.lr_schedule()
-        self.step = 0
-        self.train_time = 0.0
-        self.last_checkpoint_step = -1
+        super().__init__(cfg, out_dir, resume=resume, progress=progress)
         self.eval_set = eval_examples(cfg, self.task) if self.task is not None else None
-
-    # ------------------------------------------------------------------ hooks
-    def setup(self) -> None:
-        raise NotImplementedError
-
-    def train_step(self) -> dict:
-        raise NotImplementedError
-
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
-
-    # ------------------------------------------------------------------ helpers
-    def _check_resumable_config(self) -> None:
-        saved_path = self.out / "config.toml"
-        if not saved_path.is_file():
-            return
-        saved = flatten_post(post_from_toml_text(saved_path.read_text(encoding="utf-8")))
-        now = flatten_post(self.cfg)
-        changed = [k for k in now if now[k] != saved.get(k) and not k.startswith(RESUMABLE_CHANGES)]
-        if changed:
-            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:6])
-            raise ValueError(f"cannot resume {self.out} with a different config ({diffs}); only "
-                             f"{', '.join(RESUMABLE_CHANGES)} may change")
-
-    def set_lr(self) -> float:
-        lr = self.lr_schedule(self.step)
-        set_lr(self.optimizer, lr)
-        return lr
-
-    def optimizer_step(self) -> float:
-        """Clip, step, zero; returns the gradient norm before clipping (non-finite: the step is skipped)."""
-        norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip)
-        if math.isfinite(norm):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
 
     def evaluate(self) -> dict:
         if self.task is None:
@@ -293,84 +193,16 @@ class PostTrainer:
         finally:
             self.model.train(was_training)
 
-    def save_checkpoint(self) -> None:
+    def evaluate_at_start(self) -> bool:
+        return self.cfg.eval.at_start and self.task is not None
 
-        state = {"command": self.command, "train_time": self.train_time, "extra": self.extra_state(),
-                 "config": post_to_toml(self.cfg, comments=False)}
-        save_checkpoint(self.out, self.step, self.model, self.optimizer, state, keep_last=self.cfg.checkpoint.keep)
-        export_model(self.model, self.tok, self.out / "model")
-        self.last_checkpoint_step = self.step
+    def eval_line(self, record: dict) -> str | None:
+        return _eval_line(record) if "eval_greedy_accuracy" in record else None
 
-    def _resume(self) -> None:
-
-        state = load_checkpoint(self._resume_from, self.model, self.optimizer)
-        if state.get("command", self.command) != self.command:
-            raise ValueError(f"{self._resume_from} is a `{state.get('command')}` checkpoint, not `{self.command}`")
-        self.step = int(state["step"])
-        self.train_time = float(state.get("train_time", 0.0))
-        self.load_extra_state(state.get("extra", {}))
-        truncate_metrics(self.out, self.step)
-
-    def _out_of_time(self) -> bool:
-        limit = self.cfg.train.time_limit
-        return bool(limit) and self.train_time >= limit
-
-    # ------------------------------------------------------------------ the loop
-    def run(self) -> dict:
-        """Train to train.steps (or train.time_limit); returns the summary also written to DIR/summary.json."""
-
-
-        cfg = self.cfg
-        try:
-            if self._resume_from is not None:
-                self._resume()
-            else:
-                for name in ("metrics.jsonl", "summary.json"):
-                    (self.out / name).unlink(missing_ok=True)  # an earlier attempt that never checkpointed
-            atomic_write_text(self.out / "config.toml", post_to_toml(cfg))
-            last: dict = {}
-            with MetricsLogger(self.out, cfg.log.tensorboard) as metrics, \
-                    tqdm(total=cfg.train.steps, initial=self.step, disable=not self.progress, unit="step",
-                         desc=self.command, dynamic_ncols=True) as bar:
-                if self.step == 0 and cfg.eval.at_start and self.task is not None:
-                    start = {"step": 0, "loss": None, **self.evaluate()}
-                    metrics.write(start)
-                    bar.write(_eval_line(start))
-                while self.step < cfg.train.steps and not self._out_of_time():
-                    self.model.train()
-                    t0 = time.perf_counter()
-                    record = self.train_step()
-                    elapsed = time.perf_counter() - t0
-                    self.step += 1
-                    self.train_time += elapsed
-                    record = {"step": self.step, **record, "step_time": elapsed, "train_time": self.train_time}
-                    final = self.step >= cfg.train.steps or self._out_of_time()
-                    if final or (cfg.eval.every and self.step % cfg.eval.every == 0):
-                        record.update(self.evaluate())
-                        if "eval_greedy_accuracy" in record:
-                            bar.write(_eval_line(record))
-                    metrics.write(record)
-                    last = record
-                    if not final and cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                        self.save_checkpoint()
-                    bar.n = self.step
-                    bar.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "reward_mean") if
-                                     isinstance(record.get(k), float)}, refresh=False)
-                    bar.refresh()
-            if self.last_checkpoint_step != self.step:
-                self.save_checkpoint()
-        finally:
-            torch.set_num_threads(self._threads_before)
-        records = read_metrics(self.out)
+    def summarize(self, records: list[dict]) -> dict:
         evals = [r for r in records if "eval_greedy_accuracy" in r]
-        summary = {"command": self.command, "steps": self.step, "train_time": self.train_time,
-                   "loss": last.get("loss") if last else None,
-                   "start_eval": _strip(evals[0]) if evals and evals[0]["step"] == 0 else None,
-                   "eval": _strip(evals[-1]) if evals else None,
-                   "model_dir": os.fspath(self.out / "model"), "metrics": os.fspath(self.out / "metrics.jsonl"),
-                   "config": os.fspath(self.out / "config.toml")}
-        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1) + "\n")
-        return summary
+        return {"start_eval": _strip(evals[0]) if evals and evals[0]["step"] == 0 else None,
+                "eval": _strip(evals[-1]) if evals else None}
 
 
 def _strip(record: dict) -> dict:
@@ -388,7 +220,6 @@ def _eval_line(record: dict) -> str:
 
 def update_summary(run_dir: str | os.PathLike, **fields) -> dict:
     """Add fields to DIR/summary.json (atomically); returns the new summary."""
-
     summary = {**(read_summary(run_dir) or {}), **fields}
     atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary

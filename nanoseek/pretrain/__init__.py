@@ -2,7 +2,7 @@
 built or reused), losses.py (main + MTP cross-entropy), balance.py (aux-loss-free bias updates, token
 dropping, MaxVio), trainer.py (the pretraining step on the shared loop), cli.py (`nanoseek pretrain`).
 
-    from nanoseek.pretrain.config import load_run_config
+    from nanoseek.pretrain.config import PretrainConfig
     from nanoseek.pretrain.trainer import pretrain
-    pretrain(load_run_config("configs/tiny.toml", ["train.steps=20"]), "runs/tiny")
+    pretrain(PretrainConfig.load("configs/tiny.toml", ["train.steps=20"]), "runs/tiny")
 """

@@ -1,15 +1,14 @@
 """Expert load balancing in the training loop, and the statistics that measure it.
 
-Strategies (`[balance] strategy`), as DeepSeek's papers use them:
-- none: routing is left alone.
-- aux_free (2408.15664, V3 §2.1.2): after each optimizer step every router bias moves
-  b_i += γ·sign(mean load − load_i) over the step's summed load (`update_biases`); the bias only
-  steers top-K selection and the optimizer never sees it. γ follows a schedule (V3: 0.001, then 0).
-- seq_aux (V3 Eq. 17-20): the sequence-wise balance loss with a tiny α, set in the ModelConfig.
-- v3: both of the above, as V3 trains.
-- v2 (V2 §2.2.3): expert-, device- and communication-level balance losses (α1, α2, α3), plus
-  optionally device-level token dropping with a capacity factor (`configure_token_dropping`).
-The loss weights live in the ModelConfig (`RunConfig.model_config` sets them per strategy).
+As DeepSeek's papers balance their experts:
+- aux-loss-free (2408.15664, V3 §2.1.2; `[balance] bias_update_speed` γ > 0): after each optimizer step
+  every router bias moves b_i += γ·sign(mean load − load_i) over the step's summed load
+  (`update_biases`); the bias only steers top-K selection and the optimizer never sees it. γ follows a
+  schedule (V3: 0.001, then 0).
+- balance losses (model fields, set with `model.overrides`): V3's sequence-wise loss (seq_aux_alpha,
+  V3 Eq. 17-20, with a tiny α: V3 trains with both), V2's expert-, device- and communication-level
+  losses (expert_aux_alpha, device_aux_alpha, comm_aux_alpha; V2 §2.2.3), and optionally V2's
+  device-level token dropping with a capacity factor (`configure_token_dropping`).
 
 MaxVio = (max_i load_i − mean load) / mean load (2408.15664 §4.1): over one step's batch
 (MaxVio_batch) or summed over the whole held-out set (MaxVio_global), per MoE layer.

@@ -1,7 +1,7 @@
 """`nanoseek pretrain`: a thin front-end to `nanoseek.pretrain.trainer`.
 
     nanoseek pretrain --config configs/small-v3.toml --out runs/small-v3
-    nanoseek pretrain --config configs/tiny.toml --set optim.lr=1e-3 --set balance.strategy=none --out runs/x
+    nanoseek pretrain --config configs/tiny.toml --set optim.lr=1e-3 --set balance.bias_update_speed=0 --out runs/x
     nanoseek pretrain --out runs/small-v3 --resume          # continues from the last checkpoint
     nanoseek pretrain --config configs/small-v3.toml --show-config
 """
@@ -11,14 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from nanoseek.pretrain.config import describe, load_run_config, to_toml
+from nanoseek.pretrain.config import PretrainConfig
 from nanoseek.pretrain.trainer import TrainingError, pretrain
 
 
 def _pretrain(args: argparse.Namespace) -> None:
 
     if args.keys:
-        print(describe())
+        print(PretrainConfig.describe())
         return
     config = args.config
     out = Path(args.out) if args.out else Path("runs") / (Path(config).stem if config else "pretrain")
@@ -27,9 +27,9 @@ def _pretrain(args: argparse.Namespace) -> None:
     overrides = list(args.set or [])
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
-    cfg = load_run_config(config, overrides)
+    cfg = PretrainConfig.load(config, overrides)
     if args.show_config:
-        print(to_toml(cfg), end="")
+        print(cfg.to_toml(), end="")
         return
 
     try:

@@ -1,7 +1,7 @@
 """The token dataset of a pretraining run: a prepared directory, or one built (once) from text sources.
 
 With `[data] dataset` empty, the run trains a byte-level BPE of the model's vocabulary size on
-`sources` (default: the built-in "stdlib" corpus) unless `[data] tokenizer` names one, tokenizes the
+`sources` (default: the built-in "stdlib" corpus) unless `[model] tokenizer` names one, tokenizes the
 sources into shards (`nanoseek.data.prepare`) and reuses the result on later runs: it lives in
 `[data] cache_dir` (or DIR/data) under a name made of what determines it. The held-out split is
 chosen with seed 0 whatever the training seed, so runs with different seeds score the same text.
@@ -35,8 +35,10 @@ def dataset_key(sources: list[str], tokenizer: str, vocab_size: int, max_bytes: 
     return f"{_slug(sources)}-v{vocab_size}-{digest}"
 
 
-def resolve_dataset(data_cfg, run_dir: str | os.PathLike, vocab_size: int, progress: bool = True) -> Path:
-    """Path of the run's prepared dataset, building it first if needed. Fails early and clearly on a
+def resolve_dataset(data_cfg, tokenizer_dir: str, run_dir: str | os.PathLike, vocab_size: int,
+                    progress: bool = True) -> Path:
+    """Path of the run's prepared dataset (tokenized with `tokenizer_dir`, or a BPE of `vocab_size` trained on
+    the sources when it is ""), building it first if needed. Fails early and clearly on a
     missing dataset directory, missing or empty sources, or a missing tokenizer."""
     if data_cfg.dataset:
         path = Path(data_cfg.dataset)
@@ -49,17 +51,17 @@ def resolve_dataset(data_cfg, run_dir: str | os.PathLike, vocab_size: int, progr
     if not data_cfg.sources:
         raise ValueError("data.sources is empty and data.dataset is not set: name text files, directories or 'stdlib'")
     resolve_files(data_cfg.sources)  # missing paths and empty files fail here, before any work
-    if data_cfg.tokenizer and not (Path(data_cfg.tokenizer) / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"data.tokenizer = {data_cfg.tokenizer!r}: no tokenizer.json there")
-    key = dataset_key(data_cfg.sources, data_cfg.tokenizer, vocab_size, data_cfg.max_bytes, data_cfg.val_fraction)
+    if tokenizer_dir and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"model.tokenizer = {tokenizer_dir!r}: no tokenizer.json there")
+    key = dataset_key(data_cfg.sources, tokenizer_dir, vocab_size, data_cfg.max_bytes, data_cfg.val_fraction)
     root = Path(data_cfg.cache_dir) if data_cfg.cache_dir else Path(run_dir) / "data"
     path = root / key
     if (path / "metadata.json").is_file():
         load_metadata(path)
         return path
     max_bytes = data_cfg.max_bytes or None
-    if data_cfg.tokenizer:
-        tokenizer = load_tokenizer(data_cfg.tokenizer)
+    if tokenizer_dir:
+        tokenizer = load_tokenizer(tokenizer_dir)
     else:
         tok_dir = root / f"{key}-tokenizer"
         if (tok_dir / "tokenizer.json").is_file():

@@ -30,34 +30,27 @@ resuming an earlier stage does not redo the later ones: delete their directories
 use, format rate, response length; pass@1 / cons@k with eval.k) are printed and collected in
 OUT/report.json and OUT/report.md.
 
-Configuration: each stage's PostConfig is the stage's built-in defaults (MICRO_DEFAULTS), then the
-[common] tables of the TOML file / `--set common.section.key=value`, then that stage's own tables
-([rl.grpo] ... / `--set rl.grpo.beta=0.04`); [pipeline] holds the options below.
+Configuration: each stage's PostConfig is the stage's built-in defaults (`STAGES`: typed PostConfigs),
+then the [pipeline] options below, then the [common] tables of the TOML file / `--set
+common.section.key=value`, then that stage's own tables ([rl.grpo] ... / `--set rl.grpo.beta=0.04`).
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from nanoseek.posttrain.config import (
-    PostConfig,
-    flatten_post,
-    post_from_dict,
-    post_from_toml_text,
-    read_toml,
-)
+from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.grpo import grpo
 from nanoseek.posttrain.rejection import rejection_sample_run
 from nanoseek.posttrain.sft import sft
-from nanoseek.posttrain.trainer import RESUMABLE_CHANGES, read_summary
+from nanoseek.posttrain.trainer import read_summary
 from nanoseek.train.checkpoint import latest_checkpoint
-from nanoseek.train.config import coerce, parse_value
+from nanoseek.train.config import assignments, coerce, read_toml, unknown_key
 from nanoseek.utils import atomic_write_text
 
 PIPELINES = ("r1-zero", "r1")
@@ -81,45 +74,74 @@ class PipelineSection:
     """Progress bars."""
 
 
-# The micro pipelines' stage defaults: nested PostConfig tables. The model is tiny-v3 (MLA, 8 routed +
-# 1 shared experts) without MTP, YaRN or the balance loss, which tiny RL runs do not need.
-_TINY = {"preset": "tiny-v3", "vocab_size": 300,
-         "overrides": {"num_nextn_predict_layers": 0, "rope_scaling": "null", "seq_aux_alpha": 0.0}}
-# A constant LR: the traces are learned late (forced-<think> accuracy 22% at step 400, 55% at 600, 88% at
-# 800) and a cosine decay stalls them (measured, docs/LOG.md).
-_BASE_SFT = {"model": _TINY, "optim": {"lr": 3e-3, "beta2": 0.95}, "train": {"steps": 800, "batch_size": 64},
-             "schedule": {"lr_schedule": "constant", "warmup_steps": 20}}
-_GRPO = {"optim": {"lr": 1e-4, "beta2": 0.99}, "train": {"steps": 60},
-         "grpo": {"group_size": 8, "prompts_per_step": 16, "temperature": 1.0}}
+# ---------------------------------------------------------------------- the stages' defaults
+def _common(kind: str) -> PostConfig:
+    """What every stage of a pipeline shares: the task, completion lengths, checkpoints every 100 steps (an
+    interrupted stage resumes from its last one; they take milliseconds here)."""
+    cfg, new_tokens = PostConfig(), 48 if kind == "r1-zero" else 64
+    return replace(cfg, task=replace(cfg.task, name="arithmetic" if kind == "r1-zero" else "bilingual"),
+                   eval=replace(cfg.eval, at_start=False, max_new_tokens=new_tokens),
+                   grpo=replace(cfg.grpo, max_new_tokens=new_tokens),
+                   rejection=replace(cfg.rejection, max_new_tokens=new_tokens),
+                   checkpoint=replace(cfg.checkpoint, every=100))
 
-MICRO_DEFAULTS: dict[str, dict[str, tuple[str, str | None, dict]]] = {
-    # stage: (command, the stage whose model it starts from (None = fresh), PostConfig tables)
+
+def _base(cfg: PostConfig, styles: dict[str, float]) -> PostConfig:
+    """SFT of a fresh tiny-v3 (MLA, 8 routed + 1 shared experts) without MTP, YaRN or the balance loss, which
+    tiny RL runs do not need, on the bimodal corpus `styles`. A constant LR: the traces are learned late
+    (forced-<think> accuracy 22% at step 400, 55% at 600, 88% at 800) and a cosine decay stalls them
+    (measured, docs/LOG.md)."""
+    tiny = {"vocab_size": 300, "num_nextn_predict_layers": 0, "rope_scaling": "null", "seq_aux_alpha": 0.0}
+    return replace(cfg, model=replace(cfg.model, preset="tiny-v3", overrides=tiny),
+                   data=replace(cfg.data, styles=styles, tag_bare=True), optim=replace(cfg.optim, lr=3e-3, beta2=0.95),
+                   train=replace(cfg.train, steps=800, batch_size=64),
+                   schedule=replace(cfg.schedule, lr_schedule="constant", warmup_steps=20))
+
+
+def _sft(cfg: PostConfig, steps: int, batch_size: int, **schedule) -> PostConfig:
+    return replace(cfg, optim=replace(cfg.optim, lr=1e-3), train=replace(cfg.train, steps=steps, batch_size=batch_size),
+                   schedule=replace(cfg.schedule, **schedule))
+
+
+def _grpo(cfg: PostConfig, steps: int, **weights: float) -> PostConfig:
+    return replace(cfg, optim=replace(cfg.optim, lr=1e-4, beta2=0.99), train=replace(cfg.train, steps=steps),
+                   grpo=replace(cfg.grpo, group_size=8, prompts_per_step=16, temperature=1.0),
+                   task=replace(cfg.task, weights=weights))
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    command: str
+    """sft | grpo | rejection."""
+    init: str | None
+    """The stage whose model it starts from (None: a fresh model)."""
+    defaults: Callable[[PostConfig], PostConfig]
+    """The stage's PostConfig from the pipeline's common one."""
+
+
+STAGES: dict[str, dict[str, StageSpec]] = {
     "r1-zero": {
-        "base": ("sft", None, {**_BASE_SFT, "data": {"styles": {"think": 0.3, "buggy": 0.7}, "tag_bare": True}}),
-        "rl": ("grpo", "base", _GRPO),
+        "base": StageSpec("sft", None, lambda c: _base(c, {"think": 0.3, "buggy": 0.7})),
+        "rl": StageSpec("grpo", "base", lambda c: _grpo(c, 60)),
     },
     "r1": {
-        "base": ("sft", None, {**_BASE_SFT, "data": {"styles": {"think": 0.15, "switched": 0.15, "buggy": 0.7},
-                                                    "tag_bare": True}}),
-        "cold_start": ("sft", "base", {"data": {"styles": {"think": 1.0}},
-                                       "task": {"train_size": 300, "train_seed": 11},
-                                       "optim": {"lr": 1e-3}, "train": {"steps": 40, "batch_size": 32}}),
-        "reasoning_rl": ("grpo", "cold_start", {**_GRPO, "task": {"weights": {"accuracy": 1.0, "language": 1.0}},
-                                                "train": {"steps": 30}}),
-        "rejection": ("rejection", "reasoning_rl", {"rejection": {"prompts": 1000, "samples": 4, "seed": 7}}),
-        "sft": ("sft", "base", {"optim": {"lr": 1e-3}, "train": {"steps": 150, "batch_size": 64},
-                                "schedule": {"lr_schedule": "cosine", "warmup_steps": 10}}),
-        "rl": ("grpo", "sft", {**_GRPO, "train": {"steps": 30},
-                               "task": {"weights": {"accuracy": 1.0, "language": 1.0, "format": 1.0}}}),
+        "base": StageSpec("sft", None, lambda c: _base(c, {"think": 0.15, "switched": 0.15, "buggy": 0.7})),
+        "cold_start": StageSpec("sft", "base", lambda c: _sft(
+            replace(c, data=replace(c.data, styles={"think": 1.0}),
+                    task=replace(c.task, train_size=300, train_seed=11)), steps=40, batch_size=32)),
+        "reasoning_rl": StageSpec("grpo", "cold_start", lambda c: _grpo(c, 30, accuracy=1.0, language=1.0)),
+        "rejection": StageSpec("rejection", "reasoning_rl", lambda c: replace(
+            c, rejection=replace(c.rejection, prompts=1000, samples=4, seed=7))),
+        "sft": StageSpec("sft", "base", lambda c: _sft(c, steps=150, batch_size=64, lr_schedule="cosine",
+                                                       warmup_steps=10)),
+        "rl": StageSpec("grpo", "sft", lambda c: _grpo(c, 30, accuracy=1.0, language=1.0, format=1.0)),
     },
 }
-# Checkpoints every 100 steps: an interrupted stage resumes from its last one (they take milliseconds here).
-_COMMON = {
-    "r1-zero": {"task": {"name": "arithmetic"}, "eval": {"at_start": False, "max_new_tokens": 48},
-                "grpo": {"max_new_tokens": 48}, "checkpoint": {"every": 100}},
-    "r1": {"task": {"name": "bilingual"}, "eval": {"at_start": False, "max_new_tokens": 64},
-           "grpo": {"max_new_tokens": 64}, "rejection": {"max_new_tokens": 64}, "checkpoint": {"every": 100}},
-}
+
+
+def stage_defaults(kind: str, name: str) -> PostConfig:
+    """The built-in PostConfig of one stage of a pipeline (before [pipeline], [common] and its own tables)."""
+    return STAGES[kind][name].defaults(_common(kind))
 
 
 @dataclass
@@ -135,13 +157,15 @@ class Stage:
 class PipelineConfig:
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     common: dict = field(default_factory=dict)
+    """[common] PostConfig tables (checked when each stage's config is built)."""
     stages: dict = field(default_factory=dict)
+    """[STAGE] PostConfig tables of single stages."""
 
 
 def _merge(a: dict, b: dict) -> dict:
-    out = copy.deepcopy(a)
+    out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -150,24 +174,10 @@ def load_pipeline_config(kind: str, path: str | os.PathLike | None = None,
     """[pipeline] options, [common] tables and per-stage tables from a TOML file and `--set` strings.
 
     `--set` keys: pipeline.KEY, common.SECTION.KEY, STAGE.SECTION.KEY (and .DICTKEY for dict fields)."""
-
     if kind not in PIPELINES:
         raise ValueError(f"pipeline {kind!r} is unknown; allowed: {', '.join(PIPELINES)}")
-    stages = MICRO_DEFAULTS[kind]
-    data = read_toml(path) if path is not None else {}
-    # --set strings as nested dicts on top of the file
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or len(parts) < 2:
-            raise ValueError(f"--set {item!r} is invalid: expected pipeline.KEY=VALUE, common.SECTION.KEY=VALUE or "
-                             f"STAGE.SECTION.KEY=VALUE (stages: {', '.join(stages)})")
-        node = data
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {item!r}: {p!r} is not a table")
-        node[parts[-1]] = parse_value(text.strip())
+    stages = STAGES[kind]
+    data = _merge(read_toml(path) if path is not None else {}, assignments(list(overrides)))
     cfg = PipelineConfig()
     hints = typing.get_type_hints(PipelineSection)
     valid = [f.name for f in fields(PipelineSection)]
@@ -175,61 +185,56 @@ def load_pipeline_config(kind: str, path: str | os.PathLike | None = None,
         if name == "pipeline":
             for k, v in value.items():
                 if k not in valid:
-                    raise ValueError(f"unknown config key 'pipeline.{k}'; valid keys: {', '.join(valid)}")
+                    raise unknown_key(f"pipeline.{k}", "[pipeline]", valid)
                 setattr(cfg.pipeline, k, coerce(v, hints[k], f"pipeline.{k}"))
         elif name == "common":
-            cfg.common = _merge(cfg.common, value)
+            cfg.common = value
         elif name in stages:
-            cfg.stages[name] = _merge(cfg.stages.get(name, {}), value)
+            cfg.stages[name] = value
         else:
             raise ValueError(f"unknown table {name!r} in the {kind} pipeline config; allowed: pipeline, common, "
                              f"{', '.join(stages)}")
-    for k in ("eval_examples",):
-        if getattr(cfg.pipeline, k) < 1:
-            raise ValueError(f"pipeline.{k} = {getattr(cfg.pipeline, k)!r} is invalid: must be >= 1")
+    if cfg.pipeline.eval_examples < 1:
+        raise ValueError(f"pipeline.eval_examples = {cfg.pipeline.eval_examples!r} is invalid: must be >= 1")
     return cfg
 
 
 def plan(kind: str, out: str | os.PathLike, cfg: PipelineConfig) -> list[Stage]:
     """The stages with their resolved PostConfigs (validated) and run directories."""
-    out = Path(out)
-    p = cfg.pipeline
-    stages = []
+    out, p = Path(out), cfg.pipeline
+    stages: list[Stage] = []
     dirs: dict[str, Path] = {}
-    names = [n for n in MICRO_DEFAULTS[kind] if not (n == "base" and p.base)]
+    names = [n for n in STAGES[kind] if not (n == "base" and p.base)]
     for i, name in enumerate(names, 1):
-        command, init, tables = MICRO_DEFAULTS[kind][name]
-        run_dir = out / f"{i:02d}-{name}"
-        dirs[name] = run_dir
-        pipeline_tables = {"train": {"seed": p.seed, "threads": p.threads},
-                           "eval": {"examples": p.eval_examples, "k": p.eval_k}, "log": {"progress": p.progress}}
-        merged = _merge(_merge(_merge(_COMMON[kind], tables), pipeline_tables),
-                        _merge(cfg.common, cfg.stages.get(name, {})))
-        if init is not None and not merged.get("model", {}).get("init_from"):
-            source = p.base if (init == "base" and p.base) else os.fspath(dirs[init] / "model")
-            merged = _merge(merged, {"model": {"init_from": source}})
-        if command == "sft" and name == "sft" and "rejection" in dirs and not merged.get("data", {}).get("train"):
-            merged = _merge(merged, {"data": {"train": os.fspath(dirs["rejection"] / "data.jsonl")}})
+        spec = STAGES[kind][name]
+        run_dir = dirs[name] = out / f"{i:02d}-{name}"
+        post = stage_defaults(kind, name)
+        post = replace(post, train=replace(post.train, seed=p.seed, threads=p.threads),
+                       eval=replace(post.eval, examples=p.eval_examples, k=p.eval_k),
+                       log=replace(post.log, progress=p.progress))
+        if spec.init is not None:
+            source = p.base if (spec.init == "base" and p.base) else os.fspath(dirs[spec.init] / "model")
+            post = replace(post, model=replace(post.model, init_from=source))
+        if spec.command == "sft" and name == "sft" and "rejection" in dirs:
+            post = replace(post, data=replace(post.data, train=os.fspath(dirs["rejection"] / "data.jsonl")))
         try:
-            post = post_from_dict(merged).validate()
+            post = PostConfig.from_dict(_merge(cfg.common, cfg.stages.get(name, {})), post).validate()
         except ValueError as e:
             raise ValueError(f"stage {name!r}: {e}") from None
-        stages.append(Stage(name, command, init, post, run_dir))
+        stages.append(Stage(name, spec.command, spec.init, post, run_dir))
     return stages
 
 
 def _run_stage(stage: Stage, log: Callable[[str], None]) -> dict:
     """Run (or resume, or reuse) one stage; returns its summary."""
-
-
     d, cfg = stage.dir, stage.config
     saved = d / "config.toml"
     changed: list[str] = []
     if saved.is_file():
-        before = flatten_post(post_from_toml_text(saved.read_text(encoding="utf-8")))
-        now = flatten_post(cfg)
+        before = PostConfig.from_toml_text(saved.read_text(encoding="utf-8")).flatten()
+        now = cfg.flatten()
         changed = [k for k in now if before.get(k) != now[k] and not k.startswith(("log.", "train.threads"))]
-        fixed = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+        fixed = [k for k in changed if not k.startswith(PostConfig.resumable)]
         if fixed or (changed and stage.command == "rejection"):
             raise ValueError(f"stage {stage.name!r} in {d} was run with another config ({', '.join(changed[:5])} "
                              "differ); use another --out, or delete that stage directory to redo it")
@@ -250,7 +255,6 @@ def _run_stage(stage: Stage, log: Callable[[str], None]) -> dict:
 
 
 def _rejection_stage(cfg: PostConfig, d: Path) -> dict:
-
     t0 = time.perf_counter()
     stats = rejection_sample_run(cfg, d)
     if not stats["kept"]:

@@ -19,7 +19,6 @@ import torch
 from nanoseek import __version__
 from nanoseek.config import ModelConfig
 from nanoseek.model.transformer import DeepSeekForCausalLM
-from nanoseek.pretrain.config import to_toml
 from nanoseek.utils import atomic_write_text
 
 # (key in an evaluation, column title, is a rate)
@@ -297,7 +296,7 @@ def write_report(demo, results: dict) -> dict:
            _command("r1-zero", demo.path("r1-zero"), demo.r1_zero_overrides()),
            _command("r1", demo.path("r1"), demo.r1_overrides()),
            "```", "", "<details><summary>pretraining config</summary>", "", "```toml",
-           to_toml(demo.pretrain_config(), comments=False).strip(), "```", "", "</details>", "",
+           demo.pretrain_config().to_toml(comments=False).strip(), "```", "", "</details>", "",
            "## Next", "", "```",
            f"nanoseek chat --model {results['r1']['final_model']}      # then type: add 12 and 79:",
            f"nanoseek serve --model {results['r1']['final_model']} --port 8000",

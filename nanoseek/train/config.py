@@ -1,10 +1,16 @@
-"""Configs as nested dataclasses: TOML in, TOML out, `--set section.key=value` overrides.
+"""The one config system: run configs as nested dataclasses, TOML in, TOML out, `--set` overrides.
 
-The pretraining config (`nanoseek.pretrain.config.RunConfig`) and the post-training one
-(`nanoseek.posttrain.config.PostConfig`) are both a root dataclass of sections, each section a
-dataclass whose fields carry a one-line docstring (the string under the field). This module holds
-what they share: typed loading with errors that name the key and list the valid ones, `--set`
-parsing, TOML writing that reads back to an equal config, and the key listing for `--help`.
+Every run config (`nanoseek.pretrain.config.PretrainConfig`, `nanoseek.posttrain.config.PostConfig`)
+is a `RunConfig`: a root dataclass of sections, each a dataclass whose fields carry a one-line
+docstring (the string under the field). The sections every run shares are defined here once
+([model], [optim], [schedule], [train], [checkpoint], [log]); a root adds its own ([data], [balance],
+[grpo], ...) and may change a shared section's defaults. This module holds the machinery too: typed
+loading with errors that name the key and list the valid ones, `--set` parsing, TOML writing that
+reads back to an equal config, and the key listing for `--keys`.
+
+    cfg = PretrainConfig.load("configs/small-v3.toml", ["optim.lr=3e-4", "train.steps=50"])
+    print(cfg.to_toml())             # the resolved config, every field commented with its docstring
+
 TOML has no null: the string "null" stands for None where a field allows it (`null`).
 """
 from __future__ import annotations
@@ -20,11 +26,19 @@ import textwrap
 import types
 import typing
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from functools import cache
-from typing import Any
+from typing import Any, ClassVar
 
 import tomllib
+
+from nanoseek.config import PRESETS, ModelConfig
+from nanoseek.train.schedules import (
+    LR_SCHEDULES,
+    BatchSizeRamp,
+    LRSchedule,
+    build_lr_schedule,
+)
 
 
 def null(value):
@@ -144,7 +158,8 @@ def update(cfg, data: dict, merged: Collection[tuple[str, str]] = (),
 
 def assignments(items: list[str]) -> dict:
     """`--set` strings as nested dicts: `section.key=value`, or `section.dictfield.KEY=value` for one
-    entry of a dict field; values are TOML literals or bare strings (`parse_value`)."""
+    entry of a dict field (deeper keys nest further: a pipeline's `STAGE.section.key`); values are TOML
+    literals or bare strings (`parse_value`)."""
     data: dict[str, dict] = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -152,13 +167,15 @@ def assignments(items: list[str]) -> dict:
         if not sep or not key:
             raise ValueError(f"--set {item!r} is invalid: expected section.key=value, e.g. optim.lr=3e-4")
         value = parse_value(text.strip())
-        parts = key.split(".")
-        if len(parts) == 3:
-            data.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = value
-        elif len(parts) == 2:
-            data.setdefault(parts[0], {})[parts[1]] = value
-        else:
+        *tables, name = key.split(".")
+        if not tables:
             raise ValueError(f"--set {item!r} is invalid: the key must be section.key (or section.dictfield.KEY)")
+        node = data
+        for table in tables:
+            node = node.setdefault(table, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {table!r} is set to a value and cannot hold keys")
+        node[name] = value
     return data
 
 
@@ -225,7 +242,7 @@ def to_toml(cfg, comments: bool = True) -> str:
         if lines:
             lines.append("")
         if comments:
-            lines.append(f"# {inspect.getdoc(cls) or top.get(name, '')}")
+            lines.append(f"# {' '.join((inspect.getdoc(cls) or top.get(name, '')).split())}")
         lines.append(f"[{name}]")
         nested = []
         for f in fields(section):
@@ -258,9 +275,293 @@ def describe(root: type, only: Collection[str] | None = None) -> str:
         if only is not None and name not in only:
             continue
         docs, hints = field_docs(cls), typing.get_type_hints(cls)
-        out.append(f"[{name}] {inspect.getdoc(cls) or ''}")
+        out.append(f"[{name}] {' '.join((inspect.getdoc(cls) or '').split())}")
         for f in fields(cls):
             default = getattr(getattr(defaults, name), f.name)
             out.append(f"  {name}.{f.name} ({type_name(hints[f.name])}, default {toml_value(default)}): "
                        f"{docs.get(f.name, '')}")
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------- the shared sections
+DTYPES = ("fp32", "bf16")
+
+
+@dataclass
+class ModelSection:
+    """The model: a fresh one from a preset, or a saved one."""
+
+    preset: str = "small-v3"
+    """ModelConfig preset of a fresh model (tiny-v3, tiny-v2, tiny-dense, small-v3, ...)."""
+    overrides: dict = field(default_factory=dict)
+    """ModelConfig fields replacing the preset's or the saved model's, e.g. {num_hidden_layers = 4,
+    n_routed_experts = 64, seq_aux_alpha = 0.0} (the balance-loss weights are model fields)."""
+    init_from: str = ""
+    """Start from the weights of this HF-layout model directory ("" = fresh initialization)."""
+    tokenizer: str = ""
+    """Tokenizer directory ("" = the saved model's, or a byte-level BPE of the model's vocab_size trained on
+    the training text)."""
+
+    def model_config(self, **token_ids) -> ModelConfig:
+        """The saved model's config (init_from) or the preset's, with `overrides` and the tokenizer's ids."""
+        overrides = {k: null(v) for k, v in self.overrides.items()}
+        if self.init_from:
+            if not os.path.isfile(os.path.join(self.init_from, "config.json")):
+                raise FileNotFoundError(f"model.init_from = {self.init_from!r}: no config.json there (expected an "
+                                        "HF-layout model directory, e.g. a run's DIR/model)")
+            return ModelConfig.from_pretrained(self.init_from).replace(**{**overrides, **token_ids})
+        if self.preset not in PRESETS:
+            raise ValueError(f"model.preset = {self.preset!r} is invalid: allowed: {', '.join(PRESETS)}")
+        return ModelConfig.preset(self.preset, **{**overrides, **token_ids})
+
+
+@dataclass
+class OptimSection:
+    """AdamW with DeepSeek's settings (DeepSeek LLM §2.3, V3 §4.2)."""
+
+    lr: float = 3e-3
+    """Peak learning rate (the schedule scales it)."""
+    beta1: float = 0.9
+    """AdamW β1."""
+    beta2: float = 0.95
+    """AdamW β2."""
+    eps: float = 1e-8
+    """AdamW ε."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices and embeddings; norms and biases are never decayed."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = off)."""
+
+
+@dataclass
+class ScheduleSection:
+    """Learning-rate schedule (in optimizer steps) and batch-size ramp (in tokens)."""
+
+    lr_schedule: str = "warmup-constant-cosine"
+    """deepseek-multistep | warmup-constant-cosine | cosine | constant."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    min_lr_ratio: float = 0.1
+    """Final LR / peak LR for cosine and warmup-constant-cosine (V3: 2.2e-5 / 2.2e-4)."""
+    milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])
+    """deepseek-multistep: fractions of the steps where the LR drops."""
+    factors: list[float] = field(default_factory=lambda: [0.316, 0.1])
+    """deepseek-multistep: LR / peak from each milestone on."""
+    decay_start: float = 0.676
+    """warmup-constant-cosine: fraction of the steps where the cosine decay starts (V3: 10/14.8)."""
+    decay_end: float = 0.966
+    """warmup-constant-cosine: fraction of the steps where it reaches the floor (V3: 14.3/14.8)."""
+    batch_ramp_start: int = 0
+    """Batch-size ramp (pretraining): sequences per step at the start (0 = no ramp; a multiple of the
+    micro-batch), growing to train.batch_size."""
+    batch_ramp_tokens: int = 0
+    """Batch-size ramp (pretraining): tokens over which the batch grows to train.batch_size."""
+
+    def build(self, steps: int, peak_lr: float) -> LRSchedule:
+        """The LR schedule over `steps` optimizer steps."""
+        kwargs: dict[str, Any] = {"peak_lr": peak_lr, "warmup_steps": self.warmup_steps}
+        if self.lr_schedule != "constant":
+            kwargs["total_steps"] = steps
+        if self.lr_schedule == "deepseek-multistep":
+            kwargs.update(milestones=tuple(self.milestones), factors=tuple(self.factors))
+        elif self.lr_schedule == "warmup-constant-cosine":
+            kwargs.update(decay_start=self.decay_start, decay_end=self.decay_end, min_lr=peak_lr * self.min_lr_ratio)
+        elif self.lr_schedule == "cosine":
+            kwargs.update(min_lr=peak_lr * self.min_lr_ratio)
+        try:
+            return build_lr_schedule(self.lr_schedule, **kwargs)
+        except ValueError as e:
+            raise ValueError(f"[schedule] is invalid for train.steps = {steps}: {e}") from None
+
+
+@dataclass
+class TrainSection:
+    """The training loop (`nanoseek.train.loop`)."""
+
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Sequences per optimizer step (post-training: examples, pairs (dpo); grpo: grpo.prompts_per_step x
+    grpo.group_size)."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward pass; a step accumulates batch_size / micro_batch_size of them (0 = the
+    whole batch in one pass): same update, less memory."""
+    dtype: str = "bf16"
+    """fp32 or bf16 (autocast; master weights and optimizer state stay fp32)."""
+    device: str = "auto"
+    """cpu, cuda (or cuda:N), or auto (cuda when available)."""
+    compile: bool = False
+    """torch.compile the model's training forward."""
+    fp8: bool = False
+    """Block-scaled FP8 linear layers (V3 §3.3, emulated on CPU)."""
+    seed: int = 0
+    """Seeds initialization, data order and sampling."""
+    threads: int = 0
+    """torch intra-op threads (0 = torch's default; 1 per process when tests run in parallel)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms (bit-identical resumes on any thread count)."""
+    time_limit: float = 0.0
+    """Stop at the first step boundary after this many seconds of training (0 = off)."""
+    spike_factor: float = 3.0
+    """Skip a step whose loss exceeds this × its running mean (0 = off); non-finite losses always skip."""
+    spike_warmup: int = 20
+    """Accepted steps before spike detection starts."""
+    max_bad_steps: int = 3
+    """Consecutive skipped steps that trigger a rollback to the last checkpoint."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed before the run stops with an error."""
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.batch_size
+
+
+@dataclass
+class CheckpointSection:
+    """Resumable checkpoints in DIR/checkpoints."""
+
+    every: int = 100
+    """Checkpoint every N steps (and at the end; 0 = only at the end)."""
+    keep: int = 2
+    """Checkpoints kept (oldest removed first)."""
+
+
+@dataclass
+class LogSection:
+    """Metrics and progress."""
+
+    tensorboard: bool = True
+    """Also write TensorBoard events to DIR/tensorboard when tensorboard is installed."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+
+# ---------------------------------------------------------------------- the root
+class RunConfig:
+    """Base of the root configs (dataclasses of sections): loading, `--set`, TOML, `--keys`, and the checks
+    of the shared sections. A root sets `merged` (dict fields a TOML table adds to rather than replaces)
+    and `resumable` (key prefixes a resumed run may change), and extends `validate`."""
+
+    merged: ClassVar[frozenset[tuple[str, str]]] = frozenset({("model", "overrides")})
+    resumable: ClassVar[tuple[str, ...]] = ("train.steps", "train.threads", "train.deterministic",
+                                             "train.max_rollbacks", "train.time_limit", "train.device", "eval.",
+                                             "checkpoint.", "log.")
+
+    # ------------------------------------------------------------------ loading and writing
+    @classmethod
+    def from_dict(cls, data: dict, base=None):
+        """`base` (default: the defaults) updated by nested dicts (a parsed TOML file)."""
+        return update(base if base is not None else cls(), data, merged=cls.merged,
+                      checks={("model", "overrides"): _check_model_overrides})
+
+    @classmethod
+    def from_toml_text(cls, text: str, where: str = "<string>"):
+        return cls.from_dict(parse_toml(text, where))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None, base=None):
+        """`base` (default: the defaults), updated by the TOML file at `path`, then by `--set` strings; validated."""
+        cfg = copy.deepcopy(base) if base is not None else cls()
+        if path is not None:
+            try:
+                cfg = cls.from_dict(read_toml(path), cfg)
+            except ValueError as e:
+                msg = str(e)
+                raise ValueError(msg if msg.startswith(os.fspath(path)) else f"{path}: {msg}") from None
+        if overrides:
+            cfg = cls.from_dict(assignments(list(overrides)), cfg)
+        return cfg.validate()
+
+    def with_overrides(self, items: list[str]):
+        """A copy with `section.key=value` strings (`--set`) applied."""
+        return self.from_dict(assignments(items), self)
+
+    def to_toml(self, comments: bool = True) -> str:
+        return to_toml(self, comments)
+
+    def flatten(self) -> dict[str, Any]:
+        return flatten(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def describe(cls, only: Collection[str] | None = None) -> str:
+        """Every key (of the sections in `only`, default all) with its type, default and docstring."""
+        return describe(cls, only)
+
+    def changed_keys(self, saved) -> list[str]:
+        """Keys whose value differs from `saved` and that a resumed run may not change."""
+        before, now = saved.flatten(), self.flatten()
+        return [k for k in now if now[k] != before.get(k) and not k.startswith(self.resumable)]
+
+    # ------------------------------------------------------------------ checks
+    def fail(self, name: str, allowed: str):
+        section, key = name.split(".")
+        raise ValueError(f"{name} = {getattr(getattr(self, section), key)!r} is invalid: {allowed}")
+
+    def at_least(self, names: Collection[str], minimum: float) -> None:
+        for name in names:
+            section, key = name.split(".")
+            value = getattr(getattr(self, section), key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= minimum):
+                self.fail(name, f"must be >= {minimum}")
+
+    def fractions(self, names: Collection[str]) -> None:
+        for name in names:
+            section, key = name.split(".")
+            if not 0 <= getattr(getattr(self, section), key) <= 1:
+                self.fail(name, "must be a fraction in [0, 1]")
+
+    def one_of(self, name: str, allowed: Collection[str]) -> None:
+        section, key = name.split(".")
+        if getattr(getattr(self, section), key) not in allowed:
+            self.fail(name, f"allowed: {', '.join(allowed)}")
+
+    def validate(self):
+        """Fail with the field, the value and what is allowed; builds the LR schedule once."""
+        self.at_least(["train.steps", "train.batch_size", "checkpoint.keep"], 1)
+        self.at_least(["train.micro_batch_size", "train.threads", "train.time_limit", "train.spike_warmup",
+                       "train.max_rollbacks", "checkpoint.every", "schedule.warmup_steps", "optim.eps",
+                       "optim.weight_decay", "optim.grad_clip", "train.spike_factor"], 0)
+        self.at_least(["train.max_bad_steps"], 1)
+        t = self.train
+        if t.micro_batch_size and t.batch_size % t.micro_batch_size:
+            self.fail("train.micro_batch_size", f"must divide train.batch_size = {t.batch_size}")
+        if not (t.device in ("auto", "cpu") or t.device.split(":")[0] == "cuda"):
+            self.fail("train.device", "allowed: auto, cpu, cuda, cuda:N")
+        self.one_of("train.dtype", DTYPES)
+        self.one_of("schedule.lr_schedule", tuple(LR_SCHEDULES))
+        if t.fp8 and t.compile:
+            self.fail("train.fp8", "FP8 layers use a custom autograd function; do not combine with train.compile")
+        if not self.optim.lr > 0 or not math.isfinite(self.optim.lr):
+            self.fail("optim.lr", "must be a finite number > 0")
+        for name in ("optim.beta1", "optim.beta2"):
+            if not 0 <= getattr(self.optim, name.split(".")[1]) < 1:
+                self.fail(name, "must be in [0, 1)")
+        self.fractions(["schedule.min_lr_ratio"])
+        self.lr_schedule()
+        return self
+
+    # ------------------------------------------------------------------ derived
+    def lr_schedule(self) -> LRSchedule:
+        """The LR schedule over train.steps optimizer steps."""
+        return self.schedule.build(self.train.steps, self.optim.lr)
+
+    def batch_ramp(self) -> BatchSizeRamp | None:
+        """BatchSizeRamp in sequences per step (multiples of the micro-batch), or None."""
+        s, t = self.schedule, self.train
+        if not s.batch_ramp_start:
+            return None
+        try:
+            return BatchSizeRamp(s.batch_ramp_start, t.batch_size, s.batch_ramp_tokens, multiple=t.micro_batch)
+        except ValueError as e:
+            raise ValueError(f"schedule.batch_ramp_* with train.batch_size = {t.batch_size} and "
+                             f"train.micro_batch_size = {t.micro_batch_size} is invalid: {e}") from None
+
+
+def _check_model_overrides(overrides: dict) -> None:
+    valid = [f.name for f in fields(ModelConfig) if f.name != "extra"]
+    for key in overrides:
+        if key not in valid:
+            raise unknown_key(f"model.overrides.{key}", "[model.overrides] (ModelConfig fields)", valid)
