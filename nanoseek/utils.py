@@ -1,9 +1,11 @@
-"""Small shared helpers: atomic file writes."""
+"""Small shared helpers: atomic file writes, reading jsonl."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 
 
 @contextmanager
@@ -28,3 +30,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> list[dict]:
+    """Rows of a jsonl file; a line that is not a JSON object fails with its line number. A missing or empty
+    file fails too, unless `allow_empty` (then it has no rows: a run that has logged nothing yet)."""
+    path = Path(path)
+    if not path.is_file():
+        if allow_empty:
+            return []
+        raise FileNotFoundError(f"data file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    if not rows and not allow_empty:
+        raise ValueError(f"{path}: no rows")
+    return rows

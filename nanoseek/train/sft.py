@@ -35,31 +35,10 @@ import torch
 
 from nanoseek.train.post_config import PostConfig
 from nanoseek.train.posttrain import PostTrainer, autocast, collate, encode_pair, forward_logits, micro_slices
+from nanoseek.utils import read_jsonl
 
 
 # ---------------------------------------------------------------------- data
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Rows of a jsonl file; a line that is not a JSON object fails with its line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
-
-
 def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
     from nanoseek.utils import atomic_write_text
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
