@@ -25,9 +25,10 @@ import random
 import torch
 from safetensors.torch import load_file, save_file
 
+from nanoseek.infer.generate import sample_completions
 from nanoseek.train.post_config import PostConfig
 from nanoseek.train.posttrain import (
-    PostTrainer, autocast, build_policy, collate, encode_pair, forward_logits, micro_slices, sample_completions,
+    PostTrainer, autocast, build_policy, collate, encode_pair, forward_logits, micro_slices,
 )
 
 

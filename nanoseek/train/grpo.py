@@ -38,9 +38,10 @@ from statistics import mean
 
 import torch
 
+from nanoseek.infer.generate import sample_completions
 from nanoseek.train.post_config import PostConfig
 from nanoseek.train.posttrain import (
-    PostTrainer, SeqBatch, autocast, build_policy, collate, forward_logits, micro_slices, sample_completions,
+    PostTrainer, SeqBatch, autocast, build_policy, collate, forward_logits, micro_slices,
 )
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.infer.generate import sample_completions
 from nanoseek.train.post_config import PostConfig
-from nanoseek.train.posttrain import sample_completions
 
 REASONS = ("incorrect", "truncated", "format", "language", "duplicate", "over_limit")
 
