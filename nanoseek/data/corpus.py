@@ -79,7 +79,7 @@ def _record_text(record, where: str) -> str:
 
 
 def _parquet_records(path: Path) -> Iterator[dict]:
-    try:
+    try:  # an optional dependency, needed only for parquet inputs
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError(f"reading {path} needs pyarrow, which is not installed (pip install pyarrow)") from None

@@ -13,13 +13,15 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
+from nanoseek.train.post_config import load_post_config, post_to_toml
+from nanoseek.train.posttrain import build_policy, eval_examples, evaluate
+from nanoseek.utils import atomic_write_text
+
 
 def evaluate_model(model_dir: str | os.PathLike, cfg) -> dict:
     """Metrics of the model in `model_dir` on cfg's task ([task]) with cfg's [eval] settings."""
-    import torch
-
-    from nanoseek.train.posttrain import build_policy, eval_examples, evaluate
-
     task = cfg.build_task()
     if task is None:
         raise ValueError("eval needs a task: --task arithmetic | countdown | bilingual")
@@ -36,8 +38,6 @@ def evaluate_model(model_dir: str | os.PathLike, cfg) -> dict:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from nanoseek.train.post_config import load_post_config, post_to_toml
-
     sets = [f"task.name={json.dumps(args.task)}"] if args.task else []
     if args.examples is not None:
         sets.append(f"eval.examples={args.examples}")
@@ -51,8 +51,6 @@ def _eval(args: argparse.Namespace) -> None:
     for key, value in result.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     if args.out:
-        from nanoseek.utils import atomic_write_text
-
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "eval.json", json.dumps({"model": os.fspath(args.model), **result}, indent=1) + "\n")

@@ -26,7 +26,6 @@ import hmac
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
