@@ -1,11 +1,14 @@
-"""Small shared helpers: atomic file writes, reading jsonl."""
+"""Small shared helpers: atomic file writes, reading jsonl, a scoped torch thread count."""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 
 @contextmanager
@@ -32,6 +35,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             os.fsync(f.fileno())
 
 
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each non-blank line of a jsonl file, read lazily; bad JSON names its line."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            yield n, value
+
+
 def read_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> list[dict]:
     """Rows of a jsonl file; a line that is not a JSON object fails with its line number. A missing or empty
     file fails too, unless `allow_empty` (then it has no rows: a run that has logged nothing yet)."""
@@ -41,17 +57,22 @@ def read_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> list[di
             return []
         raise FileNotFoundError(f"data file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for n, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     if not rows and not allow_empty:
         raise ValueError(f"{path}: no rows")
     return rows
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run the block with `n` torch threads (None or 0: leave the count alone), restoring the count after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -13,11 +13,9 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from nanoseek.train.post_config import load_post_config, post_to_toml
 from nanoseek.train.posttrain import build_policy, eval_examples, evaluate
-from nanoseek.utils import atomic_write_text
+from nanoseek.utils import atomic_write_text, torch_threads
 
 
 def evaluate_model(model_dir: str | os.PathLike, cfg) -> dict:
@@ -25,15 +23,10 @@ def evaluate_model(model_dir: str | os.PathLike, cfg) -> dict:
     task = cfg.build_task()
     if task is None:
         raise ValueError("eval needs a task: --task arithmetic | countdown | bilingual")
-    threads = torch.get_num_threads()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    try:
+    with torch_threads(cfg.train.threads):
         model, tok = build_policy(cfg, init_from=os.fspath(model_dir))
         model.eval()
         result = evaluate(model, tok, task, eval_examples(cfg, task), cfg)
-    finally:
-        torch.set_num_threads(threads)
     return {k[len("eval_"):]: v for k, v in result.items()}
 
 
