@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from nanoseek.utils import atomic_write_text
+
 ATTENTION_TYPES = ("mla", "mha", "gqa", "mqa")
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -307,7 +309,6 @@ class ModelConfig:
         return d
 
     def save(self, path: str | os.PathLike) -> None:
-        from nanoseek.utils import atomic_write_text
         atomic_write_text(path, json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod

@@ -1,9 +1,14 @@
-"""Small shared helpers: atomic file writes."""
+"""Small shared helpers: atomic file writes, reading jsonl, a scoped torch thread count."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
+
+import torch
 
 
 @contextmanager
@@ -28,3 +33,52 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each non-blank line of a jsonl file, read lazily; bad JSON names its line."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            yield n, value
+
+
+def read_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> list[dict]:
+    """Rows of a jsonl file; a line that is not a JSON object fails with its line number. A missing or empty
+    file fails too, unless `allow_empty` (then it has no rows: a run that has logged nothing yet)."""
+    path = Path(path)
+    if not path.is_file():
+        if allow_empty:
+            return []
+        raise FileNotFoundError(f"data file not found: {path}")
+    rows = []
+    for n, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    if not rows and not allow_empty:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+@contextmanager
+def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
+    """Rows as a jsonl file, written atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return Path(path)
+
+
+def torch_threads(n: int | None):
+    """Run the block with `n` torch threads (None or 0: leave the count alone), restoring the count after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

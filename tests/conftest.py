@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from nanoseek.data import train_tokenizer
+
 torch.set_flush_denormal(True)
 torch.set_num_threads(1)  # pytest -n 2 runs two workers on two cores
 
@@ -34,3 +36,11 @@ TINY_V2_HF = {
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    """A small byte-level BPE (512 tokens) trained on Python's own sources, one per test module."""
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(["stdlib"], 512, out, max_bytes=300_000, progress=False)
+    return out

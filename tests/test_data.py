@@ -9,19 +9,12 @@ import torch
 
 from nanoseek.data import (
     PackedLoader, TokenSplit, ValLoader, check_vocab, iter_documents, load_metadata, load_tokenizer, prepare,
-    render_chat, stdlib_files, train_tokenizer,
+    render_chat, stdlib_files,
 )
 from nanoseek.data.cli import register
 from nanoseek.data.shards import token_dtype
 
 MAX_BYTES = 200_000
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(["stdlib"], 512, out, max_bytes=300_000, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,8 @@ def test_sft_trains_exports_and_resumes_identically(tmp_path):
 
 
 def test_sft_on_chat_jsonl_trains_only_assistant_tokens(tmp_path):
-    from nanoseek.posttrain.sft import SFTTrainer, write_jsonl
+    from nanoseek.posttrain.sft import SFTTrainer
+    from nanoseek.utils import write_jsonl
 
     rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
             for w in ("red", "green", "blue", "cyan")] * 4
@@ -132,7 +133,7 @@ def test_dpo_on_policy_pairs_raise_heldout_accuracy(base, tmp_path):
 def test_rejection_sampling_feeds_logit_distillation_of_a_smaller_student(base, tmp_path):
     from nanoseek.posttrain.distill import distill
     from nanoseek.posttrain.rejection import rejection_sample_run
-    from nanoseek.posttrain.sft import read_jsonl
+    from nanoseek.utils import read_jsonl
 
     teacher = str(base / "model")
     stats = rejection_sample_run(_cfg(f"model.init_from={json.dumps(teacher)}", "task.name=arithmetic",

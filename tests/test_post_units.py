@@ -82,8 +82,8 @@ def test_sft_rows_encode_completion_only_masks_and_pack(tok, tmp_path):
 
 
 def test_rollout_batch_masks_sampled_tokens_and_truncation(tok):
+    from nanoseek.infer.generate import Sample
     from nanoseek.posttrain.grpo import rollout_batch
-    from nanoseek.posttrain.trainer import Sample
 
     prompts = [tok.encode("1+2=", add_bos=True), tok.encode("12+34=", add_bos=True)]
     samples = [Sample([40, 41, tok.eos_id], "x", True), Sample([40, 41, 42, 43], "y", False)]
@@ -96,7 +96,7 @@ def test_rollout_batch_masks_sampled_tokens_and_truncation(tok):
 # ---------------------------------------------------------------- rejection sampling
 def test_rejection_sampling_keeps_verified_wellformed_single_language(monkeypatch):
     import nanoseek.posttrain.rejection as rej
-    from nanoseek.posttrain.trainer import Sample
+    from nanoseek.infer.generate import Sample
 
     task = make_task("bilingual", languages=["en"])
     ex = task.examples(2, seed=0)

@@ -28,13 +28,6 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(["stdlib"], 512, out, max_bytes=300_000, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def tok(tok_dir):
     return load_tokenizer(tok_dir)
 

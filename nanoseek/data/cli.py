@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nanoseek.data.shards import DEFAULT_SHARD_TOKENS, prepare
+from nanoseek.data.tokenizer import train_tokenizer
+
 _SUFFIXES = {"K": 10**3, "M": 10**6, "G": 10**9}
 _INPUT_HELP = "a .txt/.md/.jsonl/.parquet file, a directory of them, or 'stdlib' (Python's own sources); repeatable"
 
@@ -31,8 +34,6 @@ def _fail(command: str, error: Exception) -> None:
 
 
 def _tokenizer_train(args: argparse.Namespace) -> None:
-    from nanoseek.data.tokenizer import train_tokenizer
-
     try:
         tok = train_tokenizer(args.input, args.vocab_size, args.out, max_bytes=args.max_bytes, seed=args.seed,
                               min_frequency=args.min_frequency)
@@ -42,8 +43,6 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def _data_prepare(args: argparse.Namespace) -> None:
-    from nanoseek.data.shards import prepare
-
     try:
         meta = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
                        max_bytes=args.max_bytes, shard_tokens=args.shard_tokens)
@@ -56,8 +55,6 @@ def _data_prepare(args: argparse.Namespace) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `tokenizer` and `data` commands to a `nanoseek` subparsers object."""
-    from nanoseek.data.shards import DEFAULT_SHARD_TOKENS
-
     tokenizer = subparsers.add_parser(
         "tokenizer", help="train a byte-level BPE tokenizer with DeepSeek's special tokens",
         description="Tokenizer tools.")

@@ -8,7 +8,6 @@ format) and .parquet (same columns; needs pyarrow).
 """
 from __future__ import annotations
 
-import json
 import os
 import sysconfig
 from collections.abc import Iterator, Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from nanoseek.data.chat import render_chat
+from nanoseek.utils import iter_jsonl
 
 STDLIB = "stdlib"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -79,7 +79,7 @@ def _record_text(record, where: str) -> str:
 
 
 def _parquet_records(path: Path) -> Iterator[dict]:
-    try:
+    try:  # an optional dependency, needed only for parquet inputs
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError(f"reading {path} needs pyarrow, which is not installed (pip install pyarrow)") from None
@@ -95,16 +95,9 @@ def read_documents(path: str | os.PathLike) -> Iterator[str]:
     """The non-empty documents of one file."""
     path = Path(path)
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                if text := _record_text(record, f"{path}:{lineno}"):
-                    yield text
+        for lineno, record in iter_jsonl(path):
+            if text := _record_text(record, f"{path}:{lineno}"):
+                yield text
     elif path.suffix == ".parquet":
         for i, record in enumerate(_parquet_records(path)):
             if text := _record_text(record, f"{path} row {i}"):

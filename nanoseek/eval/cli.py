@@ -14,31 +14,23 @@ import os
 from pathlib import Path
 
 from nanoseek.posttrain.config import PostConfig
+from nanoseek.posttrain.trainer import build_policy, eval_examples, evaluate
+from nanoseek.utils import atomic_write_text, torch_threads
 
 
 def evaluate_model(model_dir: str | os.PathLike, cfg) -> dict:
     """Metrics of the model in `model_dir` on cfg's task ([task]) with cfg's [eval] settings."""
-    import torch
-
-    from nanoseek.posttrain.trainer import build_policy, eval_examples, evaluate
-
     task = cfg.build_task()
     if task is None:
         raise ValueError("eval needs a task: --task arithmetic | countdown | bilingual")
-    threads = torch.get_num_threads()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    try:
+    with torch_threads(cfg.train.threads):
         model, tok = build_policy(cfg, init_from=os.fspath(model_dir))
         model.eval()
         result = evaluate(model, tok, task, eval_examples(cfg, task), cfg)
-    finally:
-        torch.set_num_threads(threads)
     return {k[len("eval_"):]: v for k, v in result.items()}
 
 
 def _eval(args: argparse.Namespace) -> None:
-
     sets = [f"task.name={json.dumps(args.task)}"] if args.task else []
     if args.examples is not None:
         sets.append(f"eval.examples={args.examples}")
@@ -52,8 +44,6 @@ def _eval(args: argparse.Namespace) -> None:
     for key, value in result.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     if args.out:
-        from nanoseek.utils import atomic_write_text
-
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "eval.json", json.dumps({"model": os.fspath(args.model), **result}, indent=1) + "\n")

@@ -7,24 +7,15 @@ from collections.abc import Sequence
 from statistics import mean
 
 from nanoseek.eval.metrics import majority_answer, pass_at_k
+from nanoseek.infer.generate import sample_completions
 
 
 def completions(model, tok, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
                 top_p: float = 1.0, seed: int | None = None, batch_size: int = 64) -> list[tuple[str, int]]:
-    """(text, token count) per prompt; the prompt is encoded with BOS, generation stops at EOS."""
-    from nanoseek.infer.generate import generate
-
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = [tok.encode(p, add_bos=True) for p in prompts[i:i + batch_size]]
-        new = generate(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       seed=None if seed is None else seed + i, stop_tokens=[tok.eos_id], pad_id=tok.pad_id)
-        for ids in new:
-            n = len(ids)
-            if ids and ids[-1] == tok.eos_id:
-                ids = ids[:-1]
-            out.append((tok.decode(ids), n))
-    return out
+    """(text, token count) per prompt; the prompt is encoded with BOS, generation stops at EOS (the count
+    includes it, the text does not)."""
+    return [(s.text, len(s.tokens))
+            for s in sample_completions(model, tok, prompts, max_new_tokens, temperature, top_p, seed, batch_size)]
 
 
 def evaluate_task(model, tok, task, examples, k: int = 0, temperature: float = 0.6, top_p: float = 0.95,

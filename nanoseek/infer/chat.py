@@ -12,7 +12,13 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+import torch
+
+from nanoseek.data.tokenizer import load_tokenizer
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import add_sampling_arguments, sampling_params
 from nanoseek.infer.text import ReasoningParser
+from nanoseek.model.transformer import DeepSeekForCausalLM
 
 DIM, RESET = "\033[2m", "\033[0m"
 HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D); Ctrl-C stops a reply"
@@ -55,17 +61,18 @@ class ReplyPrinter:
 
 
 def load(model_dir: str, dtype: str = "float32"):
-    import torch
-
-    from nanoseek.data.tokenizer import load_tokenizer
-    from nanoseek.model.transformer import DeepSeekForCausalLM
-
+    """(model in eval mode, tokenizer) of a model directory; `dtype` is "float32" or "bfloat16"."""
     if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         raise FileNotFoundError(f"{model_dir} has no tokenizer.json; a model directory needs its tokenizer")
     tok = load_tokenizer(model_dir)
     model = DeepSeekForCausalLM.from_pretrained(model_dir, dtype={"float32": torch.float32,
                                                                   "bfloat16": torch.bfloat16}[dtype]).eval()
     return model, tok
+
+
+def use_color(choice: str) -> bool:
+    """The --color flag: "auto" colors a terminal, not a pipe or a file."""
+    return {"auto": sys.stdout.isatty(), "always": True, "never": False}[choice]
 
 
 def chat_loop(engine, tokenizer, params, *, system: str | None = None, thinking: bool = False,
@@ -119,18 +126,12 @@ def chat_loop(engine, tokenizer, params, *, system: str | None = None, thinking:
 
 
 def _run(args: argparse.Namespace) -> None:
-    import torch
-
-    from nanoseek.infer.engine import Engine
-    from nanoseek.infer.sampling import SamplingParams
-
     torch.manual_seed(args.seed)
     model, tok = load(args.model, args.dtype)
     engine = Engine(model, tok, speculative=args.speculative)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty).validate()
-    color = {"auto": sys.stdout.isatty(), "always": True, "never": False}[args.color]
-    try:
+    params = sampling_params(args)
+    color = use_color(args.color)
+    try:  # here, not at the top: only the interactive chat wants it, and not every platform has it
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
@@ -144,11 +145,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="model directory with its tokenizer")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--thinking", action="store_true", help="open each reply with <think> (R1 style)")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (R1's recommendation: 0.6)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    add_sampling_arguments(p, max_new_tokens=512, temperature=0.6, top_p=0.95,
+                           temperature_help="0 = greedy (R1's recommendation: 0.6)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     p.add_argument("--stats", action="store_true", help="print tokens/s after each reply")

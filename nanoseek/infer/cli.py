@@ -5,14 +5,14 @@ import argparse
 import sys
 import time
 
+import torch
+
+from nanoseek.infer.chat import ReplyPrinter, load, use_color
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import add_sampling_arguments, sampling_params
+
 
 def _run(args: argparse.Namespace) -> None:
-    import torch
-
-    from nanoseek.infer.chat import ReplyPrinter, load
-    from nanoseek.infer.engine import Engine
-    from nanoseek.infer.sampling import SamplingParams
-
     torch.manual_seed(args.seed)
     model, tok = load(args.model, args.dtype)
     if args.chat:
@@ -21,11 +21,10 @@ def _run(args: argparse.Namespace) -> None:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, thinking=args.thinking)
     else:
         ids = tok.encode(args.prompt, add_bos=True)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                            stop_tokens=[] if args.ignore_eos else None, stop_strings=tuple(args.stop)).validate()
+    params = sampling_params(args, seed=args.seed, stop_tokens=[] if args.ignore_eos else None,
+                             stop_strings=tuple(args.stop))
     engine = Engine(model, tok, speculative=args.speculative)
-    color = {"auto": sys.stdout.isatty(), "always": True, "never": False}[args.color]
+    color = use_color(args.color)
     t0, n = time.perf_counter(), 0
     if args.chat:
         printer = ReplyPrinter(sys.stdout, color, args.thinking)
@@ -60,11 +59,7 @@ def register(subparsers) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (thinking shown apart)")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     p.add_argument("--thinking", action="store_true", help="with --chat: open the reply with <think> (R1 style)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    add_sampling_arguments(p, max_new_tokens=64, temperature=0.0, top_p=1.0, temperature_help="0 = greedy (default)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")

@@ -1,4 +1,5 @@
-"""`nanoseek.generate`: batched generation in one call (a thin layer over `nanoseek.infer.engine`).
+"""`nanoseek.generate`: batched generation in one call (a thin layer over `nanoseek.infer.engine`), and
+`sample_completions`, the texts of it that evaluation and post-training score.
 
 Prompts of different lengths are left-padded and prefilled in one forward, then decoded one token
 per step over the KV cache (MLA attends over its latent cache, absorbed), or up to two per step
@@ -7,6 +8,7 @@ with MTP speculative decoding.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
@@ -29,3 +31,33 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, 
                             stop_strings=tuple(stop_strings))
     engine = Engine(model, tokenizer, speculative=speculative)
     return [c.tokens for c in engine.generate(prompts, params)]
+
+
+@dataclass
+class Sample:
+    """One sampled completion: token ids (with the EOS when it stopped), its text (without EOS)."""
+
+    tokens: list[int]
+    text: str
+    stopped: bool
+
+    @property
+    def truncated(self) -> bool:
+        return not self.stopped
+
+
+def sample_completions(model, tok, prompts: Sequence[str] | Sequence[list[int]], max_new_tokens: int,
+                       temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                       batch_size: int = 256) -> list[Sample]:
+    """One completion per prompt, in batches of `batch_size` (batch i seeded with seed + i).
+
+    Prompts are texts (encoded with BOS) or token ids; generation stops at EOS."""
+    out: list[Sample] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = [tok.encode(p, add_bos=True) if isinstance(p, str) else list(p) for p in prompts[i:i + batch_size]]
+        new = generate(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       seed=None if seed is None else seed + i, stop_tokens=[tok.eos_id], pad_id=tok.pad_id)
+        for ids in new:
+            stopped = bool(ids) and ids[-1] == tok.eos_id
+            out.append(Sample(list(ids), tok.decode(ids[:-1] if stopped else ids), stopped))
+    return out

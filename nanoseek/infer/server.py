@@ -24,11 +24,12 @@ import threading
 import time
 import hmac
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from nanoseek.infer.chat import load
 from nanoseek.infer.engine import Delta, Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.text import ReasoningParser
@@ -190,8 +191,7 @@ def create_app(model, tokenizer, model_name: str = "nanoseek", *, api_key: str |
                max_batch_size: int = 16, max_queue: int = 64, max_model_len: int | None = None,
                default_max_tokens: int = 256, speculative: bool = False, thinking: bool = False):
     """The FastAPI app; its lifespan starts and stops the scheduler (`app.state.scheduler`)."""
-    from contextlib import asynccontextmanager
-
+    # FastAPI and Starlette are the optional `serve` extra: imported when an app is built, not with the module
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -619,22 +619,14 @@ def _completion_logprobs(tokenizer, tokens, logprobs) -> dict:
 
 # ---------------------------------------------------------------------- command line
 def _run(args: argparse.Namespace) -> None:
-    try:
-        import uvicorn  # noqa: F401
+    try:  # the optional `serve` extra, so imported only to serve
         import fastapi  # noqa: F401
+        import uvicorn
     except ImportError:
         raise ValueError("serving needs FastAPI and uvicorn: pip install 'nanoseek[serve]'") from None
-    import uvicorn
 
-    from nanoseek.data.tokenizer import load_tokenizer
-    from nanoseek.model.transformer import DeepSeekForCausalLM
-
-    if not os.path.exists(os.path.join(args.model, "tokenizer.json")):
-        raise FileNotFoundError(f"{args.model} has no tokenizer.json; a model directory needs its tokenizer")
     torch.manual_seed(args.seed)
-    tok = load_tokenizer(args.model)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = DeepSeekForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    model, tok = load(args.model, args.dtype)
     name = args.model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(model, tok, name, api_key=args.api_key or os.environ.get("NANOSEEK_API_KEY"),
                      max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_model_len=args.max_model_len,

@@ -7,13 +7,13 @@ import shutil
 
 import torch
 
+from nanoseek.model.transformer import DeepSeekForCausalLM
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def convert(src: str, dst: str, dtype: str = "bfloat16", max_shard_size: str = "5GB") -> None:
-    from nanoseek.model.transformer import DeepSeekForCausalLM
-
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError("convert writes a new directory: --out must differ from the source")
     fp8 = dtype == "fp8"

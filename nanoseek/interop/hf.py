@@ -18,6 +18,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.rope import rope_inv_freq
+from nanoseek.model.transformer import DeepSeekForCausalLM
 from nanoseek.quant.fp8 import dequantize_weight_blockwise, quantize_weight_blockwise
 from nanoseek.utils import atomic_path, atomic_write_text
 
@@ -139,8 +141,6 @@ def read_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
                     device: str | torch.device = "cpu"):
     """A DeepSeekForCausalLM from a checkpoint directory (config.json + safetensors)."""
-    from nanoseek.model.transformer import DeepSeekForCausalLM
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -157,28 +157,33 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = torch.f
         cfg = cfg.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = DeepSeekForCausalLM(cfg)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    # Checkpoints without a routing bias (V2, or V3 before aux-free training) start it at zero.
-    for k in [k for k in missing if k.endswith("e_score_correction_bias")]:
-        state[k] = torch.zeros(expected[k].shape)
-        missing.remove(k)
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not match its config.json: missing keys {_short(missing)}; "
-                              f"unexpected keys {_short(unexpected)}")
-    for k, t in state.items():
-        if t.shape != expected[k].shape:
-            raise CheckpointError(f"checkpoint {path}: {k} has shape {tuple(t.shape)}, the config implies "
-                                  f"{tuple(expected[k].shape)}")
+    check_state_dict(state, model.state_dict(), path, against="its config.json")
     state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary.to_empty(device=device)  # non-persistent buffer: recompute it off the meta device
-    from nanoseek.model.rope import rope_inv_freq
     model.rotary.inv_freq.copy_(rope_inv_freq(model.rotary.inv_freq.numel() * 2, cfg.rope_theta, cfg.rope_scaling)[0])
     return model.eval()
+
+
+def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str | os.PathLike,
+                     against: str) -> None:
+    """Make `state` (read from checkpoint `source`) fit a model whose state dict is `expected`, strictly:
+    a routing bias the checkpoint lacks is added as zeros (V2 and V3 before aux-free training have none, and
+    it is not written while all-zero); any other missing or unexpected key, or another shape, raises
+    CheckpointError (`against` names what the checkpoint was checked against)."""
+    for k in [k for k in expected if k not in state and k.endswith("e_score_correction_bias")]:
+        state[k] = torch.zeros(expected[k].shape, dtype=expected[k].dtype)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {source} does not match {against}: missing keys {_short(missing)}; "
+                              f"unexpected keys {_short(unexpected)}")
+    for k, t in state.items():
+        if t.shape != expected[k].shape:
+            raise CheckpointError(f"checkpoint {source}: {k} has shape {tuple(t.shape)}, {against} implies "
+                                  f"{tuple(expected[k].shape)}")
 
 
 def _short(keys: list[str], n: int = 6) -> str:

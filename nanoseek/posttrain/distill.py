@@ -24,9 +24,10 @@ import torch
 
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.rejection import rejection_sample
-from nanoseek.posttrain.sft import EpochSampler, SFTTrainer, read_jsonl, write_jsonl
+from nanoseek.posttrain.sft import EpochSampler, SFTTrainer
 from nanoseek.posttrain.trainer import build_policy, forward_logits, update_summary
 from nanoseek.train.loop import autocast
+from nanoseek.utils import read_jsonl, write_jsonl
 
 
 class DistillTrainer(SFTTrainer):

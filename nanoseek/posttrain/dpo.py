@@ -25,20 +25,21 @@ import random
 import torch
 from safetensors.torch import load_file, save_file
 
+from nanoseek.infer.generate import sample_completions
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.policy_losses import dpo_loss, token_logprobs
-from nanoseek.posttrain.sft import EpochSampler, read_jsonl, write_jsonl
+from nanoseek.posttrain.sft import EpochSampler
 from nanoseek.posttrain.trainer import (
     PostTrainer,
     build_policy,
     collate,
     encode_pair,
     forward_logits,
-    sample_completions,
     sequence_logprobs,
     update_summary,
 )
 from nanoseek.train.loop import autocast, micro_slices
+from nanoseek.utils import read_jsonl, write_jsonl
 
 
 def onpolicy_pairs(model, tok, task, examples, samples: int, temperature: float, max_new_tokens: int,

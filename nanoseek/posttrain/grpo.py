@@ -38,6 +38,7 @@ from statistics import mean
 
 import torch
 
+from nanoseek.infer.generate import sample_completions
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.policy_losses import (
     group_advantages,
@@ -51,7 +52,6 @@ from nanoseek.posttrain.trainer import (
     build_policy,
     collate,
     forward_logits,
-    sample_completions,
 )
 from nanoseek.train.checkpoint import export_model
 from nanoseek.train.loop import autocast, micro_slices

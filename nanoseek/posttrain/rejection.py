@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.infer.generate import sample_completions
 from nanoseek.posttrain.config import PostConfig
-from nanoseek.posttrain.sft import write_jsonl
-from nanoseek.posttrain.trainer import build_policy, sample_completions
+from nanoseek.posttrain.trainer import build_policy
 from nanoseek.train.loop import resolve_device
-from nanoseek.utils import atomic_write_text
+from nanoseek.utils import atomic_write_text, write_jsonl
 
 REASONS = ("incorrect", "truncated", "format", "language", "duplicate", "over_limit")
 

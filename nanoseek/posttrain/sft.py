@@ -24,11 +24,9 @@ and a resumed run sees exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,37 +43,10 @@ from nanoseek.posttrain.trainer import (
 )
 from nanoseek.tasks.rewards import ANSWER_CLOSE, ANSWER_OPEN, TAGS
 from nanoseek.train.loop import autocast, micro_slices
-from nanoseek.utils import atomic_write_text
+from nanoseek.utils import read_jsonl
 
 
 # ---------------------------------------------------------------------- data
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Rows of a jsonl file; a line that is not a JSON object fails with its line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
-
-
-def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return Path(path)
-
-
 def style_plan(n: int, styles: dict[str, float], seed: int) -> list[str]:
     """n style names in the given shares (largest remainder), in a seeded random order."""
     total = sum(styles.values())

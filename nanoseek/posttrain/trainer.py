@@ -23,7 +23,6 @@ import torch
 
 from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer_from_texts
 from nanoseek.eval.tasks import evaluate_task
-from nanoseek.infer.generate import generate
 from nanoseek.model.transformer import DeepSeekForCausalLM
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.policy_losses import token_logprobs
@@ -122,38 +121,6 @@ def sequence_logprobs(model, batch: SeqBatch, dtype: str = "fp32") -> torch.Tens
     with autocast(dtype, batch.ids.device):
         logits, _ = forward_logits(model, batch)
     return (token_logprobs(logits, batch.ids[:, 1:]) * batch.loss_mask).sum(-1)
-
-
-# ---------------------------------------------------------------------- sampling
-@dataclass
-class Sample:
-    """One sampled completion: token ids (with the EOS when it stopped), its text (without EOS)."""
-
-    tokens: list[int]
-    text: str
-    stopped: bool
-
-    @property
-    def truncated(self) -> bool:
-        return not self.stopped
-
-
-def sample_completions(model, tok, prompts: Sequence[str] | Sequence[list[int]], max_new_tokens: int,
-                       temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                       batch_size: int = 256) -> list[Sample]:
-    """One completion per prompt from `nanoseek.generate`, the engine shared with eval and chat.
-
-    Prompts are texts (encoded with BOS) or token ids; generation stops at EOS."""
-
-    out: list[Sample] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = [tok.encode(p, add_bos=True) if isinstance(p, str) else list(p) for p in prompts[i:i + batch_size]]
-        new = generate(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       seed=None if seed is None else seed + i, stop_tokens=[tok.eos_id], pad_id=tok.pad_id)
-        for ids in new:
-            stopped = bool(ids) and ids[-1] == tok.eos_id
-            out.append(Sample(list(ids), tok.decode(ids[:-1] if stopped else ids), stopped))
-    return out
 
 
 # ---------------------------------------------------------------------- evaluation

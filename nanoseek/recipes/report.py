@@ -19,7 +19,7 @@ import torch
 from nanoseek import __version__
 from nanoseek.config import ModelConfig
 from nanoseek.model.transformer import DeepSeekForCausalLM
-from nanoseek.utils import atomic_write_text
+from nanoseek.utils import atomic_write_text, read_jsonl
 
 # (key in an evaluation, column title, is a rate)
 COLUMNS = (("greedy_accuracy", "greedy acc.", True), ("pass@1", "pass@1 (T 0.6)", True), ("cons@", "cons@k", True),
@@ -27,13 +27,6 @@ COLUMNS = (("greedy_accuracy", "greedy acc.", True), ("pass@1", "pass@1 (T 0.6)"
            ("language_consistency", "language consistency", True), ("mean_length", "length (tokens)", False))
 STAGE_TITLES = {"base": "base (pretrained)", "rl": "GRPO", "cold_start": "cold-start SFT",
                 "reasoning_rl": "reasoning RL", "rejection": "rejection sampling", "sft": "SFT on rejection samples"}
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def parameters(model_dir: str | os.PathLike) -> tuple[int, int]:
@@ -220,12 +213,12 @@ def write_report(demo, results: dict) -> dict:
     out = Path(demo.out)
     rows = summary_rows(results)
     stages = demo.state["stages"]
-    pre_records = read_jsonl(Path(results["pretrain"]["metrics"]))
+    pre_records = read_jsonl(Path(results["pretrain"]["metrics"]), allow_empty=True)
     grpo_runs = {}
     for pipeline, title in (("r1-zero", "R1-Zero"), ("r1", "R1")):
         for r in results[pipeline]["stages"]:
             if r["command"] == "grpo":
-                grpo_runs[f"{title} {r['stage']}"] = read_jsonl(Path(r["dir"], "metrics.jsonl"))
+                grpo_runs[f"{title} {r['stage']}"] = read_jsonl(Path(r["dir"], "metrics.jsonl"), allow_empty=True)
 
     plots_dir = out / "plots"
     plt = _plt()

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nanoseek.interop.hf import CheckpointError, from_hf_state_dict, read_checkpoint
+from nanoseek.interop.hf import CheckpointError, check_state_dict, from_hf_state_dict, read_checkpoint
 
 FORMAT = "nanoseek-train-checkpoint"
 VERSION = 1
@@ -112,17 +112,7 @@ def load_model_state(model: nn.Module, model_dir: str | os.PathLike) -> None:
     tensors = read_checkpoint(model_dir, dtype=None)
     state = from_hf_state_dict(tensors, model.config)
     expected = model.state_dict()
-    for k in [k for k in expected if k not in state and k.endswith("e_score_correction_bias")]:
-        state[k] = torch.zeros_like(expected[k])  # not written while all-zero for non-noaux_tc routers
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {model_dir} does not match the model: missing keys {missing[:6]}, "
-                              f"unexpected keys {unexpected[:6]}")
-    for k, t in state.items():
-        if t.shape != expected[k].shape:
-            raise CheckpointError(f"checkpoint {model_dir}: {k} has shape {tuple(t.shape)}, the model has "
-                                  f"{tuple(expected[k].shape)}")
+    check_state_dict(state, expected, model_dir, against="the model")
     with torch.no_grad():
         for k, t in expected.items():
             t.copy_(state[k])
