@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import nanoseek
 from nanoseek.infer.engine import Engine
+from nanoseek.interop.hf import load_pretrained, save_pretrained
 
 
 def train(model, batches, steps: int, lr: float) -> None:
@@ -105,7 +106,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     if args.model:
-        model = nanoseek.DeepSeekForCausalLM.from_pretrained(args.model).eval()
+        model = load_pretrained(args.model).eval()
         tok = nanoseek.load_tokenizer(args.model)
         from nanoseek.data.corpus import iter_documents
         text = "".join(iter_documents("stdlib", max_bytes=200_000, seed=1))
@@ -123,7 +124,7 @@ def main() -> None:
         print(f"training {what} ...")
         train(model, batches, args.steps, args.lr)
         if args.save:
-            model.save_pretrained(args.save)
+            save_pretrained(model, args.save)
             if args.data == "stdlib":
                 tok.save(args.save)
     if not model.config.num_nextn_predict_layers:

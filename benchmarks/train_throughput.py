@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import nanoseek  # noqa: F401  (flush denormals)
 from nanoseek import DeepSeekForCausalLM, ModelConfig
+from nanoseek.interop.hf import save_pretrained
 
 
 def autocast(dtype):
@@ -90,7 +91,7 @@ def main():
     ns = DeepSeekForCausalLM(cfg).train()
     full = DeepSeekForCausalLM(full_cfg).train()
     with tempfile.TemporaryDirectory() as tmp:
-        ns.save_pretrained(tmp)
+        save_pretrained(ns, tmp)
         kwargs = {"experts_implementation": args.experts_impl} if args.experts_impl else {}
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, **kwargs).train()
     B, S, V = args.batch, args.seq, cfg.vocab_size

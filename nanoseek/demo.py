@@ -265,14 +265,14 @@ class Demo:
     def evaluate(self, model_dir: str | os.PathLike) -> dict:
         """The held-out metrics of a model, on the same problems the pipelines evaluate on."""
         from nanoseek.eval.tasks import evaluate_task
-        from nanoseek.model.transformer import DeepSeekForCausalLM
+        from nanoseek.interop.hf import load_pretrained
         from nanoseek.data.tokenizer import load_tokenizer
         from nanoseek.train.pipeline import load_pipeline_config, plan
         from nanoseek.train.posttrain import eval_examples
 
         cfg = plan("r1-zero", self.path("r1-zero"), load_pipeline_config("r1-zero", None, self.r1_zero_overrides()))[0].config
         task = cfg.build_task()
-        model = DeepSeekForCausalLM.from_pretrained(model_dir).eval()
+        model = load_pretrained(model_dir).eval()
         return evaluate_task(model, load_tokenizer(model_dir), task, eval_examples(cfg, task), k=cfg.eval.k,
                              max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.eval.seed)
 
@@ -304,10 +304,10 @@ def measure_speculative(model_dir, n_prompts: int, new_tokens: int = 48, reps: i
 
     from nanoseek.data.tokenizer import load_tokenizer
     from nanoseek.infer.engine import Engine
-    from nanoseek.model.transformer import DeepSeekForCausalLM
+    from nanoseek.interop.hf import load_pretrained
     from nanoseek.tasks import make_task
 
-    model = DeepSeekForCausalLM.from_pretrained(model_dir).eval()
+    model = load_pretrained(model_dir).eval()
     tok = load_tokenizer(model_dir)
     prompts = [tok.encode(e.prompt, add_bos=True) for e in make_task(TASK, template=TEMPLATE).examples(
         n_prompts, seed=seed + 1, split="test")]

@@ -58,12 +58,12 @@ def load(model_dir: str, dtype: str = "float32"):
     import torch
 
     from nanoseek.data.tokenizer import load_tokenizer
-    from nanoseek.model.transformer import DeepSeekForCausalLM
+    from nanoseek.interop.hf import load_pretrained
 
     if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         raise FileNotFoundError(f"{model_dir} has no tokenizer.json; a model directory needs its tokenizer")
     tok = load_tokenizer(model_dir)
-    model = DeepSeekForCausalLM.from_pretrained(model_dir, dtype={"float32": torch.float32,
+    model = load_pretrained(model_dir, dtype={"float32": torch.float32,
                                                                   "bfloat16": torch.bfloat16}[dtype]).eval()
     return model, tok
 

@@ -627,14 +627,14 @@ def _run(args: argparse.Namespace) -> None:
     import uvicorn
 
     from nanoseek.data.tokenizer import load_tokenizer
-    from nanoseek.model.transformer import DeepSeekForCausalLM
+    from nanoseek.interop.hf import load_pretrained
 
     if not os.path.exists(os.path.join(args.model, "tokenizer.json")):
         raise FileNotFoundError(f"{args.model} has no tokenizer.json; a model directory needs its tokenizer")
     torch.manual_seed(args.seed)
     tok = load_tokenizer(args.model)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = DeepSeekForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    model = load_pretrained(args.model, dtype=dtype).eval()
     name = args.model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(model, tok, name, api_key=args.api_key or os.environ.get("NANOSEEK_API_KEY"),
                      max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_model_len=args.max_model_len,

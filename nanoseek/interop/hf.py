@@ -18,6 +18,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.rope import rope_inv_freq
+from nanoseek.model.transformer import DeepSeekForCausalLM
 from nanoseek.quant.fp8 import dequantize_weight_blockwise, quantize_weight_blockwise
 from nanoseek.utils import atomic_path, atomic_write_text
 
@@ -139,8 +141,6 @@ def read_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
                     device: str | torch.device = "cpu"):
     """A DeepSeekForCausalLM from a checkpoint directory (config.json + safetensors)."""
-    from nanoseek.model.transformer import DeepSeekForCausalLM
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -176,7 +176,6 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = torch.f
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary.to_empty(device=device)  # non-persistent buffer: recompute it off the meta device
-    from nanoseek.model.rope import rope_inv_freq
     model.rotary.inv_freq.copy_(rope_inv_freq(model.rotary.inv_freq.numel() * 2, cfg.rope_theta, cfg.rope_scaling)[0])
     return model.eval()
 

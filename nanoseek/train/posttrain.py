@@ -207,6 +207,7 @@ class PostTrainer:
 
     def __init__(self, cfg: PostConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                  progress: bool | None = None):
+        from nanoseek import fastpath
         from nanoseek.train.checkpoint import open_run_dir
         from nanoseek.train.optim import build_optimizer
         from nanoseek.train.pretrain import resolve_device
@@ -223,7 +224,7 @@ class PostTrainer:
         self.task = cfg.build_task()
         self.model = self.tok = None
         self.setup()
-        self.model.to(self.device)
+        fastpath.enable(self.model).to(self.device)
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
         self.lr_schedule = cfg.lr_schedule()

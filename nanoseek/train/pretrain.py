@@ -146,12 +146,13 @@ class Trainer:
                                "comm_aux_alpha": own.comm_aux_alpha, "mtp_loss_weight": own.mtp_loss_weight})
 
     def _build_model(self):
+        from nanoseek import fastpath
         from nanoseek.model.transformer import DeepSeekForCausalLM
         from nanoseek.train.balance import configure_token_dropping
         from nanoseek.train.checkpoint import load_model_state
 
         torch.manual_seed(self.cfg.train.seed)
-        model = DeepSeekForCausalLM(self.model_cfg)
+        model = fastpath.enable(DeepSeekForCausalLM(self.model_cfg))
         if self.cfg.model.init_from:
             load_model_state(model, self.cfg.model.init_from)
         model.train()
@@ -288,7 +289,7 @@ class Trainer:
             record.update(bias_stats(self.model))
             if cfg.log.expert_load_every and self.step % cfg.log.expert_load_every == 0:
                 record["expert_load"] = load.tolist()
-        dropped = drop_fraction(self.model)
+        dropped = drop_fraction(out)
         if dropped is not None:
             record["dropped_fraction"] = dropped
         if skipped:
