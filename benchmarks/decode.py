@@ -23,6 +23,7 @@ import warnings
 import torch
 
 import nanoseek
+from nanoseek import fastpath
 from nanoseek.infer.engine import Engine
 from nanoseek.interop.hf import load_pretrained, save_pretrained
 
@@ -54,7 +55,7 @@ def main() -> None:
     ns = nanoseek.DeepSeekForCausalLM(cfg).eval()
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(ns, d)
-        ns = load_pretrained(d, dtype=dtype).eval()
+        ns = fastpath.enable(load_pretrained(d, dtype=dtype)).eval()  # (the engine would enable it too)
         transformers.logging.set_verbosity_error()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import nanoseek
+from nanoseek import fastpath
 from nanoseek.infer.engine import Engine
 from nanoseek.interop.hf import load_pretrained, save_pretrained
 
@@ -106,7 +107,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     if args.model:
-        model = load_pretrained(args.model).eval()
+        model = fastpath.enable(load_pretrained(args.model)).eval()
         tok = nanoseek.load_tokenizer(args.model)
         from nanoseek.data.corpus import iter_documents
         text = "".join(iter_documents("stdlib", max_bytes=200_000, seed=1))
@@ -115,7 +116,7 @@ def main() -> None:
         what = args.model
     else:
         cfg = nanoseek.ModelConfig.preset(args.preset, vocab_size=args.vocab, seq_aux_alpha=0.0, eos_token_id=None)
-        model = nanoseek.DeepSeekForCausalLM(cfg)
+        model = fastpath.enable(nanoseek.DeepSeekForCausalLM(cfg))  # trained below, then decoded
         if args.data == "stdlib":
             tok, batches, prompts = stdlib_setup(args)
         else:
