@@ -3,9 +3,10 @@
 MLA compresses keys and values into a latent c_kv (kv_lora_rank) plus one RoPE key shared by all heads
 (qk_rope_head_dim); the cache holds only these. Two equivalent computations:
 - naive (training, prefill): up-project the latent to per-head K/V with kv_b_proj, then attention;
-- absorbed (decode): fold kv_b_proj's key half into the query and its value half into the output,
-  so attention runs directly over the latent cache: scores = q_abs·c_kv + q_pe·k_pe.
-Caches are duck-typed: `cache.update(layer_idx, start, *new) -> full tensors` (see nanoseek.infer.cache).
+- absorbed (decode; V2 App. C): fold kv_b_proj's key half into the query and its value half into the
+  output, so attention runs directly over the latent cache: scores = q_abs·c_kv + q_pe·k_pe.
+`nanoseek.fastpath` computes both faster on CPU (cached, pre-multiplied absorbed weights; SDPA's flash
+kernel). Caches are duck-typed: `cache.update(layer_idx, start, *new) -> full tensors` (nanoseek.infer.cache).
 """
 from __future__ import annotations
 
@@ -73,7 +74,9 @@ class MLA(nn.Module):
         return self.o_proj(self._naive(q[..., :dn], q_pe, latent_BTL, mask).flatten(2))
 
     def _query(self, x_BSD):
-        return self.q_proj(x_BSD) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x_BSD)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))  # V2's low-rank query
 
     def _rope_and_cache(self, q_pe, c_kv, k_pe, rope, cache, start):
         """Rotate the queries' RoPE halves and the shared RoPE key (one tensor of H + 1 heads); store

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 from nanoseek.config import ModelConfig
 
@@ -86,7 +87,8 @@ class Gate(nn.Module):
         if cfg.topk_devices is not None:
             sel = keep_top_blocks(sel, cfg.ep_size, cfg.topk_devices, "max")
         if cfg.topk_method != "greedy" and (cfg.n_group or 1) > 1:
-            sel = keep_top_blocks(sel, cfg.n_group, cfg.topk_group, "max" if cfg.topk_method == "group_limited_greedy" else "top2")
+            score = "max" if cfg.topk_method == "group_limited_greedy" else "top2"
+            sel = keep_top_blocks(sel, cfg.n_group, cfg.topk_group, score)
         indices = sel.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
         weights = scores.gather(1, indices)
         if cfg.norm_topk_prob:
@@ -203,12 +205,11 @@ def _setup_grouped_mm():
     if fn is None:
         return None
     try:
-        from torch.utils.flop_counter import flop_registry, register_flop_formula
         op = torch.ops.aten._grouped_mm
         if op not in flop_registry and op.default not in flop_registry:
             register_flop_formula(op)(lambda a_shape, b_shape, *args, out_shape=None, **kwargs:
                                       _grouped_mm_flops(a_shape, b_shape))
-    except (ImportError, AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError):
         pass
     return fn
 
