@@ -38,7 +38,7 @@ from torch import nn
 from torch.linalg import vecdot
 
 from nanoseek.model.attention import MLA, RMSNorm, causal_mask
-from nanoseek.model.moe import Experts, MoE, Routing
+from nanoseek.model.moe import Experts, MoE, Routing, TokenDispatcher
 
 
 def _cpu_bf16_gemm_is_slow() -> bool:
@@ -294,9 +294,11 @@ class FastMoE(MoE):
         pass
 
     def _routed(self, x_TD: torch.Tensor, r: Routing, keep_TK: torch.Tensor | None) -> torch.Tensor:
-        # (measured on CPU, where syncing on the expert ids is free; no bf16 emulation under autocast)
+        # (measured on CPU, where syncing on the expert ids is free; no bf16 emulation under autocast; all
+        # experts local: an expert-parallel dispatcher always dispatches)
         limit = self.per_token_max if torch.get_num_threads() == 1 else self.per_token_max // 2
         if x_TD.shape[0] <= limit and keep_TK is None and not torch.is_grad_enabled() \
+                and type(self.dispatcher) is TokenDispatcher \
                 and x_TD.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
             return self._per_token(x_TD, r.indices, r.weights)
         return super()._routed(x_TD, r, keep_TK)

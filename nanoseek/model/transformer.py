@@ -33,7 +33,7 @@ class ModelOutput:
     hidden_states: torch.Tensor | None = None
     """[B, S, D] final hidden states after the last norm."""
     routings: list[Routing] = field(default_factory=list, repr=False)
-    """The routing of each MoE layer that ran: main layers, then MTP layers."""
+    """The routing (detached) of each MoE layer that ran: main layers, then MTP layers."""
     dropped_fraction: torch.Tensor | None = None
     """Mean share of (token, expert) pairs dropped over the MoE layers (V2 token dropping), else None."""
 
