@@ -50,6 +50,8 @@ class Routing:
     scores: torch.Tensor  # [T, E] affinities s (fp32), for the balance losses
 
     def detached(self) -> "Routing":
+        if not (self.weights.requires_grad or self.scores.requires_grad):
+            return self  # (inference: no graph to cut, and no ops to spend on decoding)
         return Routing(self.weights.detach(), self.indices, self.scores.detach())
 
     @property
