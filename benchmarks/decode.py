@@ -23,7 +23,9 @@ import warnings
 import torch
 
 import nanoseek
+from nanoseek import fastpath
 from nanoseek.infer.engine import Engine
+from nanoseek.interop.hf import load_pretrained, save_pretrained
 
 
 def timed(fn) -> tuple[float, float]:
@@ -52,8 +54,8 @@ def main() -> None:
     cfg = nanoseek.ModelConfig.preset(args.preset)
     ns = nanoseek.DeepSeekForCausalLM(cfg).eval()
     with tempfile.TemporaryDirectory() as d:
-        ns.save_pretrained(d)
-        ns = nanoseek.DeepSeekForCausalLM.from_pretrained(d, dtype=dtype).eval()
+        save_pretrained(ns, d)
+        ns = fastpath.enable(load_pretrained(d, dtype=dtype)).eval()  # (the engine would enable it too)
         transformers.logging.set_verbosity_error()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -18,7 +18,7 @@ import time
 import torch
 
 import nanoseek  # noqa: F401  (flush denormals)
-from nanoseek import DeepSeekForCausalLM, ModelConfig
+from nanoseek import DeepSeekForCausalLM, ModelConfig, fastpath
 
 
 def main():
@@ -41,7 +41,7 @@ def main():
     for E in map(int, args.experts.split(",")):
         torch.manual_seed(0)
         cfg = ModelConfig.preset("small-v3", n_routed_experts=E, num_experts_per_tok=4)
-        model = DeepSeekForCausalLM(cfg).train()
+        model = fastpath.enable(DeepSeekForCausalLM(cfg)).train()
         runs[E] = (model, build_optimizer(model, 1e-4), {"step": [], "fwd+bwd": []})
     batches = [torch.randint(0, 4096, (B, S + 2)) for _ in range(3)]
 

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import nanoseek
+from nanoseek import fastpath
 from nanoseek.infer.engine import Engine
+from nanoseek.interop.hf import load_pretrained, save_pretrained
 
 
 def train(model, batches, steps: int, lr: float) -> None:
@@ -105,7 +107,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     if args.model:
-        model = nanoseek.DeepSeekForCausalLM.from_pretrained(args.model).eval()
+        model = fastpath.enable(load_pretrained(args.model)).eval()
         tok = nanoseek.load_tokenizer(args.model)
         from nanoseek.data.corpus import iter_documents
         text = "".join(iter_documents("stdlib", max_bytes=200_000, seed=1))
@@ -114,7 +116,7 @@ def main() -> None:
         what = args.model
     else:
         cfg = nanoseek.ModelConfig.preset(args.preset, vocab_size=args.vocab, seq_aux_alpha=0.0, eos_token_id=None)
-        model = nanoseek.DeepSeekForCausalLM(cfg)
+        model = fastpath.enable(nanoseek.DeepSeekForCausalLM(cfg))  # trained below, then decoded
         if args.data == "stdlib":
             tok, batches, prompts = stdlib_setup(args)
         else:
@@ -123,7 +125,7 @@ def main() -> None:
         print(f"training {what} ...")
         train(model, batches, args.steps, args.lr)
         if args.save:
-            model.save_pretrained(args.save)
+            save_pretrained(model, args.save)
             if args.data == "stdlib":
                 tok.save(args.save)
     if not model.config.num_nextn_predict_layers:

@@ -9,7 +9,7 @@ like-for-like comparison runs nanoseek with MTP off and no balance loss; the ful
 runs with its defaults (printed: experts implementation, attention implementation); the median
 process CPU time per step is printed beside the wall time, since with --threads 1 it is robust to
 other load on a shared machine. On CPUs without bf16 GEMM hardware (no AVX-512/AMX; see
-nanoseek.model.linear) torch's bf16 matmuls are 10-50x slower than fp32: nanoseek computes the same
+nanoseek.fastpath, switched on as the trainers do) torch's bf16 matmuls are 10-50x slower than fp32: nanoseek computes the same
 bf16 products with fp32 kernels there, transformers' linears use torch's bf16 kernels (its grouped_mm
 experts run in fp32, as grouped_mm ignores autocast), so the bf16 ratio mostly measures that.
 
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import nanoseek  # noqa: F401  (flush denormals)
-from nanoseek import DeepSeekForCausalLM, ModelConfig
+from nanoseek import DeepSeekForCausalLM, ModelConfig, fastpath
+from nanoseek.interop.hf import save_pretrained
 
 
 def autocast(dtype):
@@ -87,10 +88,10 @@ def main():
     torch.manual_seed(0)
     cfg = ModelConfig.preset(args.preset, num_nextn_predict_layers=0, seq_aux_alpha=0.0)
     full_cfg = ModelConfig.preset(args.preset)  # V3 recipe: MTP + seq-aux loss (+ bias update in the step)
-    ns = DeepSeekForCausalLM(cfg).train()
-    full = DeepSeekForCausalLM(full_cfg).train()
+    ns = fastpath.enable(DeepSeekForCausalLM(cfg)).train()
+    full = fastpath.enable(DeepSeekForCausalLM(full_cfg)).train()
     with tempfile.TemporaryDirectory() as tmp:
-        ns.save_pretrained(tmp)
+        save_pretrained(ns, tmp)
         kwargs = {"experts_implementation": args.experts_impl} if args.experts_impl else {}
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, **kwargs).train()
     B, S, V = args.batch, args.seq, cfg.vocab_size

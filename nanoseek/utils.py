@@ -66,13 +66,13 @@ def read_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> list[di
     return rows
 
 
-@contextmanager
 def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
     """Rows as a jsonl file, written atomically."""
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return Path(path)
 
 
+@contextmanager
 def torch_threads(n: int | None):
     """Run the block with `n` torch threads (None or 0: leave the count alone), restoring the count after."""
     before = torch.get_num_threads()

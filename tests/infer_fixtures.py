@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import nanoseek
+from nanoseek.interop.hf import save_pretrained
 from nanoseek.data.tokenizer import train_tokenizer_from_texts
 
 REASONING = "Two plus two."
@@ -71,7 +72,7 @@ def chat_model_dir() -> str:
 
         _train(model, batches, steps=100, lr=5e-3)
         path = tempfile.mkdtemp(prefix="nanoseek-chat-")
-        model.save_pretrained(path)
+        save_pretrained(model, path)
         tok.save(path)
         return path
 

@@ -10,6 +10,7 @@ from nanoseek.cli import main
 from nanoseek.infer.chat import DIM, RESET, chat_loop
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.interop.hf import load_pretrained
 
 
 def _scripted(lines):
@@ -25,7 +26,7 @@ def _scripted(lines):
 
 def test_chat_loop_streams_reasoning_apart_and_resets():
     path = chat_model_dir()
-    model, tok = nanoseek.DeepSeekForCausalLM.from_pretrained(path), nanoseek.load_tokenizer(path)
+    model, tok = load_pretrained(path), nanoseek.load_tokenizer(path)
     engine = Engine(model, tok, speculative=True)
     out = io.StringIO()
     messages = chat_loop(engine, tok, SamplingParams(max_new_tokens=40), input_fn=_scripted(
@@ -44,7 +45,7 @@ def test_chat_loop_streams_reasoning_apart_and_resets():
 
 def test_chat_loop_refuses_an_overlong_conversation():
     path = chat_model_dir()
-    model, tok = nanoseek.DeepSeekForCausalLM.from_pretrained(path), nanoseek.load_tokenizer(path)
+    model, tok = load_pretrained(path), nanoseek.load_tokenizer(path)
     out = io.StringIO()
     messages = chat_loop(Engine(model, tok), tok, SamplingParams(max_new_tokens=40),
                          input_fn=_scripted(["x " * 200, "/exit"]), out=out)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import nanoseek
 from nanoseek.config import ModelConfig
-from nanoseek.interop.hf import CheckpointError, to_hf_state_dict
+from nanoseek.interop.hf import CheckpointError, load_pretrained, save_pretrained, to_hf_state_dict
 from nanoseek.quant.fp8 import dequantize_weight_blockwise, quantize_weight_blockwise
 
 # Widths that are not multiples of 128, so ragged edge blocks are exercised.
@@ -52,7 +52,7 @@ def _official_fp8_checkpoint(model, path):
 def test_fp8_checkpoint_reproduces_dequantized_weights_exactly(tmp_path, seed):
     model = nanoseek.DeepSeekForCausalLM(ModelConfig.preset("tiny-v3", **FP8_SHAPES))
     reference = _official_fp8_checkpoint(model, tmp_path)
-    loaded = nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path)
+    loaded = load_pretrained(tmp_path)
     assert loaded.config.quantization_config is None
     got = to_hf_state_dict(loaded)
     n_fp8 = 0
@@ -66,14 +66,14 @@ def test_fp8_checkpoint_reproduces_dequantized_weights_exactly(tmp_path, seed):
 
 def test_fp8_save_roundtrip(tmp_path, seed):
     model = nanoseek.DeepSeekForCausalLM(ModelConfig.preset("tiny-v3", **FP8_SHAPES)).eval()
-    model.save_pretrained(tmp_path, fp8=True)
+    save_pretrained(model, tmp_path, fp8=True)
     raw = load_file(tmp_path / "model.safetensors")
     assert raw["model.layers.0.self_attn.q_a_proj.weight"].dtype == torch.float8_e4m3fn
     assert raw["model.layers.0.self_attn.q_a_proj.weight_scale_inv"].shape == (2, 2)
     assert raw["model.embed_tokens.weight"].dtype == torch.float32
     assert raw["model.layers.1.mlp.gate.weight"].dtype == torch.float32
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
-    loaded = nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path)
+    loaded = load_pretrained(tmp_path)
     ids = torch.randint(0, 256, (1, 24))
     with torch.no_grad():
         a, b = model(ids).logits, loaded(ids).logits
@@ -86,56 +86,56 @@ def test_fp8_save_roundtrip(tmp_path, seed):
 
 def test_sharded_checkpoint_with_index(tmp_path, seed):
     model = nanoseek.DeepSeekForCausalLM(ModelConfig.preset("tiny-v3")).eval()
-    model.save_pretrained(tmp_path, max_shard_size="200KB")
+    save_pretrained(model, tmp_path, max_shard_size="200KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and all((tmp_path / s).exists() for s in shards)
     assert "model.layers.1.mlp.experts.7.down_proj.weight" in index["weight_map"]
     assert "model.layers.3.enorm.weight" in index["weight_map"]  # MTP as layer num_hidden_layers
-    loaded = nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path)
+    loaded = load_pretrained(tmp_path)
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
-    model.save_pretrained(tmp_path)  # re-saving unsharded removes the stale shards and index
+    save_pretrained(model, tmp_path)  # re-saving unsharded removes the stale shards and index
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path, seed):
     model = nanoseek.DeepSeekForCausalLM(ModelConfig.preset("tiny-v3"))
-    model.save_pretrained(tmp_path / "ok")
+    save_pretrained(model, tmp_path / "ok")
     with pytest.raises(FileNotFoundError, match="not found"):
-        nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "nope")
+        load_pretrained(tmp_path / "nope")
 
     tensors = load_file(tmp_path / "ok" / "model.safetensors")
     (tmp_path / "missing").mkdir()
     (tmp_path / "missing" / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
     save_file({k: v for k, v in tensors.items() if "q_b_proj" not in k}, tmp_path / "missing" / "model.safetensors")
     with pytest.raises(CheckpointError, match="missing keys.*q_b_proj"):
-        nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "missing")
+        load_pretrained(tmp_path / "missing")
 
     save_file({**tensors, "model.layers.0.extra.weight": torch.zeros(1)}, tmp_path / "missing" / "model.safetensors")
     with pytest.raises(CheckpointError, match="unexpected keys.*extra"):
-        nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "missing")
+        load_pretrained(tmp_path / "missing")
 
     bad = dict(tensors)
     bad["model.layers.0.self_attn.kv_b_proj.weight"] = torch.zeros(3, 3)
     save_file(bad, tmp_path / "missing" / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"kv_b_proj.weight has shape \(3, 3\)"):
-        nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "missing")
+        load_pretrained(tmp_path / "missing")
 
     data = (tmp_path / "ok" / "model.safetensors").read_bytes()
     (tmp_path / "missing" / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cannot read .*model.safetensors"):
-        nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "missing")
+        load_pretrained(tmp_path / "missing")
 
     os.remove(tmp_path / "missing" / "model.safetensors")
     (tmp_path / "missing" / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(CheckpointError, match="no \\*.safetensors.*pickle"):
-        nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "missing")
+        load_pretrained(tmp_path / "missing")
 
 
 def test_atomic_save_leaves_no_temp_files(tmp_path, seed):
     model = nanoseek.DeepSeekForCausalLM(ModelConfig.preset("tiny-dense"))
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 

@@ -8,15 +8,16 @@ import torch
 
 import nanoseek
 from nanoseek.cli import main
+from nanoseek.interop.hf import load_pretrained, save_pretrained
 
 
 def test_convert_fp8_and_back(tmp_path, seed):
     model = nanoseek.DeepSeekForCausalLM(nanoseek.ModelConfig.preset("tiny-v3")).eval()
-    model.save_pretrained(tmp_path / "src")
+    save_pretrained(model, tmp_path / "src")
     main(["convert", str(tmp_path / "src"), "--out", str(tmp_path / "fp8"), "--dtype", "fp8"])
     assert json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]["fmt"] == "e4m3"
     main(["convert", str(tmp_path / "fp8"), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
-    bf16 = nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "bf16", dtype=None)
+    bf16 = load_pretrained(tmp_path / "bf16", dtype=None)
     assert bf16.lm_head.weight.dtype == torch.bfloat16
     assert "quantization_config" not in json.loads((tmp_path / "bf16" / "config.json").read_text())
 

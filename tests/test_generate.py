@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import nanoseek
+from nanoseek.interop.hf import load_pretrained
 from conftest import TINY_V2_HF, TINY_V3_HF
 
 transformers = pytest.importorskip("transformers")
@@ -18,7 +19,7 @@ def test_greedy_matches_transformers_generate(tmp_path, seed, kind, cfg):
     hf.save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ns = nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path)
+        ns = load_pretrained(tmp_path)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34]]  # different lengths
     L = max(map(len, prompts))
     ids = torch.zeros(3, L, dtype=torch.long)
@@ -214,7 +215,7 @@ def test_per_row_sampling_parameters(tiny):
 
 def test_stop_strings_with_a_tokenizer():
     tok = nanoseek.load_tokenizer(infer_fixtures.chat_model_dir())
-    model = nanoseek.DeepSeekForCausalLM.from_pretrained(infer_fixtures.chat_model_dir())
+    model = load_pretrained(infer_fixtures.chat_model_dir())
     ids = tok.apply_chat_template([{"role": "user", "content": "hello"}])
     full = Engine(model, tok).generate([ids], max_new_tokens=40)[0]
     assert full.text == infer_fixtures.REPLY and full.finish_reason == "stop" and full.tokens[-1] == tok.eos_id

@@ -7,6 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import nanoseek  # noqa: E402
+from nanoseek.interop.hf import load_pretrained, save_pretrained  # noqa: E402
 from conftest import TINY_V2_HF, TINY_V3_HF  # noqa: E402
 
 SEQ = 40  # > original_max_position_embeddings (32): YaRN's extended range is exercised
@@ -48,7 +49,7 @@ def test_transformers_checkpoint_loads_with_same_logits(tmp_path, seed, kind, cf
     hf.save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers writes no MTP layer
-        ns = nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path)
+        ns = load_pretrained(tmp_path)
     ids = torch.randint(0, 256, (2, SEQ))
     ref = _hf_logits(hf, ids)
     assert ref.abs().max() > 0.1  # a non-trivial model
@@ -66,13 +67,13 @@ def test_nanoseek_checkpoint_loads_in_transformers(tmp_path, seed, preset, kind)
         for gate in ns.modules():  # transformers' V2 has no routing bias
             if hasattr(gate, "e_score_correction_bias") and cfg.topk_method == "noaux_tc":
                 gate.e_score_correction_bias.copy_(torch.randn_like(gate.e_score_correction_bias) * 0.1)
-    ns.save_pretrained(tmp_path)
+    save_pretrained(ns, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert type(hf).__name__ == {"v3": "DeepseekV3ForCausalLM", "v2": "DeepseekV2ForCausalLM"}[kind]
     ids = torch.randint(0, 256, (2, SEQ))
     assert (_ns_logits(ns, ids) - _hf_logits(hf, ids)).abs().max() <= 1e-4
     # And back: nanoseek reloads its own checkpoint, MTP layer included, exactly.
-    again = nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path)
+    again = load_pretrained(tmp_path)
     assert len(again.mtp) == cfg.num_nextn_predict_layers
     for (n1, a), (n2, b) in zip(ns.state_dict().items(), again.state_dict().items()):
         assert n1 == n2 and torch.equal(a, b), n1
@@ -84,7 +85,7 @@ def test_padded_batch_matches_transformers(tmp_path, seed):
     hf.save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ns = nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path)
+        ns = load_pretrained(tmp_path)
     ids = torch.randint(2, 256, (3, 36))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
@@ -99,13 +100,13 @@ def test_dense_deepseek_llm_matches_llama(tmp_path, seed):
     """DeepSeek LLM 7B/67B ship as LlamaForCausalLM: GQA, half-split RoPE."""
     cfg = nanoseek.ModelConfig.preset("tiny-dense")
     ns = nanoseek.DeepSeekForCausalLM(cfg).eval()
-    ns.save_pretrained(tmp_path)
+    save_pretrained(ns, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
     ids = torch.randint(0, 256, (2, SEQ))
     ref = _hf_logits(hf, ids)
     assert (_ns_logits(ns, ids) - ref).abs().max() <= 1e-4
     hf.save_pretrained(tmp_path / "from_hf")
-    back = nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "from_hf")
+    back = load_pretrained(tmp_path / "from_hf")
     assert back.config.attention_type == "gqa"
     assert (_ns_logits(back, ids) - ref).abs().max() <= 1e-4

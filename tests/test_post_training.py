@@ -8,6 +8,7 @@ import torch
 from post_fixtures import bimodal_base, summary
 
 import nanoseek
+from nanoseek.interop.hf import load_pretrained
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.tasks import make_task
 from nanoseek.train.metrics import read_metrics
@@ -38,7 +39,7 @@ def test_sft_trains_exports_and_resumes_identically(tmp_path):
     assert [r["step"] for r in records] == list(range(1, 9))
     assert records[-1]["loss"] < records[0]["loss"]
     assert full["eval"]["n"] == 8 and (tmp_path / "full" / "config.toml").is_file()
-    model = nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "full" / "model")
+    model = load_pretrained(tmp_path / "full" / "model")
     nanoseek.load_tokenizer(tmp_path / "full" / "model")
 
     sft(_cfg(*sets, "train.steps=4"), tmp_path / "half")
@@ -47,7 +48,7 @@ def test_sft_trains_exports_and_resumes_identically(tmp_path):
     with pytest.raises(ValueError, match=r"cannot resume .*\(optim.lr: 0.001 -> 0.01\)"):
         sft(_cfg(*sets, "train.steps=8", "optim.lr=1e-2"), tmp_path / "half", resume=True)
     sft(_cfg(*sets, "train.steps=8"), tmp_path / "half", resume=True)
-    resumed = nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "half" / "model")
+    resumed = load_pretrained(tmp_path / "half" / "model")
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert [r["step"] for r in read_metrics(tmp_path / "half") if r.get("loss")] == list(range(1, 9))
@@ -153,7 +154,7 @@ def test_rejection_sampling_feeds_logit_distillation_of_a_smaller_student(base, 
                   tmp_path / "distill")
     steps = [r for r in read_metrics(tmp_path / "distill") if r.get("loss") is not None]
     assert steps[-1]["distill_kl"] < steps[0]["distill_kl"]
-    student = nanoseek.DeepSeekForCausalLM.from_pretrained(tmp_path / "distill" / "model")
+    student = load_pretrained(tmp_path / "distill" / "model")
     teacher_cfg = nanoseek.ModelConfig.from_pretrained(teacher)
     assert student.config.hidden_size == 32 and student.config.vocab_size == teacher_cfg.vocab_size
     assert out["traces"]["kept"] == len(rows)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanoseek.interop.hf import load_pretrained
 from nanoseek.pretrain.config import PretrainConfig
 from nanoseek.pretrain.trainer import Pretrainer, TrainingError, pretrain
 from nanoseek.train.metrics import read_metrics
@@ -46,8 +47,6 @@ def steps(run_dir):
 def test_tiny_run_lowers_heldout_loss_and_exports_hf_model(dataset, tmp_path):
     import transformers
 
-    import nanoseek
-
     out = tmp_path / "run"
     summary = pretrain(tiny(dataset, "train.steps=40", "eval.every=10"), out)
     records = steps(out)
@@ -66,7 +65,7 @@ def test_tiny_run_lowers_heldout_loss_and_exports_hf_model(dataset, tmp_path):
     assert (out / "config.toml").is_file()
 
     # DIR/model: nanoseek and transformers load it and agree; its tokenizer loads in AutoTokenizer.
-    ns = nanoseek.DeepSeekForCausalLM.from_pretrained(out / "model")
+    ns = load_pretrained(out / "model")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out / "model", attn_implementation="eager").eval()
     tok = transformers.AutoTokenizer.from_pretrained(out / "model")
     ids = torch.tensor([tok.encode("import os\n\ndef main(argv=None):\n    return 0\n")])
@@ -262,8 +261,7 @@ def test_fp8_and_bf16_training_runs(dataset, tmp_path):
     summary = pretrain(tiny(dataset, "train.steps=3", "schedule.warmup_steps=1", "train.fp8=true",
                             "train.dtype=bf16"), out)
     assert math.isfinite(summary["val_loss"]) and summary["val_loss"] < math.log(512) + 0.5
-    import nanoseek
-    nanoseek.DeepSeekForCausalLM.from_pretrained(out / "model")  # FP8Linear keeps nn.Linear's keys
+    load_pretrained(out / "model")  # FP8Linear keeps nn.Linear's keys
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import nanoseek
+from nanoseek.interop.hf import load_pretrained
 from infer_fixtures import ANSWER, QUESTIONS, REASONING, REPLY, chat_model_dir
 
 openai = pytest.importorskip("openai")
@@ -29,7 +30,7 @@ def running_server(step_delay: float = 0.0, **kwargs):
     """create_app + uvicorn in a thread, on a port the OS picked; stopped (and joined) afterwards.
     `step_delay` slows every forward down, so that requests are still running when a test looks."""
     path = chat_model_dir()
-    model = nanoseek.DeepSeekForCausalLM.from_pretrained(path).eval()
+    model = load_pretrained(path).eval()
     if step_delay:
         model.register_forward_pre_hook(lambda *_: time.sleep(step_delay))
     app = create_app(model, nanoseek.load_tokenizer(path), "tiny", **kwargs)

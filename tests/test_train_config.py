@@ -177,22 +177,20 @@ def test_device_token_drop_caps_each_device_and_spares_protected_sequences(seed)
             assert aff[~keep & on].max() <= aff[keep & on].min()
 
     moe.capacity_factor = 1.0
-    y_train = moe.train()(x.view(B, S, -1))
-    assert 0 < moe.last_drop_fraction < 1
-    moe.eval()
-    moe.last_drop_fraction = None
-    y_eval = moe(x.view(B, S, -1))
-    assert moe.last_drop_fraction is None and not torch.allclose(y_train, y_eval)  # no dropping at eval
+    y_train, stats = moe.train()(x.view(B, S, -1))
+    assert 0 < stats.dropped_fraction.item() < 1
+    y_eval, stats = moe.eval()(x.view(B, S, -1))
+    assert stats.dropped_fraction is None and not torch.allclose(y_train, y_eval)  # no dropping at eval
 
 
 def test_grouped_expert_matmuls_match_the_per_expert_loop(seed):
-    """The grouped-matmul experts (training and batched inference) and the per-token decode path give the
-    per-expert loop's outputs and gradients."""
+    """The grouped-matmul experts over the dispatcher's sorted rows give the per-expert loop's outputs and
+    gradients, dropped pairs included."""
     from nanoseek import ModelConfig
-    from nanoseek.model.moe import Experts
+    from nanoseek.model.moe import Experts, TokenDispatcher
 
     cfg = ModelConfig.preset("tiny-v3", n_routed_experts=16, n_group=1, topk_group=1, num_experts_per_tok=3)
-    experts = Experts(cfg)
+    experts, dispatcher = Experts(cfg), TokenDispatcher(16)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(40, cfg.hidden_size)
@@ -200,25 +198,27 @@ def test_grouped_expert_matmuls_match_the_per_expert_loop(seed):
     idx[idx == 5] = 4  # leave an expert empty (a token may now pick expert 4 twice: still well defined)
     w = torch.rand(40, 3)
     keep = torch.rand(40, 3) > 0.2
+
+    def routed():
+        rows, counts, state = dispatcher.dispatch(x, idx, keep)
+        assert counts[5] == 0 and counts.sum() == keep.sum() == rows.shape[0]
+        return dispatcher.combine(experts(rows, counts), w, state)
+
     assert experts._can_group(x)
-    grouped = experts(x, idx, w, keep)
+    grouped = routed()
     grouped.square().sum().backward()
     grads = [p.grad.clone() for p in experts.parameters()]
-    threads, one = torch.get_num_threads(), {}  # the per-token decode path, with its 1- and 2-thread kernels
-    try:
-        with torch.no_grad():
-            for n in (1, 2):
-                torch.set_num_threads(n)
-                one[n] = torch.cat([experts(x[t:t + 2], idx[t:t + 2], w[t:t + 2]) for t in range(0, 40, 2)])
-    finally:
-        torch.set_num_threads(threads)
     experts.zero_grad()
     experts._can_group = lambda x: False  # the per-expert loop: the reference
-    with torch.no_grad():
-        looped = experts(x, idx, w, keep)
-        for y in one.values():
-            torch.testing.assert_close(y, experts(x, idx, w), atol=1e-5, rtol=1e-5)
+    looped = routed()
     torch.testing.assert_close(grouped, looped, atol=1e-5, rtol=1e-5)
-    experts(x, idx, w, keep).square().sum().backward()
+    looped.square().sum().backward()
     for p, g in zip(experts.parameters(), grads):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
+    # the definition: Σ_k w[t, k] · expert_{idx[t, k]}(x_t) over the kept pairs
+    with torch.no_grad():
+        def expert(e, v):
+            return (torch.nn.functional.silu(v @ experts.gate_proj[e].T) * (v @ experts.up_proj[e].T)) @ experts.down_proj[e].T
+        reference = torch.stack([sum((w[t, k] * expert(idx[t, k], x[t]) for k in range(3) if keep[t, k]),
+                                     torch.zeros(cfg.hidden_size)) for t in range(40)])
+    torch.testing.assert_close(looped.detach(), reference, atol=1e-5, rtol=1e-5)

@@ -18,7 +18,7 @@ from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import add_sampling_arguments, sampling_params
 from nanoseek.infer.text import ReasoningParser
-from nanoseek.model.transformer import DeepSeekForCausalLM
+from nanoseek.interop.hf import load_pretrained
 
 DIM, RESET = "\033[2m", "\033[0m"
 HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D); Ctrl-C stops a reply"
@@ -65,7 +65,7 @@ def load(model_dir: str, dtype: str = "float32"):
     if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         raise FileNotFoundError(f"{model_dir} has no tokenizer.json; a model directory needs its tokenizer")
     tok = load_tokenizer(model_dir)
-    model = DeepSeekForCausalLM.from_pretrained(model_dir, dtype={"float32": torch.float32,
+    model = load_pretrained(model_dir, dtype={"float32": torch.float32,
                                                                   "bfloat16": torch.bfloat16}[dtype]).eval()
     return model, tok
 

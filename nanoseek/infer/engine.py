@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoseek import fastpath
 from nanoseek.infer.cache import KVCache
 from nanoseek.infer.sampling import SamplingParams, distributions, draw, penalize, uniform
 from nanoseek.infer.text import IncrementalText
@@ -94,7 +95,7 @@ class Batch:
         if speculative and not cfg.num_nextn_predict_layers:
             raise ValueError("speculative decoding needs a model with an MTP module (num_nextn_predict_layers >= 1)")
         self.model, self.tokenizer, self.speculative, self.cache_dtype = model, tokenizer, speculative, cache_dtype
-        model.clear_decode_caches()  # the weights may have changed since the last batch (RL between rollouts)
+        fastpath.clear_caches(model)  # the weights may have changed since the last batch (RL between rollouts)
         self.device = next(model.parameters()).device
         self.vocab_size = cfg.vocab_size
         self.num_layers = cfg.num_hidden_layers + (1 if speculative else 0)
@@ -460,6 +461,7 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, speculative: bool = False, cache_dtype: torch.dtype | None = None):
         self.model, self.tokenizer, self.speculative, self.cache_dtype = model, tokenizer, speculative, cache_dtype
+        fastpath.enable(model)  # (in place: the same parameters, decoded faster)
         self.stats = DecodeStats()
 
     def new_batch(self) -> Batch:

@@ -7,7 +7,7 @@ import shutil
 
 import torch
 
-from nanoseek.model.transformer import DeepSeekForCausalLM
+from nanoseek.interop.hf import load_pretrained, save_pretrained
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -17,8 +17,8 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", max_shard_size: str = "
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError("convert writes a new directory: --out must differ from the source")
     fp8 = dtype == "fp8"
-    model = DeepSeekForCausalLM.from_pretrained(src, dtype=torch.float32 if fp8 else DTYPES[dtype])
-    model.save_pretrained(dst, max_shard_size=max_shard_size, dtype=torch.bfloat16 if fp8 else None, fp8=fp8)
+    model = load_pretrained(src, dtype=torch.float32 if fp8 else DTYPES[dtype])
+    save_pretrained(model, dst, max_shard_size=max_shard_size, dtype=torch.bfloat16 if fp8 else None, fp8=fp8)
     for name in TOKENIZER_FILES:  # a model directory carries its tokenizer
         if os.path.exists(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))

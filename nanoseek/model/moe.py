@@ -4,12 +4,13 @@ Router: affinities s = softmax (V2) or sigmoid (V3) of x·W_g; selection uses s 
 the auxiliary-loss-free balancing state (aux-loss-free 2408.15664), changed outside the model by
 `update_router_bias` and never by the optimizer; gate values come from s alone. Selection may be
 limited to the top-M devices (V2 device-limited routing, device score = max affinity) and to the top
-groups (V2 group max; V3 sum of the top-2). Experts are stacked tensors evaluated per expert over
-the tokens routed to it, so the cost follows the active parameters, not the total: one grouped
-matmul per projection over the (token, expert) pairs sorted by expert (torch's grouped_mm), which
-keeps the step time flatter as the expert count grows; a loop over the experts hit where grouped_mm
-is missing, and on CPU a direct loop over each token's K experts at inference over a few tokens
-(decoding batches of up to 8 rows, and the speculative verify of up to 4).
+groups (V2 group max; V3 sum of the top-2).
+
+Routed path: a `TokenDispatcher` sorts the (token, expert) pairs by expert and gathers their rows;
+`Experts` (stacked tensors) computes each expert's SwiGLU over its contiguous rows, one grouped matmul
+per projection (torch's grouped_mm; a loop over the experts where it is missing), so the cost follows
+the active parameters, not the total; the dispatcher then weights the rows by their gate values and
+adds them back to their tokens. Expert parallelism swaps the dispatcher for an all-to-all one.
 
 V2 §2.2.4 device-level token dropping (training only): with `MoE.capacity_factor` set, each of the
 `ep_size` devices processes at most capacity_factor · T·K / ep_size (token, expert) pairs, dropping
@@ -25,10 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.linalg import vecdot
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import DecodeCache, Linear, cast, emulate_bf16, linear, round_bf16, scalar
 
 
 class MLP(nn.Module):
@@ -36,9 +36,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter: int):
         super().__init__()
-        self.gate_proj = Linear(dim, inter, bias=False)
-        self.up_proj = Linear(dim, inter, bias=False)
-        self.down_proj = Linear(inter, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, inter, bias=False)
+        self.up_proj = nn.Linear(dim, inter, bias=False)
+        self.down_proj = nn.Linear(inter, dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -52,16 +52,13 @@ class Routing:
 
     def detached(self) -> "Routing":
         if not (self.weights.requires_grad or self.scores.requires_grad):
-            return self
+            return self  # (inference: no graph to cut, and no ops to spend on decoding)
         return Routing(self.weights.detach(), self.indices, self.scores.detach())
 
     @property
     def load(self) -> torch.Tensor:
         """[E] tokens per expert in this batch (fp32, no grad); counted when asked (decoding never asks)."""
         return torch.bincount(self.indices.flatten(), minlength=self.scores.shape[-1]).float()
-
-
-_NEG_INF = scalar(float("-inf"))
 
 
 def keep_top_blocks(sel_TE: torch.Tensor, n_blocks: int, k_blocks: int, score: str) -> torch.Tensor:
@@ -74,7 +71,7 @@ def keep_top_blocks(sel_TE: torch.Tensor, n_blocks: int, k_blocks: int, score: s
     blocks = sel_TE.view(T, n_blocks, E // n_blocks)
     block_score = blocks.amax(-1) if score == "max" else blocks.topk(2, dim=-1).values.sum(-1)
     drop = torch.ones_like(block_score, dtype=torch.bool).scatter_(1, block_score.topk(k_blocks, dim=-1).indices, False)
-    return blocks.masked_fill(drop[:, :, None], _NEG_INF).view(T, E)
+    return blocks.masked_fill(drop[:, :, None], float("-inf")).view(T, E)
 
 
 class Gate(nn.Module):
@@ -83,25 +80,61 @@ class Gate(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
-        self._tiny, self._scale = scalar(1e-20), scalar(cfg.routed_scaling_factor)  # (no Python numbers per call)
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        cfg = self.cfg
-        dev = x_TD.device.type
+        cfg, dev = self.cfg, x_TD.device.type
+        # routing in fp32, as DeepSeek does (autocast off; entering its context costs a decode step ~1%)
         with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext():
-            # routing in fp32, as DeepSeek does (not autocast)
-            logits = F.linear(cast(x_TD, torch.float32), cast(self.weight, torch.float32))
+            logits = F.linear(x_TD.float(), self.weight.float())
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        sel = (scores.detach() if scores.requires_grad else scores) + self.e_score_correction_bias  # bias: selection only
+        sel = scores.detach() + self.e_score_correction_bias  # the bias steers selection only
         if cfg.topk_devices is not None:
             sel = keep_top_blocks(sel, cfg.ep_size, cfg.topk_devices, "max")
         if cfg.topk_method != "greedy" and (cfg.n_group or 1) > 1:
-            sel = keep_top_blocks(sel, cfg.n_group, cfg.topk_group, "max" if cfg.topk_method == "group_limited_greedy" else "top2")
+            score = "max" if cfg.topk_method == "group_limited_greedy" else "top2"
+            sel = keep_top_blocks(sel, cfg.n_group, cfg.topk_group, score)
         indices = sel.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
         weights = scores.gather(1, indices)
         if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + self._tiny)
-        return Routing(weights * self._scale, indices, scores)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(weights * cfg.routed_scaling_factor, indices, scores)
+
+
+@dataclass
+class DispatchState:
+    """What `TokenDispatcher.combine` needs to send the expert outputs back to their tokens."""
+    order: torch.Tensor  # [N] flat (token, slot) index of each dispatched row
+    token: torch.Tensor  # [N] source token of each row
+    num_tokens: int
+    dtype: torch.dtype  # the tokens' dtype
+
+
+class TokenDispatcher:
+    """Local dispatch: all experts live here. The interface an expert-parallel (all-to-all) dispatcher keeps:
+    `dispatch` returns the rows each local expert processes, contiguous per expert in expert order, with
+    their counts; `combine` takes the experts' output rows back to [T, D], weighted by the gate values."""
+
+    def __init__(self, n_experts: int):
+        self.n_experts = n_experts
+
+    def dispatch(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+        """Rows [N, D] (a token once per selected expert; pairs where `keep_TK` is False dropped), sorted
+        by expert, and the counts [E] per expert."""
+        K = indices_TK.shape[1]
+        flat = indices_TK.flatten()
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        if keep_TK is not None:
+            order = order[keep_TK.flatten()[order]]
+        counts_E = torch.bincount(flat if keep_TK is None else flat[order], minlength=self.n_experts)
+        token = order // K
+        return x_TD[token], counts_E, DispatchState(order, token, x_TD.shape[0], x_TD.dtype)
+
+    def combine(self, rows_ND: torch.Tensor, weights_TK: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """y_t = Σ_k weights[t, k] · row of (t, k), [T, D] in the tokens' dtype; dropped pairs add nothing."""
+        y_ND = rows_ND * weights_TK.flatten()[state.order, None].to(state.dtype)  # gate values in x's precision
+        y_TD = rows_ND.new_zeros(state.num_tokens, rows_ND.shape[1], dtype=state.dtype)
+        return y_TD.index_add_(0, state.token, y_ND.to(state.dtype))
 
 
 class Experts(nn.Module):
@@ -113,66 +146,16 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, I, D))
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
-        self._decode_cache = DecodeCache()
-        self.per_token_max = 8
-        """Inference over at most this many tokens (half as many when torch runs several threads) evaluates
-        each token's experts directly (`_per_token`). small-v3 decode on CPU, against the grouped kernel: with
-        1 thread 28% faster at batch 1, 14% at 4, 7% at 6, even at 8; with 2 threads 11% faster at batch 1,
-        3% at 4, 15% slower at 8."""
 
-    def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
-                keep_TK: torch.Tensor | None = None) -> torch.Tensor:
-        """Σ_k weights[t, k] · expert_{indices[t, k]}(x_t); pairs where `keep_TK` is False are dropped."""
-        # (per token: measured on CPU, where syncing on the expert ids is free; no bf16 emulation under autocast)
-        limit = self.per_token_max if torch.get_num_threads() == 1 else self.per_token_max // 2
-        if x_TD.shape[0] <= limit and keep_TK is None and not torch.is_grad_enabled() and x_TD.device.type == "cpu" \
-                and not torch.is_autocast_enabled("cpu"):
-            return self._per_token(x_TD, indices_TK, weights_TK)
-        K = indices_TK.shape[1]
-        flat = indices_TK.flatten()
-        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
-        if keep_TK is not None:
-            order = order[keep_TK.flatten()[order]]
-        counts_E = torch.bincount(flat if keep_TK is None else flat[order], minlength=self.gate_proj.shape[0])
-        token = order // K
-        if self._can_group(x_TD):  # cast the T rows once, before the gather copies each K times
-            h = self._grouped(self._operand(x_TD)[token], counts_E)
-        else:
-            h = self._looped(x_TD[token], counts_E)
-        y_sorted = h * cast(weights_TK.flatten()[order, None], x_TD.dtype)  # gate values kept in x's precision
-        return torch.zeros_like(x_TD).index_add_(0, token, cast(y_sorted, x_TD.dtype))
-
-    def _per_token(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        """Decoding a few tokens (a small batch, or a small batch's speculative verify): each token's K experts
-        are one row through one expert each, cheaper than the sort/gather/scatter bookkeeping and the
-        grouped kernel's walk over all experts; a token's K outputs are summed with their gate values in
-        one product. With one thread each projection is a vector dot product over the rows of the expert's
-        weight (`linalg.vecdot`: it streams a weight that is not in cache ~1.3-1.8x faster than MKL's
-        matrix-vector product); with two threads it made the decode step slower, not faster (small-v3:
-        9% at batch 1, 18% at batch 4; the cause is not pinned down), so there MKL's product it is."""
-        experts, out = self._expert_weights(), []
-        row = vecdot if torch.get_num_threads() == 1 else lambda w, x: F.linear(x, w)
-        for x_D, ids, w_K in zip(x_TD, indices_TK.tolist(), weights_TK):
-            h_KD = torch.stack([row(down, F.silu(row(gate, x_D)) * row(up, x_D))
-                                for gate, up, down in (experts[e] for e in ids)])
-            out.append(cast(w_K, h_KD.dtype) @ h_KD)
-        return torch.stack(out)
-
-    def _expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(gate, up, down) views of each expert, kept until a parameter changes (indexing a stacked
-        parameter is a dispatched op, and one decoded token would index it 3·K times per layer)."""
-        params = [self._parameters[name] for name in ("gate_proj", "up_proj", "down_proj")]
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        return self._decode_cache.get(key, lambda: list(zip(*(p.detach().unbind(0) for p in params))))
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """expert_e(row) for rows sorted by expert, counts_E[e] of them for expert e."""
+        return self._grouped(x_ND, counts_E) if self._can_group(x_ND) else self._looped(x_ND, counts_E)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         dev = x.device.type
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
     def _can_group(self, x: torch.Tensor) -> bool:
-        # One grouped kernel per projection beats a Python loop of small matmuls, under autograd (forward and
-        # backward) and at inference too (batch-8 decode ~10% faster on CPU, although the kernel visits
-        # empty experts); a few tokens take `_per_token` instead.
         # grouped_mm kernels: fp32/bf16 on CPU, bf16 on CUDA and under torch.compile; 16-byte aligned rows.
         if _grouped_mm is None:
             return False
@@ -187,20 +170,16 @@ class Experts(nn.Module):
         return D % per16 == 0 and I % per16 == 0
 
     def _operand(self, t: torch.Tensor) -> torch.Tensor:
-        """grouped_mm is not autocast-aware: its operands go to the autocast dtype as autocast would cast
-        them or, where the CPU has no bf16 GEMM, to their bf16-rounded values in fp32 for the fp32 kernel
-        (same numerics, see nanoseek.model.linear) — except under torch.compile, whose grouped_mm takes bf16 only."""
-        dtype = self._compute_dtype(t)
-        return round_bf16(t) if emulate_bf16(t, dtype) and not torch.compiler.is_compiling() else cast(t, dtype)
+        """grouped_mm is not autocast-aware: its operands go to the autocast dtype as autocast would cast them."""
+        return t.to(self._compute_dtype(t))
 
     def _grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """x_ND: the sorted rows, already an `_operand`."""
         dtype = self._compute_dtype(x_ND)
         offs = counts_E.cumsum(0).to(torch.int32)
 
         def mm(a, w):
-            return cast(_grouped_mm(a, self._operand(w).transpose(1, 2), offs=offs), dtype)
-        return mm(self._operand(F.silu(mm(x_ND, self.gate_proj)) * mm(x_ND, self.up_proj)), self.down_proj)
+            return _grouped_mm(self._operand(a), self._operand(w).transpose(1, 2), offs=offs).to(dtype)
+        return mm(F.silu(mm(x_ND, self.gate_proj)) * mm(x_ND, self.up_proj), self.down_proj)
 
     def _looped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         pieces, start = [], 0
@@ -230,12 +209,11 @@ def _setup_grouped_mm():
     if fn is None:
         return None
     try:
-        from torch.utils.flop_counter import flop_registry, register_flop_formula
         op = torch.ops.aten._grouped_mm
         if op not in flop_registry and op.default not in flop_registry:
             register_flop_formula(op)(lambda a_shape, b_shape, *args, out_shape=None, **kwargs:
                                       _grouped_mm_flops(a_shape, b_shape))
-    except (ImportError, AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError):
         pass
     return fn
 
@@ -243,42 +221,52 @@ def _setup_grouped_mm():
 _grouped_mm = _setup_grouped_mm()
 
 
+@dataclass
+class MoEStats:
+    """What training needs from one MoE layer's forward."""
+    routing: Routing
+    """The routing, detached: expert load (bias update, metrics)."""
+    aux_loss: torch.Tensor | None = None
+    """The weighted balance losses (training mode, when any is enabled)."""
+    dropped_fraction: torch.Tensor | None = None
+    """Share of the (token, expert) pairs dropped (training mode with token dropping on)."""
+
+
 class MoE(nn.Module):
-    """Routed experts + shared experts. After each forward, `last_routing` (its `load` [E]) and
-    `last_aux_loss` hold what training needs (expert load for the bias update and metrics, the
-    weighted balance losses).
+    """Routed experts + shared experts; `forward` returns (y, MoEStats).
 
     `capacity_factor` (None = off) turns on V2 device-level token dropping in training mode, sparing
-    the first `no_drop_fraction` of each batch's sequences; `last_drop_fraction` then holds the share
-    of (token, expert) pairs dropped. The load counts the routing decisions, before any dropping."""
+    the first `no_drop_fraction` of each batch's sequences. The load counts the routing decisions,
+    before any dropping."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.gate = Gate(cfg)
+        self.dispatcher = TokenDispatcher(cfg.n_routed_experts)
         self.experts = Experts(cfg)
         n_shared = cfg.n_shared_experts or 0
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
-        self.last_routing: Routing | None = None
-        self.last_aux_loss: torch.Tensor | None = None
         self.capacity_factor: float | None = None
         self.no_drop_fraction: float = 0.1
-        self.last_drop_fraction: float | None = None
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
         r = self.gate(x_TD)
-        keep = None
+        keep = dropped = None
         if self.training and self.capacity_factor:
             keep = device_token_drop(self.cfg, r, self.capacity_factor, B, S, self.no_drop_fraction)
-            self.last_drop_fraction = 1.0 - keep.float().mean().item()
-        y = self.experts(x_TD, r.indices, r.weights, keep)
+            dropped = 1.0 - keep.float().mean()
+        y = self._routed(x_TD, r, keep)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_TD)
-        self.last_routing = r.detached()  # (kept past the step: no graph)
-        self.last_aux_loss = balance_loss(self.cfg, r, B, S) if self.training else None
-        return y.view(B, S, D)
+        aux = balance_loss(self.cfg, r, B, S) if self.training else None
+        return y.view(B, S, D), MoEStats(r.detached(), aux, dropped)
+
+    def _routed(self, x_TD: torch.Tensor, r: Routing, keep_TK: torch.Tensor | None) -> torch.Tensor:
+        rows_ND, counts_E, state = self.dispatcher.dispatch(x_TD, r.indices, keep_TK)
+        return self.dispatcher.combine(self.experts(rows_ND, counts_E), r.weights, state)
 
 
 def device_token_drop(cfg: ModelConfig, r: Routing, capacity_factor: float, B: int, S: int,

@@ -12,23 +12,23 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import RMSNorm
-from nanoseek.model.linear import Linear
+from nanoseek.model.decoder import DecoderLayer
+from nanoseek.model.moe import MoEStats
 
 
 class MTPLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        from nanoseek.model.transformer import DecoderLayer  # the block is the model's own, never a copy
-
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.enorm = RMSNorm(D, eps)
         self.hnorm = RMSNorm(D, eps)
-        self.eh_proj = Linear(2 * D, D, bias=False)
-        self.block = DecoderLayer(cfg, layer_idx)
+        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.block = DecoderLayer(cfg, layer_idx)  # the main model's block, never a copy
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(D, eps)
 
-    def forward(self, h_BSD, emb_BSD, rope, mask=None, cache=None, start: int = 0) -> torch.Tensor:
-        """Returns h^k [B, S, D]; logits are lm_head(shared_head.norm(h^k))."""
+    def forward(self, h_BSD, emb_BSD, rope, mask=None, cache=None, start: int = 0
+                ) -> tuple[torch.Tensor, MoEStats | None]:
+        """Returns h^k [B, S, D] (logits are lm_head(shared_head.norm(h^k))) and the block's MoEStats."""
         z = self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_BSD)], dim=-1))  # [emb; hidden]
         return self.block(z, rope, mask, cache, start)

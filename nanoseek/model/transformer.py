@@ -1,5 +1,6 @@
-"""The DeepSeek decoder: pre-norm blocks of attention (MLA or MHA/GQA) and an MLP or DeepSeekMoE,
-then the final norm, the LM head and the multi-token-prediction modules (V3 §2.2).
+"""The DeepSeek language model: embedding, pre-norm decoder layers (`nanoseek.model.decoder`), the final
+norm, the LM head and the multi-token-prediction modules (V3 §2.2). `forward` returns everything
+training needs (logits, MTP logits, balance loss, routings, dropped fraction) in a `ModelOutput`.
 
 Parameter names follow the Hugging Face layout, so a state dict maps onto DeepseekV2/V3 (and Llama
 for the dense DeepSeek-LLM models) checkpoints one to one, except the stacked experts and the MTP
@@ -7,16 +8,16 @@ modules, which `nanoseek.interop.hf` renames.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.attention import RMSNorm, build_attention, causal_mask
-from nanoseek.model.linear import DecodeCache, Linear, decode_layout, linear
-from nanoseek.model.moe import MLP, Experts, Gate, MoE, Routing
+from nanoseek.model.attention import RMSNorm, causal_mask
+from nanoseek.model.decoder import DecoderLayer
+from nanoseek.model.moe import Experts, Gate, MoE, MoEStats, Routing
 from nanoseek.model.mtp import MTPLayer
 from nanoseek.model.rope import RotaryEmbedding
 
@@ -32,25 +33,14 @@ class ModelOutput:
     hidden_states: torch.Tensor | None = None
     """[B, S, D] final hidden states after the last norm."""
     routings: list[Routing] = field(default_factory=list, repr=False)
-    """The routing of each MoE layer that ran: main layers, then MTP layers."""
+    """The routing (detached) of each MoE layer that ran: main layers, then MTP layers."""
+    dropped_fraction: torch.Tensor | None = None
+    """Mean share of (token, expert) pairs dropped over the MoE layers (V2 token dropping), else None."""
 
     @property
     def expert_load(self) -> torch.Tensor | None:
         """[n, E] tokens per expert for the n MoE layers that ran (rows as `routings`); counted when asked."""
         return torch.stack([r.load for r in self.routings]) if self.routings else None
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = build_attention(cfg, layer_idx)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x_BSD, rope, mask=None, cache=None, start: int = 0):
-        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), rope, mask, cache, start)
-        return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))
 
 
 class DeepSeekModel(nn.Module):
@@ -68,14 +58,15 @@ class DeepSeekForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DeepSeekModel(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         L = cfg.num_hidden_layers
         self.mtp = nn.ModuleList(MTPLayer(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
-        self._decode_cache = DecodeCache()  # the LM head's weight in decode layout
         rope_dim = cfg.qk_rope_head_dim if cfg.is_mla else cfg.attn_head_dim
         self.rotary = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_interleave)
+        self.activation_checkpointing = False
+        """Recompute each decoder layer in the backward pass instead of keeping its activations (training)."""
         self.init_weights()
 
     @torch.no_grad()
@@ -98,7 +89,6 @@ class DeepSeekForCausalLM(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         """MoE modules in a fixed order: main layers, then MTP layers (rows of `expert_load`)."""
-        # (not self.modules(): walking every module on each decode step cost ~5% of a small model's step)
         return [layer.mlp for layer in [*self.model.layers, *(m.block for m in self.mtp)] if isinstance(layer.mlp, MoE)]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -114,29 +104,35 @@ class DeepSeekForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(start, start + S, device=input_ids.device)[None]
         rope = self.rotary(position_ids)
-        moe = self.moe_layers()
-        for m in moe:  # MTP layers may be skipped: no stale statistics
-            m.last_routing = m.last_aux_loss = None
         h = self.model.embed_tokens(input_ids)
         mask = self._mask(attention_mask, B, S, start, h.dtype, h.device)
+        stats = []
         for layer in self.model.layers:
-            h = layer(h, rope, mask, cache, start)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h, s = checkpoint(layer, h, rope, mask, cache, start, use_reentrant=False)
+            else:
+                h, s = layer(h, rope, mask, cache, start)
+            stats.append(s)
         h = self.model.norm(h)
-        logits = self._head(h[:, -logits_to_keep:] if logits_to_keep else h, cache)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         if cache is not None:
             cache.length = start + S
         mtp_logits = []
         if mtp if mtp is not None else cache is None:
             if cache is not None:
                 raise ValueError("MTP logits over a cache are produced by the speculative decoder, not forward()")
-            mtp_logits = self._mtp(input_ids, h, rope, mask)
-        losses = [m.last_aux_loss for m in moe if m.last_aux_loss is not None]
+            mtp_logits = self._mtp(input_ids, h, rope, mask, stats)
+        stats = [s for s in stats if s is not None]
+        losses = [s.aux_loss for s in stats if s.aux_loss is not None]
+        dropped = [s.dropped_fraction for s in stats if s.dropped_fraction is not None]
         return ModelOutput(logits=logits, mtp_logits=mtp_logits,
                            aux_loss=torch.stack(losses).sum() if losses else None,
-                           hidden_states=h, routings=[m.last_routing for m in moe if m.last_routing is not None])
+                           hidden_states=h, routings=[s.routing for s in stats],
+                           dropped_fraction=torch.stack(dropped).mean() if dropped else None)
 
-    def _mtp(self, input_ids, h, rope, mask) -> list[torch.Tensor]:
-        """Depth k combines h_i^{k-1} with Emb(t_{i+k}) and predicts t_{i+k+1} (V3 §2.2)."""
+    def _mtp(self, input_ids, h, rope, mask, stats: list[MoEStats | None]) -> list[torch.Tensor]:
+        """Depth k combines h_i^{k-1} with Emb(t_{i+k}) and predicts t_{i+k+1} (V3 §2.2); appends each
+        module's MoEStats to `stats`."""
         S = input_ids.shape[1]
         emb = self.model.embed_tokens(input_ids)
         out = []
@@ -146,7 +142,8 @@ class DeepSeekForCausalLM(nn.Module):
             n = S - k
             rope_k = tuple(t[:, :n] for t in rope)
             mask_k = None if mask is None else mask[..., :n, :n]
-            h = layer(h[:, :n], emb[:, k:], rope_k, mask_k)
+            h, s = layer(h[:, :n], emb[:, k:], rope_k, mask_k)
+            stats.append(s)
             out.append(self.lm_head(layer.shared_head.norm(h)))
         return out
 
@@ -165,34 +162,8 @@ class DeepSeekForCausalLM(nn.Module):
         layer = self.mtp[depth - 1]
         emb = self.model.embed_tokens(next_ids)
         mask = self._mask(attention_mask, B, S, start, emb.dtype, emb.device)
-        h = layer(hidden_BSD, emb, self.rotary(position_ids), mask, cache, start)
-        return self._head(layer.shared_head.norm(h[:, -logits_to_keep:] if logits_to_keep else h), cache), h
-
-    def clear_decode_caches(self) -> None:
-        """Drop the weight copies kept for decoding (absorbed MLA weights, per-expert views, the LM head's
-        decode layout: each module's `_decode_cache`). They are rebuilt when a weight is replaced or its
-        version changes, but some in-place updates leave the version alone (fused AdamW, writes through
-        `.data`), so the inference engine clears them whenever it starts a batch."""
-        for m in self.modules():
-            if isinstance(getattr(m, "_decode_cache", None), DecodeCache):
-                m._decode_cache.clear()
-
-    def _head(self, h: torch.Tensor, cache) -> torch.Tensor:
-        """The LM head. Decoding without grad on CPU, its weight (the step's largest: 4096 x 256 at small-v3)
-        is read the way MKL streams it fastest: one row through a column-major copy (`decode_layout`, 2.5x
-        faster than the row-major weight; kept until the weight changes), 2-16 rows as W·hᵀ on the weight
-        itself (2-5% of a batch 2-8 decode step, vs h·Wᵀ, for which MKL first packs the weight)."""
-        rows = h.numel() // h.shape[-1]
-        if cache is None or torch.is_grad_enabled() or rows > 16:
-            return self.lm_head(h)
-        w, b = self.lm_head.weight, self.lm_head.bias
-        if rows == 1:
-            key = (w.data_ptr(), w._version)
-            return linear(h, self._decode_cache.get(key, lambda: decode_layout(w.detach())), b)
-        if h.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
-            return self.lm_head(h)
-        y = torch.mm(w, h.reshape(rows, -1).t()).t().contiguous().view(*h.shape[:-1], -1)
-        return y if b is None else y + b
+        h, _ = layer(hidden_BSD, emb, self.rotary(position_ids), mask, cache, start)
+        return self.lm_head(layer.shared_head.norm(h[:, -logits_to_keep:] if logits_to_keep else h)), h
 
     @staticmethod
     def _mask(attention_mask, B, S, start, dtype, device):
@@ -219,13 +190,3 @@ class DeepSeekForCausalLM(nn.Module):
                 n = n * cfg.num_experts_per_tok // cfg.n_routed_experts
             total += n
         return total
-
-    def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
-        from nanoseek.interop.hf import save_pretrained
-        save_pretrained(self, path, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
-                        device: str | torch.device = "cpu") -> "DeepSeekForCausalLM":
-        from nanoseek.interop.hf import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek import fastpath
 from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer_from_texts
 from nanoseek.eval.tasks import evaluate_task
 from nanoseek.model.transformer import DeepSeekForCausalLM
@@ -37,14 +38,15 @@ def build_policy(cfg: PostConfig, texts: Sequence[str] | None = None, *, init_fr
     """(model, tokenizer): from `init_from` (default model.init_from; its tokenizer, model.overrides applied
     and the weights loaded strictly) or a fresh `model.preset` whose tokenizer is `tokenizer` (default
     model.tokenizer) or a byte-level BPE of the model's vocab_size trained on `texts`. `overrides` replaces
-    model.overrides (pass {} for a teacher or a reference, whose saved config is already what it is)."""
+    model.overrides (pass {} for a teacher or a reference, whose saved config is already what it is). The
+    model runs the CPU fast paths (`nanoseek.fastpath`), like every model the loop trains."""
     section = replace(cfg.model, **{k: v for k, v in (("init_from", init_from), ("overrides", overrides),
                                                       ("tokenizer", tokenizer)) if v is not None})
     torch.manual_seed(cfg.train.seed)
     if section.init_from:
         model = DeepSeekForCausalLM(section.model_config())
         load_model_state(model, section.init_from)
-        return model, load_tokenizer(section.tokenizer or section.init_from)
+        return fastpath.enable(model), load_tokenizer(section.tokenizer or section.init_from)
     if section.tokenizer:
         tok = load_tokenizer(section.tokenizer)
     elif texts:
@@ -54,7 +56,7 @@ def build_policy(cfg: PostConfig, texts: Sequence[str] | None = None, *, init_fr
                          "train a tokenizer on")
     model = DeepSeekForCausalLM(section.model_config(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                                                      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
-    return model, tok
+    return fastpath.enable(model), tok
 
 
 # ---------------------------------------------------------------------- sequences

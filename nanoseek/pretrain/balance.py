@@ -10,7 +10,7 @@ As DeepSeek's papers balance their experts:
   losses (expert_aux_alpha, device_aux_alpha, comm_aux_alpha; V2 §2.2.3), and optionally V2's
   device-level token dropping with a capacity factor (`configure_token_dropping`).
 
-MaxVio = (max_i load_i − mean load) / mean load (2408.15664 §4.1): over one step's batch
+MaxVio (`nanoseek.train.metrics.max_violation`, 2408.15664 §4.1) measures it: over one step's batch
 (MaxVio_batch) or summed over the whole held-out set (MaxVio_global), per MoE layer.
 """
 from __future__ import annotations
@@ -18,12 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanoseek.model.moe import MoE, update_router_bias
-
-
-def moe_layers(model: nn.Module) -> list[MoE]:
-    """MoE modules in the order of `ModelOutput.expert_load` rows (main layers, then MTP)."""
-    return model.moe_layers() if hasattr(model, "moe_layers") else [m for m in model.modules() if isinstance(m, MoE)]
+from nanoseek.model.moe import update_router_bias
+from nanoseek.model.transformer import ModelOutput
 
 
 @torch.no_grad()
@@ -31,7 +27,7 @@ def update_biases(model: nn.Module, load_LE: torch.Tensor, speed: float, center:
     """One aux-loss-free step on every MoE layer from the step's load [n_moe_layers, E]."""
     if not speed:
         return
-    layers = moe_layers(model)
+    layers = model.moe_layers()
     if len(layers) != load_LE.shape[0]:
         raise ValueError(f"expert load has {load_LE.shape[0]} rows but the model has {len(layers)} MoE layers")
     for moe, load in zip(layers, load_LE):
@@ -40,27 +36,19 @@ def update_biases(model: nn.Module, load_LE: torch.Tensor, speed: float, center:
 
 def configure_token_dropping(model: nn.Module, capacity_factor: float, no_drop_fraction: float = 0.1) -> None:
     """V2 device-level token dropping in training mode (capacity_factor 0 = off); never at eval."""
-    for moe in moe_layers(model):
+    for moe in model.moe_layers():
         moe.capacity_factor = capacity_factor or None
         moe.no_drop_fraction = no_drop_fraction
 
 
-def drop_fraction(model: nn.Module) -> float | None:
-    """Mean share of (token, expert) pairs dropped in the last forward, or None when nothing could drop."""
-    values = [m.last_drop_fraction for m in moe_layers(model) if m.last_drop_fraction is not None]
-    return sum(values) / len(values) if values else None
-
-
-def max_violation(load_LE: torch.Tensor) -> torch.Tensor:
-    """MaxVio per layer: (max load − mean load) / mean load, from loads [layers, E]."""
-    load = load_LE.float()
-    mean = load.mean(-1)
-    return (load.amax(-1) - mean) / mean.clamp_min(1e-12)
+def drop_fraction(out: ModelOutput) -> float | None:
+    """Mean share of (token, expert) pairs dropped in a forward, or None when nothing could drop."""
+    return None if out.dropped_fraction is None else float(out.dropped_fraction)
 
 
 def bias_stats(model: nn.Module) -> dict[str, float]:
     """Spread of the routing biases (how hard aux-loss-free balancing is steering)."""
-    biases = [m.gate.e_score_correction_bias for m in moe_layers(model)]
+    biases = [m.gate.e_score_correction_bias for m in model.moe_layers()]
     if not biases:
         return {}
     b = torch.stack(biases)

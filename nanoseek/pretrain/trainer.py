@@ -31,7 +31,6 @@ from nanoseek.pretrain.balance import (
     bias_stats,
     configure_token_dropping,
     drop_fraction,
-    max_violation,
     update_biases,
 )
 from nanoseek.pretrain.config import PretrainConfig
@@ -40,7 +39,7 @@ from nanoseek.pretrain.losses import lm_losses, model_inputs, total_loss
 from nanoseek.scaling.flops import training_flops_per_token
 from nanoseek.train.checkpoint import load_model_state
 from nanoseek.train.loop import Trainer, TrainingError  # noqa: F401  (TrainingError: raised by run())
-from nanoseek.train.metrics import load_summary, measure_matmul_peak
+from nanoseek.train.metrics import load_summary, max_violation, measure_matmul_peak
 
 LossHook = Callable[[int, int, torch.Tensor], torch.Tensor]
 """hook(step, micro_batch, loss) -> loss, applied before backward (tests use it to inject NaNs)."""
@@ -156,7 +155,7 @@ class Pretrainer(Trainer):
             record.update(bias_stats(self.model))
             if cfg.balance.expert_load_every and (step + 1) % cfg.balance.expert_load_every == 0:
                 record["expert_load"] = load.tolist()
-        dropped = drop_fraction(self.model)
+        dropped = drop_fraction(out)  # (the step's last micro-batch)
         if dropped is not None:
             record["dropped_fraction"] = dropped
         return record

@@ -241,7 +241,7 @@ def convert_to_fp8(model: nn.Module, skip: tuple[str, ...] | list[str] = DEFAULT
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if not isinstance(child, nn.Linear) or isinstance(child, FP8Linear):  # nanoseek's Linear too
+            if not isinstance(child, nn.Linear) or isinstance(child, FP8Linear):  # fastpath's FastLinear too
                 continue
             parts = full.split(".")
             if any(pat in parts or fnmatch.fnmatchcase(full, pat) for pat in skip):

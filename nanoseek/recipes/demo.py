@@ -35,7 +35,7 @@ from nanoseek.data.shards import prepare
 from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
 from nanoseek.eval.tasks import evaluate_task
 from nanoseek.infer.engine import Engine
-from nanoseek.model.transformer import DeepSeekForCausalLM
+from nanoseek.interop.hf import load_pretrained
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.distill import distill
 from nanoseek.posttrain.sft import task_sft_rows
@@ -266,7 +266,7 @@ class Demo:
 
         cfg = plan("r1-zero", self.path("r1-zero"), load_pipeline_config("r1-zero", None, self.r1_zero_overrides()))[0].config
         task = cfg.build_task()
-        model = DeepSeekForCausalLM.from_pretrained(model_dir).eval()
+        model = load_pretrained(model_dir).eval()
         return evaluate_task(model, load_tokenizer(model_dir), task, eval_examples(cfg, task), k=cfg.eval.k,
                              max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.eval.seed)
 
@@ -296,7 +296,7 @@ def measure_speculative(model_dir, n_prompts: int, new_tokens: int = 48, reps: i
     """Greedy decoding of held-out prompts (batch 1) with and without MTP drafts, interleaved."""
 
 
-    model = DeepSeekForCausalLM.from_pretrained(model_dir).eval()
+    model = load_pretrained(model_dir).eval()
     tok = load_tokenizer(model_dir)
     prompts = [tok.encode(e.prompt, add_bos=True) for e in make_task(TASK, template=TEMPLATE).examples(
         n_prompts, seed=seed + 1, split="test")]

@@ -6,6 +6,7 @@ extra); without it the report says so and keeps the tables.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -16,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoseek import __version__
 from nanoseek.config import ModelConfig
 from nanoseek.model.transformer import DeepSeekForCausalLM
 from nanoseek.utils import atomic_write_text, read_jsonl
@@ -204,7 +204,7 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "nanoseek": __version__}
+            "nanoseek": importlib.metadata.version("nanoseek")}
 
 
 def write_report(demo, results: dict) -> dict:

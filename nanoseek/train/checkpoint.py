@@ -24,7 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nanoseek.interop.hf import CheckpointError, check_state_dict, from_hf_state_dict, read_checkpoint
+from nanoseek.interop.hf import (
+    CheckpointError,
+    check_state_dict,
+    from_hf_state_dict,
+    read_checkpoint,
+    save_pretrained,
+)
 
 FORMAT = "nanoseek-train-checkpoint"
 VERSION = 1
@@ -87,7 +93,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        model.save_pretrained(tmp / "model")
+        save_pretrained(model, tmp / "model")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -156,7 +162,7 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Pat
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
         _replace_dir(tmp, out)

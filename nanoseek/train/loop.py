@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nanoseek import fastpath
 from nanoseek.quant.fp8 import convert_to_fp8
 from nanoseek.train.checkpoint import (
     export_model,
@@ -95,7 +96,7 @@ class Trainer:
             self.setup()
             if t.fp8:
                 convert_to_fp8(self.model)
-            self.model.to(self.device)
+            fastpath.enable(self.model).to(self.device)
             o = cfg.optim
             self.optimizer = build_optimizer(self.model, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
             self.forward = torch.compile(self.model) if t.compile else self.model

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.pretrain.balance import max_violation
 from nanoseek.utils import atomic_write_text
 
 _PEAK_CACHE: dict[tuple, float] = {}
@@ -116,6 +115,13 @@ def truncate_metrics(run_dir: str | os.PathLike, last_step: int) -> None:
     if path.exists():
         kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def max_violation(load_LE: torch.Tensor) -> torch.Tensor:
+    """MaxVio per layer: (max load − mean load) / mean load, from loads [layers, E]."""
+    load = load_LE.float()
+    mean = load.mean(-1)
+    return (load.amax(-1) - mean) / mean.clamp_min(1e-12)
 
 
 def load_summary(load_LE: torch.Tensor) -> dict:

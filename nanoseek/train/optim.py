@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from nanoseek import fastpath
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decayed matrices (dim >= 2) and undecayed vectors (norms, biases)."""
@@ -29,15 +31,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                     weight_decay: float = 0.1) -> torch.optim.AdamW:
     """AdamW over `param_groups`; the fused kernel where the device has one. The fused kernel updates the
-    weights without bumping their versions, so each step clears the model's decode caches."""
+    weights without bumping their versions, so each step clears the fast path's decode caches."""
     groups = param_groups(model, weight_decay)
     try:
         opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     except (RuntimeError, TypeError):
         opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
-    clear = getattr(model, "clear_decode_caches", None)
-    if clear is not None:
-        opt.register_step_post_hook(lambda *_: clear())
+    opt.register_step_post_hook(lambda *_: fastpath.clear_caches(model))
     return opt
 
 
