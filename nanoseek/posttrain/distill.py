@@ -34,7 +34,6 @@ class DistillTrainer(SFTTrainer):
     command = "distill"
 
     def setup(self) -> None:
-
         cfg, d = self.cfg, self.cfg.distill
         if not d.teacher:
             raise ValueError("distill needs a teacher: set distill.teacher to a model directory "
@@ -91,7 +90,6 @@ class DistillTrainer(SFTTrainer):
 
 def distill(cfg: PostConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool | None = None) -> dict:
     """Distill per `cfg` into `out_dir`; returns the run summary, with the trace statistics under "traces"."""
-
     trainer = DistillTrainer(cfg, out_dir, resume=resume, progress=progress)
     trainer.run()
     return update_summary(out_dir, traces=trainer.trace_stats or {"kept": trainer.n_traces})

@@ -66,7 +66,6 @@ class DPOTrainer(PostTrainer):
     command = "dpo"
 
     def setup(self) -> None:
-
         cfg, d = self.cfg, self.cfg.dpo
         if not cfg.model.init_from:
             raise ValueError("dpo needs a starting model (the reference policy): set model.init_from")
@@ -112,7 +111,6 @@ class DPOTrainer(PostTrainer):
 
     @torch.no_grad()
     def _logps(self, rows) -> torch.Tensor:
-
         was_training = self.model.training
         self.model.eval()
         rows = list(rows)
@@ -131,7 +129,6 @@ class DPOTrainer(PostTrainer):
             self.sampler.load_state_dict(state["sampler"])
 
     def train_step(self) -> dict:
-
         cfg = self.cfg
         lr = self.lr
         pair_idx = self.sampler.next()
@@ -168,7 +165,6 @@ class DPOTrainer(PostTrainer):
 
 def dpo(cfg: PostConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool | None = None) -> dict:
     """DPO per `cfg` into `out_dir`; returns the run summary, with the pair statistics under "pairs"."""
-
     trainer = DPOTrainer(cfg, out_dir, resume=resume, progress=progress)
     trainer.run()
     return update_summary(out_dir, pairs=trainer.pair_stats)

@@ -103,7 +103,6 @@ class GRPOTrainer(PostTrainer):
         return self._prompt_ids[example.prompt]
 
     def train_step(self) -> dict:
-
         cfg, g = self.cfg, self.cfg.grpo
         G, seed = g.group_size, cfg.train.seed
         lr = self.lr

@@ -22,13 +22,12 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 from nanoseek.infer.generate import sample_completions
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.trainer import build_policy
 from nanoseek.train.loop import resolve_device
-from nanoseek.utils import atomic_write_text, write_jsonl
+from nanoseek.utils import atomic_write_text, torch_threads, write_jsonl
 
 REASONS = ("incorrect", "truncated", "format", "language", "duplicate", "over_limit")
 
@@ -81,17 +80,12 @@ def rejection_sample_run(cfg: PostConfig, out_dir: str | os.PathLike) -> dict:
         raise ValueError("rejection sampling needs a model: set model.init_from (e.g. an RL run's DIR/model)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    try:
+    with torch_threads(cfg.train.threads):
         model, tok = build_policy(cfg)
         model.to(resolve_device(cfg.train.device)).eval()
         examples = task.examples(r.prompts, seed=r.seed, split="train")
         rows, stats = rejection_sample(model, tok, task, examples, r.samples, r.temperature, r.top_p, r.max_new_tokens,
                                        r.require_format, r.require_language, r.max_per_prompt, seed=cfg.train.seed)
-    finally:
-        torch.set_num_threads(threads)
     write_jsonl(out / "data.jsonl", rows)
     stats["data"] = os.fspath(out / "data.jsonl")
     atomic_write_text(out / "config.toml", cfg.to_toml())

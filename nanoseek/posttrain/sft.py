@@ -163,7 +163,6 @@ class SFTTrainer(PostTrainer):
     command = "sft"
 
     def setup(self) -> None:
-
         cfg = self.cfg
         rows = load_sft_data(cfg, self.task)
         self.model, self.tok = build_policy(cfg, row_texts(rows))
@@ -191,7 +190,6 @@ class SFTTrainer(PostTrainer):
         return None, {}
 
     def train_step(self) -> dict:
-
         cfg = self.cfg
         lr = self.lr
         batch = collate([self.rows[i] for i in self.sampler.next()], self.tok.pad_id).to(self.device)

@@ -119,7 +119,6 @@ def forward_logits(model, batch: SeqBatch) -> tuple[torch.Tensor, torch.Tensor |
 
 def sequence_logprobs(model, batch: SeqBatch, dtype: str = "fp32") -> torch.Tensor:
     """Σ_t log π(y_t | <t) over each row's masked (completion) tokens [B]."""
-
     with autocast(dtype, batch.ids.device):
         logits, _ = forward_logits(model, batch)
     return (token_logprobs(logits, batch.ids[:, 1:]) * batch.loss_mask).sum(-1)
@@ -132,7 +131,6 @@ def eval_examples(cfg: PostConfig, task):
 
 def evaluate(model, tok, task, examples, cfg: PostConfig) -> dict:
     """`nanoseek.eval.tasks.evaluate_task` with the [eval] settings; keys prefixed "eval_"."""
-
     e = cfg.eval
     result = evaluate_task(model, tok, task, examples, k=e.k, temperature=e.temperature, top_p=e.top_p,
                            max_new_tokens=e.max_new_tokens, seed=e.seed)

@@ -46,7 +46,7 @@ from nanoseek.recipes.r1 import load_pipeline_config, plan, run_pipeline
 from nanoseek.recipes.report import write_report
 from nanoseek.tasks import make_task
 from nanoseek.train.checkpoint import latest_checkpoint
-from nanoseek.utils import atomic_write_text
+from nanoseek.utils import atomic_write_text, torch_threads
 
 TASK = "bilingual"
 TEMPLATE = "chat"
@@ -108,7 +108,6 @@ class Demo:
         return state
 
     def _save_state(self) -> None:
-
         atomic_write_text(self.state_file, json.dumps(self.state, indent=1) + "\n")
 
     def _stage(self, index: int, name: str, fn) -> dict:
@@ -138,16 +137,11 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         self.state["started"] = self.state.get("started") or time.strftime("%Y-%m-%d %H:%M:%S")
         t0 = time.perf_counter()
-        threads_before = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        self.state["threads"] = torch.get_num_threads()
-        try:
+        with torch_threads(self.threads):
+            self.state["threads"] = torch.get_num_threads()
             steps = {"data": self.data, "pretrain": self.pretrain, "r1-zero": self.r1_zero, "r1": self.r1,
                      "distill": self.distill, "speculative": self.speculative}
             results = {name: self._stage(i, name, fn) for i, (name, fn) in enumerate(steps.items(), 1)}
-        finally:
-            torch.set_num_threads(threads_before)
         self.log(f"== {len(STAGES)}/{len(STAGES)} report")
 
         report = write_report(self, results)
@@ -158,7 +152,6 @@ class Demo:
         return report
 
     def data(self) -> dict:
-
         d = self.path("data")
         d.mkdir(parents=True, exist_ok=True)
         corpus = d / "corpus.jsonl"
@@ -227,15 +220,12 @@ class Demo:
             f"rejection.rejection.prompts={s['rejection']}", f"sft.train.steps={s['sft']}", f"rl.train.steps={s['rl']}"]
 
     def r1_zero(self) -> dict:
-
         return run_pipeline("r1-zero", self.path("r1-zero"), overrides=self.r1_zero_overrides(), log=self.log)
 
     def r1(self) -> dict:
-
         return run_pipeline("r1", self.path("r1"), overrides=self.r1_overrides(), log=self.log)
 
     def distill_config(self):
-
         p = self.plan
         r1 = self.state["stages"]["r1"]["result"]
         if p.distill_prompts:
@@ -254,7 +244,6 @@ class Demo:
             f"log.progress={str(self.progress).lower()}"])
 
     def distill(self) -> dict:
-
         d = self.path("distill")
         summary = read_summary(d) or distill(self.distill_config(), d, resume=latest_checkpoint(d) is not None)
         self.log(f"student: {line(summary['eval'])}")
@@ -263,7 +252,6 @@ class Demo:
     # ------------------------------------------------------------------ measurements
     def evaluate(self, model_dir: str | os.PathLike) -> dict:
         """The held-out metrics of a model, on the same problems the pipelines evaluate on."""
-
         cfg = plan("r1-zero", self.path("r1-zero"), load_pipeline_config("r1-zero", None, self.r1_zero_overrides()))[0].config
         task = cfg.build_task()
         model = load_pretrained(model_dir).eval()

@@ -136,7 +136,6 @@ def plot_pretraining(plt, records: list[dict], path: Path) -> None:
 
 def plot_experts(plt, records: list[dict], path: Path) -> None:
     """MaxVio_batch per MoE layer over training, and each layer's expert load shares over time."""
-
     vio = [r for r in records if r.get("max_vio_batch")]
     loads = [r for r in records if r.get("expert_load")]
     n_layers = len(vio[0]["max_vio_batch"])
@@ -209,7 +208,6 @@ def machine() -> dict:
 
 def write_report(demo, results: dict) -> dict:
     """Write OUT/report.md, OUT/report.json and OUT/plots/*.png for a finished demo; returns report.json's dict."""
-
     out = Path(demo.out)
     rows = summary_rows(results)
     stages = demo.state["stages"]

@@ -358,8 +358,8 @@ class ScheduleSection:
     """Batch-size ramp (pretraining): tokens over which the batch grows to train.batch_size."""
 
     def build(self, steps: int, peak_lr: float) -> LRSchedule:
-        """The LR schedule over `steps` optimizer steps."""
-        kwargs: dict[str, Any] = {"peak_lr": peak_lr, "warmup_steps": self.warmup_steps}
+        """The LR schedule over `steps` optimizer steps (a warmup longer than the run ends with it)."""
+        kwargs: dict[str, Any] = {"peak_lr": peak_lr, "warmup_steps": min(self.warmup_steps, steps)}
         if self.lr_schedule != "constant":
             kwargs["total_steps"] = steps
         if self.lr_schedule == "deepseek-multistep":

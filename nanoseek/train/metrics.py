@@ -126,7 +126,6 @@ def max_violation(load_LE: torch.Tensor) -> torch.Tensor:
 
 def load_summary(load_LE: torch.Tensor) -> dict:
     """Per-layer summary of one step's expert load [layers, E]: MaxVio_batch and the least-loaded share."""
-
     vio = max_violation(load_LE)
     load = load_LE.float()
     return {
