@@ -15,9 +15,7 @@ COMMAND_MODULES = (
     "nanoseek.posttrain.cli",  # sft, dpo, grpo, distill, rejection-sample
     "nanoseek.eval.cli",       # eval
     "nanoseek.interop.cli",    # convert
-    "nanoseek.infer.cli",      # generate
-    "nanoseek.infer.chat",     # chat
-    "nanoseek.infer.server",   # serve
+    "nanoseek.infer.cli",      # generate, chat, serve
     "nanoseek.recipes.cli",    # pipeline, demo
 )
 

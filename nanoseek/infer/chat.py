@@ -1,11 +1,10 @@
-"""`nanoseek chat`: an interactive DeepSeek-R1 style chat in the terminal.
+"""An interactive DeepSeek-R1 style chat in the terminal (`nanoseek chat`), and loading a model directory.
 
 Replies stream token by token; the thinking (<think>…</think>) is shown dimmed, apart from the answer.
 Past turns go back into the prompt without their thinking, as R1 does. Commands: /reset, /exit.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -15,8 +14,6 @@ from typing import TextIO
 import torch
 
 from nanoseek.data.tokenizer import load_tokenizer
-from nanoseek.infer.engine import Engine
-from nanoseek.infer.sampling import add_sampling_arguments, sampling_params
 from nanoseek.infer.text import ReasoningParser
 from nanoseek.interop.hf import load_pretrained
 
@@ -70,11 +67,6 @@ def load(model_dir: str, dtype: str = "float32"):
     return model, tok
 
 
-def use_color(choice: str) -> bool:
-    """The --color flag: "auto" colors a terminal, not a pipe or a file."""
-    return {"auto": sys.stdout.isatty(), "always": True, "never": False}[choice]
-
-
 def chat_loop(engine, tokenizer, params, *, system: str | None = None, thinking: bool = False,
               input_fn: Callable[[str], str] = input, out: TextIO = sys.stdout, color: bool = False,
               stats: bool = False) -> list[dict]:
@@ -123,33 +115,3 @@ def chat_loop(engine, tokenizer, params, *, system: str | None = None, thinking:
             extra = f", {s.acceptance_rate:.0%} drafts accepted" if engine.speculative else ""
             out.write(f"({n} tokens, {n / dt:.1f} tokens/s{extra})\n")
     return messages
-
-
-def _run(args: argparse.Namespace) -> None:
-    torch.manual_seed(args.seed)
-    model, tok = load(args.model, args.dtype)
-    engine = Engine(model, tok, speculative=args.speculative)
-    params = sampling_params(args)
-    color = use_color(args.color)
-    try:  # here, not at the top: only the interactive chat wants it, and not every platform has it
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
-    chat_loop(engine, tok, params, system=args.system, thinking=args.thinking, color=color, stats=args.stats)
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("chat", help="interactive chat with a model directory",
-                              description="Chat with a model (R1 chat template); the thinking is shown dimmed. "
-                                          "Commands: /reset, /exit.")
-    p.add_argument("--model", required=True, metavar="DIR", help="model directory with its tokenizer")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--thinking", action="store_true", help="open each reply with <think> (R1 style)")
-    add_sampling_arguments(p, max_new_tokens=512, temperature=0.6, top_p=0.95,
-                           temperature_help="0 = greedy (R1's recommendation: 0.6)")
-    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
-    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
-    p.add_argument("--stats", action="store_true", help="print tokens/s after each reply")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run)

@@ -1,18 +1,47 @@
-"""`nanoseek generate`: complete a prompt with a checkpoint and its tokenizer."""
+"""`nanoseek generate`, `nanoseek chat` and `nanoseek serve`: the inference commands over a model directory.
+
+    nanoseek generate --model DIR --prompt "1 + 1 =" --stream
+    nanoseek chat --model DIR --thinking
+    nanoseek serve --model DIR --port 8000
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 
-from nanoseek.infer.chat import ReplyPrinter, load, use_color
+from nanoseek.infer.chat import ReplyPrinter, chat_loop, load
 from nanoseek.infer.engine import Engine
-from nanoseek.infer.sampling import add_sampling_arguments, sampling_params
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.infer.server import create_app
 
 
-def _run(args: argparse.Namespace) -> None:
+def use_color(choice: str) -> bool:
+    """The --color flag: "auto" colors a terminal, not a pipe or a file."""
+    return {"auto": sys.stdout.isatty(), "always": True, "never": False}[choice]
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float,
+                           top_p: float, temperature_help: str) -> None:
+    """The sampling flags of the commands that generate (`generate`, `chat`), with each command's defaults."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=temperature, help=temperature_help)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=top_p)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+
+
+def sampling_params(args: argparse.Namespace, **more) -> SamplingParams:
+    """Validated `SamplingParams` from the flags of `add_sampling_arguments` (plus `more` fields)."""
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, **more).validate()
+
+
+# ---------------------------------------------------------------------- generate
+def _generate(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     model, tok = load(args.model, args.dtype)
     if args.chat:
@@ -51,7 +80,7 @@ def _run(args: argparse.Namespace) -> None:
               + (f", draft acceptance {s.acceptance_rate:.1%}" if args.speculative else ""), file=sys.stderr)
 
 
-def register(subparsers) -> None:
+def _register_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="complete a prompt with a model directory",
                               description="Generate text from a model directory (weights + tokenizer).")
     p.add_argument("--model", required=True, metavar="DIR", help="model directory with its tokenizer")
@@ -68,4 +97,81 @@ def register(subparsers) -> None:
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_generate)
+
+
+# ---------------------------------------------------------------------- chat
+def _chat(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    model, tok = load(args.model, args.dtype)
+    engine = Engine(model, tok, speculative=args.speculative)
+    params = sampling_params(args)
+    color = use_color(args.color)
+    try:  # here, not at the top: only the interactive chat wants it, and not every platform has it
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    chat_loop(engine, tok, params, system=args.system, thinking=args.thinking, color=color, stats=args.stats)
+
+
+def _register_chat(subparsers) -> None:
+    p = subparsers.add_parser("chat", help="interactive chat with a model directory",
+                              description="Chat with a model (R1 chat template); the thinking is shown dimmed. "
+                                          "Commands: /reset, /exit.")
+    p.add_argument("--model", required=True, metavar="DIR", help="model directory with its tokenizer")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--thinking", action="store_true", help="open each reply with <think> (R1 style)")
+    add_sampling_arguments(p, max_new_tokens=512, temperature=0.6, top_p=0.95,
+                           temperature_help="0 = greedy (R1's recommendation: 0.6)")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    p.add_argument("--stats", action="store_true", help="print tokens/s after each reply")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_chat)
+
+
+# ---------------------------------------------------------------------- serve
+def _serve(args: argparse.Namespace) -> None:
+    try:  # the optional `serve` extra, so imported only to serve
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise ValueError("serving needs FastAPI and uvicorn: pip install 'nanoseek[serve]'") from None
+
+    torch.manual_seed(args.seed)
+    model, tok = load(args.model, args.dtype)
+    name = args.model_name or os.path.basename(os.path.normpath(args.model))
+    app = create_app(model, tok, name, api_key=args.api_key or os.environ.get("NANOSEEK_API_KEY"),
+                     max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_model_len=args.max_model_len,
+                     default_max_tokens=args.default_max_tokens, speculative=args.speculative, thinking=args.thinking)
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (batch {args.max_batch_size}, queue {args.max_queue}"
+          f"{', API key required' if args.api_key else ''})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def _register_serve(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server for a model directory",
+                              description="Serve a model directory (weights + tokenizer) with an OpenAI-compatible "
+                                          "API: /v1/models, /v1/chat/completions, /v1/completions.")
+    p.add_argument("--model", required=True, metavar="DIR", help="model directory with its tokenizer")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set NANOSEEK_API_KEY)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get HTTP 429")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
+    p.add_argument("--thinking", action="store_true", help="open every chat reply with <think> (R1 style)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--log-level", default="warning")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_serve)
+
+
+def register(subparsers) -> None:
+    _register_generate(subparsers)
+    _register_chat(subparsers)
+    _register_serve(subparsers)

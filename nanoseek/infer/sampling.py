@@ -6,7 +6,6 @@ probabilities), ordinary decoding just draws from them.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,22 +49,6 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: must be {allowed}")
         return self
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float,
-                           top_p: float, temperature_help: str) -> None:
-    """The sampling flags of the commands that generate (`generate`, `chat`), with each command's defaults."""
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=temperature, help=temperature_help)
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=top_p)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-
-
-def sampling_params(args: argparse.Namespace, **more) -> SamplingParams:
-    """Validated `SamplingParams` from the flags of `add_sampling_arguments` (plus `more` fields)."""
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, **more).validate()
 
 
 def _finite(x) -> bool:

@@ -1,4 +1,4 @@
-"""`nanoseek serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the inference engine.
+"""An OpenAI-compatible HTTP server (FastAPI + uvicorn) over the inference engine (`nanoseek serve`).
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streaming as server-sent
 events, or not), GET /health. Chat replies carry the thinking in `reasoning_content` beside
@@ -13,13 +13,11 @@ Extensions beyond OpenAI's parameters (as vLLM names them): top_k, repetition_pe
 chat_template_kwargs.thinking (open the reply with <think>, R1 style).
 """
 
-import argparse
 import asyncio
 import collections
 import functools
 import itertools
 import json
-import os
 import threading
 import time
 import hmac
@@ -29,7 +27,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoseek.infer.chat import load
 from nanoseek.infer.engine import Delta, Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.text import ReasoningParser
@@ -615,43 +612,3 @@ def _completion_logprobs(tokenizer, tokens, logprobs) -> dict:
     texts = [_token_text(tokenizer, t) for t in tokens]
     offsets = list(itertools.accumulate([0] + [len(s) for s in texts[:-1]])) if texts else []
     return {"tokens": texts, "token_logprobs": list(logprobs or []), "top_logprobs": None, "text_offset": offsets}
-
-
-# ---------------------------------------------------------------------- command line
-def _run(args: argparse.Namespace) -> None:
-    try:  # the optional `serve` extra, so imported only to serve
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError:
-        raise ValueError("serving needs FastAPI and uvicorn: pip install 'nanoseek[serve]'") from None
-
-    torch.manual_seed(args.seed)
-    model, tok = load(args.model, args.dtype)
-    name = args.model_name or os.path.basename(os.path.normpath(args.model))
-    app = create_app(model, tok, name, api_key=args.api_key or os.environ.get("NANOSEEK_API_KEY"),
-                     max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_model_len=args.max_model_len,
-                     default_max_tokens=args.default_max_tokens, speculative=args.speculative, thinking=args.thinking)
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (batch {args.max_batch_size}, queue {args.max_queue}"
-          f"{', API key required' if args.api_key else ''})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server for a model directory",
-                              description="Serve a model directory (weights + tokenizer) with an OpenAI-compatible "
-                                          "API: /v1/models, /v1/chat/completions, /v1/completions.")
-    p.add_argument("--model", required=True, metavar="DIR", help="model directory with its tokenizer")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set NANOSEEK_API_KEY)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get HTTP 429")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
-    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
-    p.add_argument("--thinking", action="store_true", help="open every chat reply with <think> (R1 style)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--log-level", default="warning")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run)
