@@ -117,7 +117,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ what a method provides
     def setup(self) -> None:
-        """Build the data and `self.model` (on the CPU; the loop moves it)."""
+        """Build the data, `self.model` (on the CPU; the loop moves it) and `self.tok` (exported with it)."""
         raise NotImplementedError
 
     def train_step(self) -> dict:
