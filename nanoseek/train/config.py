@@ -232,57 +232,6 @@ def toml_key(key: str) -> str:
     return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
 
 
-def to_toml(cfg, comments: bool = True) -> str:
-    """The config as TOML that reads back (`update`) to an equal config; comments are the docstrings."""
-    lines: list[str] = []
-    top = field_docs(type(cfg))
-    for name, cls in sections(type(cfg)).items():
-        section = getattr(cfg, name)
-        docs = field_docs(cls)
-        if lines:
-            lines.append("")
-        if comments:
-            lines.append(f"# {' '.join((inspect.getdoc(cls) or top.get(name, '')).split())}")
-        lines.append(f"[{name}]")
-        nested = []
-        for f in fields(section):
-            value = getattr(section, f.name)
-            if isinstance(value, dict):
-                nested.append((f.name, value))
-                continue
-            if comments and f.name in docs:
-                lines.append(f"# {docs[f.name]}")
-            lines.append(f"{f.name} = {toml_value(value)}")
-        for key, value in nested:
-            lines.append("")
-            if comments and key in docs:
-                lines.append(f"# {docs[key]}")
-            lines.append(f"[{name}.{key}]")
-            lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()]
-    return "\n".join(lines) + "\n"
-
-
-def flatten(cfg) -> dict[str, Any]:
-    """{"section.key": value} (dict fields as one value)."""
-    return {f"{s}.{k}": v for s, section in dataclasses.asdict(cfg).items() for k, v in section.items()}
-
-
-def describe(root: type, only: Collection[str] | None = None) -> str:
-    """Every key (of the sections in `only`, default all) with its type, default and docstring."""
-    out = []
-    defaults = root()
-    for name, cls in sections(root).items():
-        if only is not None and name not in only:
-            continue
-        docs, hints = field_docs(cls), typing.get_type_hints(cls)
-        out.append(f"[{name}] {' '.join((inspect.getdoc(cls) or '').split())}")
-        for f in fields(cls):
-            default = getattr(getattr(defaults, name), f.name)
-            out.append(f"  {name}.{f.name} ({type_name(hints[f.name])}, default {toml_value(default)}): "
-                       f"{docs.get(f.name, '')}")
-    return "\n".join(out)
-
-
 # ---------------------------------------------------------------------- the shared sections
 DTYPES = ("fp32", "bf16")
 
@@ -477,10 +426,37 @@ class RunConfig:
         return self.from_dict(assignments(items), self)
 
     def to_toml(self, comments: bool = True) -> str:
-        return to_toml(self, comments)
+        """The config as TOML that reads back (`update`) to an equal config; comments are the docstrings."""
+        lines: list[str] = []
+        top = field_docs(type(self))
+        for name, cls in sections(type(self)).items():
+            section = getattr(self, name)
+            docs = field_docs(cls)
+            if lines:
+                lines.append("")
+            if comments:
+                lines.append(f"# {' '.join((inspect.getdoc(cls) or top.get(name, '')).split())}")
+            lines.append(f"[{name}]")
+            nested = []
+            for f in fields(section):
+                value = getattr(section, f.name)
+                if isinstance(value, dict):
+                    nested.append((f.name, value))
+                    continue
+                if comments and f.name in docs:
+                    lines.append(f"# {docs[f.name]}")
+                lines.append(f"{f.name} = {toml_value(value)}")
+            for key, value in nested:
+                lines.append("")
+                if comments and key in docs:
+                    lines.append(f"# {docs[key]}")
+                lines.append(f"[{name}.{key}]")
+                lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()]
+        return "\n".join(lines) + "\n"
 
     def flatten(self) -> dict[str, Any]:
-        return flatten(self)
+        """{"section.key": value} (dict fields as one value)."""
+        return {f"{s}.{k}": v for s, section in dataclasses.asdict(self).items() for k, v in section.items()}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -488,7 +464,18 @@ class RunConfig:
     @classmethod
     def describe(cls, only: Collection[str] | None = None) -> str:
         """Every key (of the sections in `only`, default all) with its type, default and docstring."""
-        return describe(cls, only)
+        out = []
+        defaults = cls()
+        for name, section in sections(cls).items():
+            if only is not None and name not in only:
+                continue
+            docs, hints = field_docs(section), typing.get_type_hints(section)
+            out.append(f"[{name}] {' '.join((inspect.getdoc(section) or '').split())}")
+            for f in fields(section):
+                default = getattr(getattr(defaults, name), f.name)
+                out.append(f"  {name}.{f.name} ({type_name(hints[f.name])}, default {toml_value(default)}): "
+                           f"{docs.get(f.name, '')}")
+        return "\n".join(out)
 
     def changed_keys(self, saved) -> list[str]:
         """Keys whose value differs from `saved` and that a resumed run may not change."""
