@@ -36,11 +36,12 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------- key mapping
-def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
-    """nanoseek parameter names -> checkpoint keys (experts split, MTP renamed, copies added)."""
+def to_hf_state_dict(model, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """nanoseek parameter names -> checkpoint keys (experts split, MTP renamed, copies added), of
+    `state_dict` (default: the model's own)."""
     cfg: ModelConfig = model.config
     L, out = cfg.num_hidden_layers, {}
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state_dict is None else state_dict).items():
         t = t.detach()
         if name.endswith("e_score_correction_bias") and cfg.topk_method != "noaux_tc" and not t.any():
             continue  # V2 checkpoints have no bias; keep one only when it carries information
@@ -208,15 +209,17 @@ def is_fp8_eligible(key: str, t: torch.Tensor) -> bool:
 
 
 def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = "5GB",
-                    dtype: torch.dtype | None = None, fp8: bool = False) -> None:
+                    dtype: torch.dtype | None = None, fp8: bool = False,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json and safetensors shards (with an index when sharded); each file atomically.
+    `state_dict` replaces the model's own (a sharded model's, gathered).
 
     `fp8` writes DeepSeek-V3's block-scaled FP8 layout (weight + weight_scale_inv, 128x128 blocks)."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     limit = _parse_size(max_shard_size)
     tensors = {}
-    for k, t in to_hf_state_dict(model).items():
+    for k, t in to_hf_state_dict(model, state_dict).items():
         t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         if fp8 and is_fp8_eligible(k, t):
             t, tensors[k + "_scale_inv"] = quantize_weight_blockwise(t)

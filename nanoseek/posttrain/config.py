@@ -24,6 +24,7 @@ from nanoseek.train.config import (
     LogSection,
     ModelSection,
     OptimSection,
+    ParallelSection,
     RunConfig,
     ScheduleSection,
     TrainSection,
@@ -215,6 +216,8 @@ class PostConfig(RunConfig):
     """Distillation."""
     eval: TaskEvalSection = field(default_factory=TaskEvalSection)
     """Evaluation."""
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    """Data and expert parallelism (torchrun)."""
     checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(every=0, keep=2))
     """Checkpoints."""
     log: LogSection = field(default_factory=lambda: LogSection(tensorboard=False))

@@ -20,6 +20,7 @@ from nanoseek.train.config import (
     LogSection,
     ModelSection,
     OptimSection,
+    ParallelSection,
     RunConfig,
     ScheduleSection,
     TrainSection,
@@ -112,6 +113,8 @@ class PretrainConfig(RunConfig):
     """The loop."""
     eval: EvalSection = field(default_factory=EvalSection)
     """Evaluation."""
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    """Data and expert parallelism (torchrun)."""
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     """Checkpoints."""
     log: LogSection = field(default_factory=LogSection)

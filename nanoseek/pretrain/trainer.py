@@ -56,7 +56,7 @@ class Pretrainer(Trainer):
         super().__init__(cfg, out_dir, resume=resume, progress=progress)
         self.mtp_schedule = cfg.mtp_schedule()
         self.bias_schedule = cfg.bias_speed_schedule()
-        self.batch_ramp = cfg.batch_ramp()
+        self.batch_ramp = cfg.batch_ramp(self.dp_size)
         self.flops_per_token = training_flops_per_token(self.seq_len, **self.model_cfg.to_dict()).total
         self.tokens_seen = 0
         self._peak = None
@@ -65,7 +65,8 @@ class Pretrainer(Trainer):
         cfg, t = self.cfg, self.cfg.train
         # Data and tokenizer first: the model's vocabulary and special ids come from them.
         base_vocab = cfg.model.model_config().vocab_size
-        self.dataset = resolve_dataset(cfg.data, cfg.model.tokenizer, self.out, base_vocab, progress=self.progress)
+        self.dataset = self.on_main_first(lambda: resolve_dataset(cfg.data, cfg.model.tokenizer, self.out, base_vocab,
+                                                                  progress=self.progress))
         self.meta = load_metadata(self.dataset)
         self.tok = load_tokenizer(self.dataset / self.meta.get("tokenizer", "tokenizer"))
         self.model_cfg = cfg.model.model_config(bos_token_id=self.tok.bos_id, eos_token_id=self.tok.eos_id,
@@ -76,10 +77,12 @@ class Pretrainer(Trainer):
         if S + self.depth > self.model_cfg.max_position_embeddings:
             raise ValueError(f"data.seq_len = {S} (+ MTP depth {self.depth}) exceeds the model's "
                              f"max_position_embeddings = {self.model_cfg.max_position_embeddings}")
-        self.train_loader = PackedLoader(self.dataset, batch_size=t.micro_batch, seq_len=S, extra=self.depth,
-                                         seed=t.seed)
+        self.train_loader = PackedLoader(self.dataset, batch_size=self.micro_batch, seq_len=S, extra=self.depth,
+                                         seed=t.seed, rank=self.dp_rank, world_size=self.dp_size)
         self.val_loader = ValLoader(self.dataset, batch_size=cfg.eval.batch_size, seq_len=S,
-                                    max_batches=cfg.eval.batches or None)
+                                    max_batches=cfg.eval.batches or None, rank=self.dp_rank, world_size=self.dp_size)
+        # (what a rank with no held-out batch of its own evaluates to keep in step with the others)
+        self.val_filler = next(iter(ValLoader(self.dataset, batch_size=1, seq_len=S, max_batches=1)))
         val = self.meta["splits"]["val"]
         self.val_bytes_per_token = val["bytes"] / max(val["tokens"], 1)
 
@@ -108,11 +111,11 @@ class Pretrainer(Trainer):
     # ------------------------------------------------------------------ one step
     def micro_batches(self) -> int:
         batch = self.cfg.train.batch_size if self.batch_ramp is None else self.batch_ramp(self.tokens_seen)
-        return batch // self.cfg.train.micro_batch
+        return batch // (self.micro_batch * self.dp_size)
 
     def train_step(self) -> dict:
         """One optimizer step (or a skipped one); returns its metrics record."""
-        cfg, t = self.cfg, self.cfg.train
+        cfg = self.cfg
         step, S, D = self.step, self.seq_len, self.depth
         n_micro = self.micro_batches()
         mtp_weight = self.mtp_schedule(step)
@@ -139,16 +142,19 @@ class Pretrainer(Trainer):
                 sums["aux_loss"] += out.aux_loss.item() / n_micro
             if out.expert_load is not None:
                 load = out.expert_load.detach().clone() if load is None else load + out.expert_load.detach()
+        sums = self.reduce_values(sums)  # (every rank then judges the same global loss)
+        if load is not None:
+            load = self.reduce(load)  # the global batch's load: every rank moves its biases alike
         grad_norm = self.optimizer_step(sums["total_loss"])
         if not self.skipped and load is not None and bias_speed:
             update_biases(self.model, load, bias_speed, cfg.balance.center_bias)
 
-        tokens = n_micro * t.micro_batch * S
-        self.tokens_seen += tokens
+        batch = n_micro * self.micro_batch * self.dp_size
+        self.tokens_seen += batch * S
         record = {**sums, "grad_norm": grad_norm, "mtp_weight": mtp_weight, "tokens": self.tokens_seen,
-                  "batch_size": n_micro * t.micro_batch}
+                  "batch_size": batch}
         if D > 1:
-            record["mtp_loss_per_depth"] = mtp_depths
+            record["mtp_loss_per_depth"] = self.reduce(torch.tensor(mtp_depths), "mean").tolist()
         if load is not None:
             record.update(load_summary(load))
             record["bias_update_speed"] = bias_speed
@@ -157,7 +163,7 @@ class Pretrainer(Trainer):
                 record["expert_load"] = load.tolist()
         dropped = drop_fraction(out)  # (the step's last micro-batch)
         if dropped is not None:
-            record["dropped_fraction"] = dropped
+            record["dropped_fraction"] = float(self.reduce(torch.tensor(dropped), "mean"))
         return record
 
     def _train_step(self, log) -> dict:
@@ -180,10 +186,12 @@ class Pretrainer(Trainer):
         self.model.eval()
         nll, count, load = 0.0, 0, None
         try:
-            for window in self.val_loader:
+            for window, counted in self.lockstep(self.val_loader, filler=self.val_filler):
                 window = window.to(self.device, non_blocking=True)
                 with self.autocast():
                     out = self.model(window[:, :-1], mtp=False)
+                if not counted:
+                    continue
                 targets = window[:, 1:]
                 nll += F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
                 count += targets.numel()
@@ -191,6 +199,9 @@ class Pretrainer(Trainer):
                     load = out.expert_load.clone() if load is None else load + out.expert_load
         finally:
             self.model.train()
+        nll, count = self.reduce(torch.tensor([nll, count], dtype=torch.float64)).tolist()
+        if load is not None:
+            load = self.reduce(load)
         val_loss = nll / count
         # bits per byte = nats per token / ln 2 × tokens per byte of the held-out text (metadata.json)
         record = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.val_bytes_per_token,

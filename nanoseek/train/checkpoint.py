@@ -1,28 +1,41 @@
-"""Resumable training checkpoints and the exported model, written atomically.
+"""Resumable training checkpoints and the exported model, written atomically, on one rank or many.
 
     DIR/checkpoints/step-00000100/
-        model/                 config.json + model.safetensors (HF layout; fp32 master weights and the
-                               aux-loss-free router biases, which are model buffers)
-        optimizer.pt           AdamW state dict (tensors, numbers, names: loads with weights_only=True)
-        rng.safetensors        torch RNG states
+        state/                 model + AdamW state through torch.distributed.checkpoint (DCP): each rank
+                               writes its own shards (fp32 master weights, the aux-loss-free router biases,
+                               which are model buffers, and the optimizer moments, all by parameter name),
+                               so a checkpoint saved on 4 ranks loads on 2, on 1, or in a plain process
+        rng-00000.safetensors  each rank's torch RNG states
         trainer_state.json     step, tokens seen, data-loader position, LR-schedule position, loss
-                               statistics, parameter names, the resolved run config
-    DIR/model/                 the latest model + tokenizer: `from_pretrained` and transformers load it
+                               statistics, parameter names, the layout, the resolved run config
+    DIR/model/                 the latest model + tokenizer, gathered to rank 0 in the HF layout:
+                               `from_pretrained` and transformers load it
 
-Each checkpoint is built in a temporary directory beside its final name and renamed into place, so a
-run killed at any moment leaves only whole checkpoints; `keep_last` prunes the oldest.
+Each checkpoint is built in a temporary directory beside its final name and renamed into place by rank 0
+once every rank has written, so a run killed at any moment leaves only whole checkpoints; `keep_last`
+prunes the oldest.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from nanoseek.interop.hf import (
     CheckpointError,
@@ -31,9 +44,10 @@ from nanoseek.interop.hf import (
     read_checkpoint,
     save_pretrained,
 )
+from nanoseek.parallel.mesh import barrier, rank
 
 FORMAT = "nanoseek-train-checkpoint"
-VERSION = 1
+VERSION = 2  # 1: HF model/ + optimizer.pt, one process
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -83,33 +97,53 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def _rng_state() -> dict[str, torch.Tensor]:
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return rng
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """(DCP warns in every plain-process save and load that no process group exists: that is intended)"""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, keep_last: int = 2) -> Path:
-    """Write DIR/checkpoints/step-{step:08d} atomically and keep only the newest `keep_last`."""
+    """Write DIR/checkpoints/step-{step:08d} atomically and keep only the newest `keep_last` (every rank calls)."""
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_pretrained(model, tmp / "model")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, tmp / "rng.safetensors")
-        meta = {"format": FORMAT, "version": VERSION, "step": step,
-                "param_names": [n for n, _ in model.named_parameters()], **state}
-        with open(tmp / "trainer_state.json", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _replace_dir(tmp, final)
-    finally:
+    tmp = root / f".tmp-{final.name}"
+    main = rank() == 0
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    try:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        with _single_process_ok():
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state")
+        save_file(_rng_state(), tmp / f"rng-{rank():05d}.safetensors")
+        barrier()
+        if main:
+            meta = {"format": FORMAT, "version": VERSION, "step": step,
+                    "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                    "param_names": [n for n, _ in model.named_parameters()], **state}
+            with open(tmp / "trainer_state.json", "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _replace_dir(tmp, final)
+            for old in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
     return final
 
 
@@ -125,7 +159,8 @@ def load_model_state(model: nn.Module, model_dir: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restore model, optimizer and RNG from a checkpoint directory; returns its trainer state."""
+    """Restore model, optimizer and RNG from a checkpoint directory, whatever the layout it was saved
+    with (every rank calls); returns its trainer state."""
     path = Path(path)
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
@@ -133,39 +168,56 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     state = json.loads(state_file.read_text(encoding="utf-8"))
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{state_file}: format {state.get('format')!r}, expected {FORMAT!r}")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{state_file}: checkpoint version {state.get('version')}, this nanoseek reads "
+                              f"version {VERSION}; start a new run from its weights with model.init_from")
     names = [n for n, _ in model.named_parameters()]
     if state["param_names"] != names:
         missing = sorted(set(names) - set(state["param_names"]))
         unexpected = sorted(set(state["param_names"]) - set(names))
         raise CheckpointError(f"{state_file}: the checkpoint was written for another model: missing parameters "
                               f"{missing[:6]}, unexpected parameters {unexpected[:6]}")
-    load_model_state(model, path / "model")
-    if optimizer is not None:
-        opt_file = path / "optimizer.pt"
-        if not opt_file.is_file():
-            raise CheckpointError(f"{opt_file} not found")
-        optimizer.load_state_dict(torch.load(opt_file, weights_only=True, map_location="cpu"))
-    rng_file = path / "rng.safetensors"
-    if rng_file.is_file():
-        rng = load_file(rng_file)
-        torch.set_rng_state(rng["torch_cpu"])
-        if torch.cuda.is_available():
-            cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-            if len(cuda) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(cuda)
+    if optimizer is None:
+        model_state, optim_state = get_model_state_dict(model), None
+        target = {"model": model_state}
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        target = {"model": model_state, "optim": optim_state}
+    with _single_process_ok():
+        dcp.load(target, checkpoint_id=path / "state")
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=model_state,
+                   optim_state_dict=optim_state or {})
+    rng_file = path / f"rng-{rank():05d}.safetensors"
+    rng = load_file(rng_file if rng_file.is_file() else path / "rng-00000.safetensors")
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
     return state
 
 
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict as plain CPU tensors on rank 0 (every rank calls; the others get {})."""
+    if not dist.is_initialized():
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def export_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """Write the model (HF layout) and its tokenizer to out_dir, replacing it atomically."""
+    """Write the model (HF layout, gathered to rank 0) and its tokenizer to out_dir, replacing it atomically
+    (every rank calls)."""
     out = Path(out_dir)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_pretrained(model, tmp)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        _replace_dir(tmp, out)
-    finally:
+    state = full_model_state(model)
+    if rank() == 0:
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            save_pretrained(model, tmp, state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            _replace_dir(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
     return out

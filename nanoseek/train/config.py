@@ -366,6 +366,22 @@ class TrainSection:
 
 
 @dataclass
+class ParallelSection:
+    """Data and expert parallelism under torchrun (`docs/PARALLELISM.md`); a plain process is one rank. The
+    data-parallel degree dp_replicate x dp_shard is the world size; expert parallelism is carved from it."""
+
+    dp_replicate: int = 1
+    """Replicas (HSDP's outer dimension): parameters are replicated across them, gradients all-reduced."""
+    dp_shard: int = 0
+    """FSDP2 ranks within a replica: parameters, gradients and AdamW state sharded (0 = world size / dp_replicate)."""
+    ep: int = 1
+    """Expert-parallel degree: each rank holds n_routed_experts / ep experts (tokens travel by all-to-all);
+    divides dp_shard. The model's ep_size (device-limited routing) must equal it."""
+    timeout: float = 600.0
+    """Seconds a collective waits for the other ranks before the job fails (a rank that died or hangs)."""
+
+
+@dataclass
 class CheckpointSection:
     """Resumable checkpoints in DIR/checkpoints."""
 
@@ -394,7 +410,7 @@ class RunConfig:
     merged: ClassVar[frozenset[tuple[str, str]]] = frozenset({("model", "overrides")})
     resumable: ClassVar[tuple[str, ...]] = ("train.steps", "train.threads", "train.deterministic",
                                              "train.max_rollbacks", "train.time_limit", "train.device", "eval.",
-                                             "checkpoint.", "log.")
+                                             "checkpoint.", "log.", "parallel.")
 
     # ------------------------------------------------------------------ loading and writing
     @classmethod
@@ -511,7 +527,9 @@ class RunConfig:
         self.at_least(["train.micro_batch_size", "train.threads", "train.time_limit", "train.spike_warmup",
                        "train.max_rollbacks", "checkpoint.every", "schedule.warmup_steps", "optim.eps",
                        "optim.weight_decay", "optim.grad_clip", "train.spike_factor"], 0)
-        self.at_least(["train.max_bad_steps"], 1)
+        self.at_least(["train.max_bad_steps", "parallel.dp_replicate", "parallel.ep"], 1)
+        self.at_least(["parallel.dp_shard"], 0)
+        self.at_least(["parallel.timeout"], 1)
         t = self.train
         if t.micro_batch_size and t.batch_size % t.micro_batch_size:
             self.fail("train.micro_batch_size", f"must divide train.batch_size = {t.batch_size}")
@@ -535,13 +553,13 @@ class RunConfig:
         """The LR schedule over train.steps optimizer steps."""
         return self.schedule.build(self.train.steps, self.optim.lr)
 
-    def batch_ramp(self) -> BatchSizeRamp | None:
-        """BatchSizeRamp in sequences per step (multiples of the micro-batch), or None."""
+    def batch_ramp(self, dp: int = 1) -> BatchSizeRamp | None:
+        """BatchSizeRamp in sequences per step (multiples of dp micro-batches), or None."""
         s, t = self.schedule, self.train
         if not s.batch_ramp_start:
             return None
         try:
-            return BatchSizeRamp(s.batch_ramp_start, t.batch_size, s.batch_ramp_tokens, multiple=t.micro_batch)
+            return BatchSizeRamp(s.batch_ramp_start, t.batch_size, s.batch_ramp_tokens, multiple=t.micro_batch * dp)
         except ValueError as e:
             raise ValueError(f"schedule.batch_ramp_* with train.batch_size = {t.batch_size} and "
                              f"train.micro_batch_size = {t.micro_batch_size} is invalid: {e}") from None

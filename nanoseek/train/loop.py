@@ -15,9 +15,15 @@ The loop does the rest, the same way for every method:
 - checkpoints (atomic, `nanoseek.train.checkpoint`) and bit-identical resume, refusing a config that
   changed in a key a resumed run may not change;
 - evaluation and checkpoint cadence, metrics.jsonl (+ TensorBoard), a progress bar, the time limit,
-  DIR/config.toml and DIR/summary.json.
-
-Rank-awareness (rank-0 logging, reduced metrics, sharded checkpoints) belongs here, in one place.
+  DIR/config.toml and DIR/summary.json;
+- ranks, in this one place: under torchrun the loop joins the process group, checks `[parallel]`
+  against the world size and the model, applies the layout (`nanoseek.parallel.parallelize`: expert
+  parallelism, FSDP2), and keeps every rank in step: rank 0 alone writes logs, metrics and files;
+  `reduce` averages or sums a step's numbers over the ranks before they are logged or steer anything
+  (the guard, the router biases, the time limit), so every rank takes the same decisions; checkpoints
+  are sharded (`nanoseek.train.checkpoint`). A method reads its share of the data with `dp_rank`,
+  `dp_size` and `micro_batch` (train.batch_size is global: the same config trains the same way on any
+  number of ranks).
 """
 from __future__ import annotations
 
@@ -29,9 +35,19 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from nanoseek import fastpath
+from nanoseek.parallel.mesh import (
+    ParallelDims,
+    barrier,
+    env_world_size,
+    init_distributed,
+    local_rank,
+    rank,
+)
+from nanoseek.parallel.parallelize import parallelize
 from nanoseek.quant.fp8 import convert_to_fp8
 from nanoseek.train.checkpoint import (
     export_model,
@@ -51,11 +67,16 @@ class TrainingError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of train.device; under torchrun "cuda" means this rank's GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device = {name!r} is invalid: CUDA is not available here (use cpu or auto)")
+    if device.type == "cuda" and device.index is None and env_world_size() > 1:
+        device = torch.device("cuda", local_rank())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     return device
 
 
@@ -72,6 +93,19 @@ def micro_slices(n: int, micro: int) -> list[tuple[int, int]]:
     return [(i, min(i + micro, n)) for i in range(0, n, micro)]
 
 
+class _NoMetrics:
+    """The metrics log of ranks other than 0."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 class Trainer:
     """Sets up everything (checking every input) in __init__; `run()` trains. See the module docstring."""
 
@@ -81,8 +115,19 @@ class Trainer:
                  progress: bool | None = None):
         self.cfg = cfg.validate()
         t = cfg.train
-        self.progress = cfg.log.progress if progress is None else progress
+        self.device = resolve_device(t.device)
+        init_distributed(self.device, cfg.parallel.timeout)
+        self.rank, self.world_size = rank(), env_world_size()
+        self.main = self.rank == 0
+        self.dims = ParallelDims.resolve(cfg.parallel, self.world_size)
+        self.dp_rank, self.dp_size = self.rank, self.dims.world_size  # every rank is data-parallel
+        self.micro_batch = t.micro_batch_size or t.batch_size // self.dp_size
+        if t.batch_size % (self.micro_batch * self.dp_size):
+            raise ValueError(f"train.batch_size = {t.batch_size} must be a multiple of train.micro_batch_size x "
+                             f"data-parallel ranks = {self.micro_batch} x {self.dp_size} (the batch is global)")
+        self.progress = (cfg.log.progress if progress is None else progress) and self.main
         self.out, self._resume_from = open_run_dir(out_dir, resume)
+        barrier()  # (every rank has seen the directory before rank 0 writes into it)
         if self._resume_from is not None:
             self._check_resumable_config()
         self._torch_settings = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
@@ -91,12 +136,15 @@ class Trainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
-            self.device = resolve_device(t.device)
             self.model = None
             self.setup()
+            self.dims = ParallelDims.resolve(cfg.parallel, self.world_size, self.model.config)
             if t.fp8:
                 convert_to_fp8(self.model)
             fastpath.enable(self.model).to(self.device)
+            if self.world_size > 1:
+                parallelize(self.model, self.dims, self.dims.build_meshes(self.device.type),
+                            bf16_params=self.device.type == "cuda" and t.dtype == "bf16")
             o = cfg.optim
             self.optimizer = build_optimizer(self.model, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
             self.forward = torch.compile(self.model) if t.compile else self.model
@@ -153,6 +201,39 @@ class Trainer:
     # ------------------------------------------------------------------ the step
     def autocast(self):
         return autocast(self.cfg.train.dtype, self.device)
+
+    def reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """x summed ("sum"), averaged ("mean") or maximized ("max") over the ranks (x itself in one process)."""
+        if self.world_size == 1:
+            return x
+        y = x.detach().to(self.device, torch.float64 if x.is_floating_point() else x.dtype).clone()
+        dist.all_reduce(y, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return (y / self.world_size if op == "mean" else y).to(x.dtype).to(x.device)
+
+    def reduce_values(self, values: dict[str, float], op: str = "mean") -> dict[str, float]:
+        """A dict of numbers reduced over the ranks in one collective."""
+        if self.world_size == 1 or not values:
+            return values
+        out = self.reduce(torch.tensor(list(values.values()), dtype=torch.float64), op)
+        return dict(zip(values, out.tolist()))
+
+    def lockstep(self, batches, filler=None):
+        """(batch, counted) over this rank's share of an evaluation set, padded so every rank runs as many
+        forwards as the busiest (sharded layers gather parameters, and the all-to-all waits for every
+        rank, in each one): a rank out of batches repeats its first (or `filler`) with counted = False."""
+        batches = list(batches)
+        rounds = len(batches) if self.world_size == 1 else int(self.reduce(torch.tensor(len(batches)), "max"))
+        for i in range(rounds):
+            yield (batches[i], True) if i < len(batches) else (batches[0] if batches else filler, False)
+
+    def on_main_first(self, fn):
+        """fn() on rank 0, then on the others (what rank 0 builds once, e.g. a dataset, the rest reuse)."""
+        if not self.main:
+            barrier()
+        result = fn()
+        if self.main:
+            barrier()
+        return result
 
     def optimizer_step(self, loss: float | None = None) -> float:
         """Clip, then step unless the step is bad (non-finite loss or gradient norm, or a loss spike: the update
@@ -249,28 +330,33 @@ class Trainer:
         try:
             if self._resume_from is not None:
                 self.load_checkpoint(self._resume_from)
-                truncate_metrics(self.out, self.step)
-            else:
+                if self.main:
+                    truncate_metrics(self.out, self.step)
+            elif self.main:
                 for name in ("metrics.jsonl", "summary.json"):
                     (self.out / name).unlink(missing_ok=True)  # an earlier attempt that never checkpointed
-            atomic_write_text(self.out / "config.toml", cfg.to_toml())
+            if self.main:
+                atomic_write_text(self.out / "config.toml", cfg.to_toml())
             shown: dict[str, str] = {}
-            with MetricsLogger(self.out, cfg.log.tensorboard) as metrics, \
+            with (MetricsLogger(self.out, cfg.log.tensorboard) if self.main else _NoMetrics()) as metrics, \
                     tqdm(total=cfg.train.steps, initial=self.step, disable=not self.progress, unit="step",
                          desc=self.command, dynamic_ncols=True) as bar:
+                log = bar.write if self.main else (lambda line: None)
                 if self._resume_from is not None:
-                    bar.write(f"resumed {self.out} from {self._resume_from.name} (step {self.step})")
+                    log(f"resumed {self.out} from {self._resume_from.name} (step {self.step})")
+                if self.world_size > 1:
+                    log(f"{self.world_size} ranks: {self.dims}")
                 if self.step == 0 and self.evaluate_at_start():
                     start = {"step": 0, "loss": None, **self.evaluate()}
                     metrics.write(start)
-                    self._print_eval(start, bar.write)
+                    self._print_eval(start, log)
                 while self.step < cfg.train.steps and not self._out_of_time():
-                    record = self._train_step(bar.write)
+                    record = self._train_step(log)
                     rolled_back = "rollback_to" in record
                     final = self.step >= cfg.train.steps or self._out_of_time()
                     if not rolled_back and (final or self._every(cfg.eval.every)):
                         record.update(self.evaluate())
-                        self._print_eval(record, bar.write)
+                        self._print_eval(record, log)
                     metrics.write(record)
                     if not rolled_back and (final or self._every(cfg.checkpoint.every)):
                         self.save_checkpoint()
@@ -283,13 +369,15 @@ class Trainer:
                 self.save_checkpoint()
         finally:
             self._restore_torch_settings()
+        barrier()  # (rank 0's metrics are complete)
         records = read_metrics(self.out)
         trained = [r for r in records if r.get("loss") is not None]
         summary = {"command": self.command, "steps": self.step, "train_time": self.train_time,
                    "loss": trained[-1]["loss"] if trained else None, "rollbacks": self.rollbacks,
                    "model_dir": os.fspath(self.out / "model"), "metrics": os.fspath(self.out / "metrics.jsonl"),
                    "config": os.fspath(self.out / "config.toml"), **self.summarize(records)}
-        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1) + "\n")
+        if self.main:
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1) + "\n")
         return summary
 
     def _train_step(self, log) -> dict:
@@ -300,7 +388,7 @@ class Trainer:
         self.skipped = None
         t0 = time.perf_counter()
         record = self.train_step()
-        elapsed = time.perf_counter() - t0
+        elapsed = float(self.reduce(torch.tensor(time.perf_counter() - t0), "max"))  # the ranks stop together
         self.step += 1
         self.train_time += elapsed
         record = {"step": self.step, **record, "lr": self.lr, "step_time": elapsed, "train_time": self.train_time}

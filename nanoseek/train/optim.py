@@ -8,10 +8,9 @@ are passed by name, so the optimizer's state dict records which tensor each entr
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from nanoseek import fastpath
 
@@ -48,9 +47,22 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     """Clip the global L2 gradient norm to max_norm (0 = measure only); returns the norm before clipping
-    (inf or nan when a gradient is not finite)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
+    (inf or nan when a gradient is not finite).
+
+    Sharded (DTensor) gradients are grouped by mesh, since torch's norm cannot mix meshes (FSDP's dense
+    mesh and the routed experts'); each group's norm is reduced over its own mesh."""
+    groups: dict = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    if not groups:
         return 0.0
-    limit = max_norm if max_norm > 0 else math.inf
-    return float(torch.nn.utils.clip_grad_norm_(params, limit, error_if_nonfinite=False))
+    norms = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm > 0:
+        for grads in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+    return float(total)

@@ -1,0 +1,38 @@
+"""Apply a run's layout to a built model, as torchtitan's `parallelize` does; the model itself stays pure.
+
+Order matters: expert parallelism first (the routed experts become DTensors sharded over the ep mesh and
+the MoE's dispatcher an all-to-all one), then FSDP2 from the leaves up: the routed experts of each MoE
+(over the ranks that hold the same experts), each decoder block (the MTP modules' too), then the root
+(the embedding, the final norm, the head and the MTP projections, which the model calls piecewise).
+Gradients of every parameter end up averaged over all data-parallel ranks: FSDP averages the dense ones
+over dp_shard (and dp_replicate), and the experts', whose local gradient already sums the ep group's
+tokens (the all-to-all's backward), are divided by the whole world instead of their own mesh.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from nanoseek.model.transformer import DeepSeekForCausalLM
+from nanoseek.parallel.expert import shard_experts
+from nanoseek.parallel.mesh import Meshes, ParallelDims
+
+
+def parallelize(model: DeepSeekForCausalLM, dims: ParallelDims, meshes: Meshes, bf16_params: bool = False
+                ) -> nn.Module:
+    """Shard `model` in place over `meshes` (EP, then FSDP2 per block and root); returns it.
+
+    `bf16_params` (GPU bf16 runs): FSDP2 gathers bf16 parameters and reduces gradients in fp32, while the
+    sharded master weights and AdamW state stay fp32."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params \
+        else MixedPrecisionPolicy()
+    if dims.ep > 1:
+        for moe in model.moe_layers():
+            shard_experts(moe, meshes.ep)
+            fully_shard(moe.experts, mesh=meshes.experts, mp_policy=policy)
+            moe.experts.set_gradient_divide_factor(float(dims.world_size))
+    for block in [*model.model.layers, *(m.block for m in model.mtp)]:
+        fully_shard(block, mesh=meshes.dense, mp_policy=policy)
+    fully_shard(model, mesh=meshes.dense, mp_policy=policy)
+    return model
