@@ -3,6 +3,11 @@ same config on the same global batch (DualPipe's style of check): per-step losse
 step-1 gradients with cosine distance < 1e-6, router biases identical on every rank and equal to the
 single process's; sharded checkpoints that resume on another number of ranks; clear layout errors."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from nanoseek.config import ModelConfig
 from nanoseek.parallel.mesh import ParallelDims
 from nanoseek.pretrain.config import PretrainConfig
-from nanoseek.pretrain.trainer import Pretrainer
+from nanoseek.pretrain.trainer import Pretrainer, pretrain
 from nanoseek.train.config import ParallelSection
 from nanoseek.train.metrics import read_metrics
 
@@ -133,3 +138,52 @@ def test_layouts_resolve():
     # one process simulates ep_size devices for device-limited routing; it needs no ranks
     simulated = ModelConfig.preset("tiny-v3").replace(topk_devices=1, ep_size=4)
     assert ParallelDims.resolve(ParallelSection(), 1, simulated).ep == 1
+
+
+def _children_with_rank(pid: int, rank: int) -> list[int]:
+    """Worker processes torchrun (pid) started for `rank` (read from /proc: our own descendants only)."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                env = (stat.parent / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                child = int(stat.parent.name)
+                frontier.append(child)
+                if f"RANK={rank}".encode() in env:
+                    found.append(child)
+    return found
+
+
+@pytest.mark.slow
+def test_torchrun_killed_rank_fails_clearly_and_resume_matches_an_uninterrupted_run(dataset, tmp_path):
+    sets = config(dataset, "train.steps=12", "checkpoint.every=3", "eval.batches=1")
+    pretrain(PretrainConfig.load(TINY, sets), tmp_path / "whole")  # one process, uninterrupted
+    whole = [r["loss"] for r in read_metrics(tmp_path / "whole") if r.get("loss") is not None]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "nanoseek",
+           "pretrain", "--config", str(TINY), "--out", str(out), *(a for s in sets for a in ("--set", s))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "step-00000006").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert job.poll() is None, job.stdout.read()
+        victims = _children_with_rank(job.pid, 1)
+        assert victims
+        os.kill(victims[0], signal.SIGKILL)
+        output, _ = job.communicate(timeout=90)  # torchrun stops the other rank; nothing hangs
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert "rank      : 1" in output and "Signal 9 (SIGKILL)" in output, output[-3000:]
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    losses = [r["loss"] for r in read_metrics(out) if r.get("loss") is not None]
+    assert torch.allclose(torch.tensor(losses), torch.tensor(whole), rtol=1e-5, atol=0)

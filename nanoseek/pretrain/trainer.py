@@ -190,13 +190,15 @@ class Pretrainer(Trainer):
                 window = window.to(self.device, non_blocking=True)
                 with self.autocast():
                     out = self.model(window[:, :-1], mtp=False)
+                if load is None and out.expert_load is not None:
+                    load = torch.zeros_like(out.expert_load)  # (on every rank: the load is reduced below)
                 if not counted:
                     continue
                 targets = window[:, 1:]
                 nll += F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
                 count += targets.numel()
-                if out.expert_load is not None:
-                    load = out.expert_load.clone() if load is None else load + out.expert_load
+                if load is not None:
+                    load += out.expert_load
         finally:
             self.model.train()
         nll, count = self.reduce(torch.tensor([nll, count], dtype=torch.float64)).tolist()
@@ -205,7 +207,7 @@ class Pretrainer(Trainer):
         val_loss = nll / count
         # bits per byte = nats per token / ln 2 × tokens per byte of the held-out text (metadata.json)
         record = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.val_bytes_per_token,
-                  "val_tokens": count}
+                  "val_tokens": int(count)}
         if load is not None:
             vio = max_violation(load)
             record.update({"max_vio_global": [round(v, 4) for v in vio.tolist()],
