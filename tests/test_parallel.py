@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import run_ranks
 from torch.distributed.tensor import DTensor
 
 from nanoseek.config import ModelConfig
+from nanoseek.parallel.launch import run_ranks
 from nanoseek.parallel.mesh import ParallelDims
 from nanoseek.pretrain.config import PretrainConfig
 from nanoseek.pretrain.trainer import Pretrainer, pretrain
@@ -183,7 +183,7 @@ def test_torchrun_killed_rank_fails_clearly_and_resume_matches_an_uninterrupted_
             job.kill()
     assert job.returncode != 0
     assert "rank      : 1" in output and "Signal 9 (SIGKILL)" in output, output[-3000:]
-    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=180)
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=180, check=False)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     losses = [r["loss"] for r in read_metrics(out) if r.get("loss") is not None]
     assert torch.allclose(torch.tensor(losses), torch.tensor(whole), rtol=1e-5, atol=0)

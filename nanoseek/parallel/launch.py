@@ -1,6 +1,8 @@
-"""Run a function on N gloo ranks in fresh processes, for the multi-process tests.
+"""Run a function on N local gloo ranks in fresh processes: the multi-process tests and benchmarks.
 
     results = run_ranks(worker, world_size=2, args=(cfg_dict, tmp_path))   # [worker's return on rank r]
+
+(Training jobs use torchrun; this is for a function, e.g. one layout of a test, on one machine.)
 
 Each rank is a spawned process with 1 thread that joins a gloo group through a file store under a
 fresh temporary directory, so nothing listens beyond localhost and no port is chosen by hand. The
@@ -41,7 +43,8 @@ def _rank_main(fn, rank: int, world_size: int, store: str, out: str, args: tuple
 
 
 def run_ranks(fn, world_size: int, args: tuple = (), timeout: float = 120.0) -> list:
-    """fn(rank, world_size, *args) on each rank (a module-level function); returns the results by rank."""
+    """fn(rank, world_size, *args) on each rank (a module-level function); returns the results by rank, or
+    raises RuntimeError with each failed rank's traceback."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="nanoseek-dist-") as tmp:
         outs = [os.path.join(tmp, f"rank{r}.pkl") for r in range(world_size)]
@@ -73,5 +76,5 @@ def run_ranks(fn, world_size: int, args: tuple = (), timeout: float = 120.0) -> 
             results.append(value)
         if timed_out or errors:
             head = f"ranks {timed_out} still running after {timeout:.0f}s (killed)\n" if timed_out else ""
-            raise AssertionError(head + "\n".join(errors))
+            raise RuntimeError(head + "\n".join(errors))
         return results

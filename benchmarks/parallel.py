@@ -1,0 +1,100 @@
+"""Data and expert parallelism on local gloo ranks (CPU): what each rank holds and what the all-to-all moves.
+
+memory: small-v3 trained for a few AdamW steps (fp32, global batch 8 x 256) with FSDP2 over
+dp_shard = 1, 2, 4 ranks. Per rank: the bytes of its parameter, gradient and AdamW shards beside the
+closed form 16·P / dp_shard (fp32 weight, gradient, two moments), and the peak resident memory during
+the steps (VmHWM, reset after setup; it includes what every process holds: torch itself, activations).
+
+alltoall: one MoE layer's forward under expert parallelism (ep ranks, E experts, top-K, device-limited
+routing to M = 1 … ep ranks) on random tokens: the bytes each rank sends to other ranks in the dispatch
+and combine all-to-alls, measured by the dispatcher, beside the bound 2 · T · min(M, K) · D · 4 bytes
+(each token goes at most once to each of its ≤ min(M, K) ranks and comes back once) and the expected
+value under uniform routing.
+
+    .venv/bin/python benchmarks/parallel.py memory
+    .venv/bin/python benchmarks/parallel.py alltoall --ep 4
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+from pathlib import Path
+
+import torch
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.transformer import DeepSeekForCausalLM
+from nanoseek.parallel.launch import run_ranks
+from nanoseek.parallel.mesh import ParallelDims
+from nanoseek.parallel.parallelize import parallelize
+from nanoseek.pretrain.losses import lm_losses, model_inputs, total_loss
+from nanoseek.train.config import ParallelSection
+from nanoseek.train.optim import build_optimizer, clip_grad_norm
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _local_bytes(tensors) -> int:
+    return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors)
+
+
+def memory_worker(rank: int, world: int, steps: int, batch: int, seq: int) -> dict:
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("small-v3")
+    model = DeepSeekForCausalLM(cfg)
+    P = sum(p.numel() for p in model.parameters())
+    if world > 1:
+        dims = ParallelDims.resolve(ParallelSection(dp_shard=world), world, cfg)
+        parallelize(model, dims, dims.build_meshes("cpu"))
+    opt = build_optimizer(model, 1e-4)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS: count the steps, not the setup
+    D = cfg.num_nextn_predict_layers
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(steps):
+        window = torch.randint(cfg.vocab_size, (batch // world, seq + 1 + D), generator=gen)
+        out = model(model_inputs(window, seq, D))
+        main, mtp = lm_losses(out, window, seq)
+        total_loss(main, mtp, 0.3, out.aux_loss).backward()
+        clip_grad_norm(model, 1.0)
+        opt.step()
+        grads = _local_bytes(p.grad for p in model.parameters())
+        opt.zero_grad(set_to_none=True)
+    moments = _local_bytes(t for s in opt.state.values() for t in s.values() if t.dim() > 0)
+    return {"params": P, "state_bytes": _local_bytes(model.parameters()) + grads + moments,
+            "peak_rss": _status_kib("VmHWM") * 1024}
+
+
+def memory(args) -> None:
+    print(f"small-v3, fp32, global batch {args.batch} x {args.seq}, {args.steps} AdamW steps per layout")
+    print(f"{'dp_shard':>8} {'weights+grads+AdamW / rank':>27} {'16·P/dp_shard':>14} {'peak RSS / rank':>16}")
+    for world in args.dp_shard:
+        results = run_ranks(memory_worker, world, (args.steps, args.batch, args.seq), timeout=900)
+        P = results[0]["params"]
+        state = max(r["state_bytes"] for r in results)
+        peak = max(r["peak_rss"] for r in results)
+        print(f"{world:>8} {state / 2**20:>23.1f} MiB {16 * P / world / 2**20:>10.1f} MiB {peak / 2**20:>12.0f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("memory", help="per-rank memory of small-v3 under FSDP2")
+    m.add_argument("--dp-shard", type=int, nargs="+", default=[1, 2, 4])
+    m.add_argument("--steps", type=int, default=2)
+    m.add_argument("--batch", type=int, default=8)
+    m.add_argument("--seq", type=int, default=256)
+    m.set_defaults(func=memory)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
