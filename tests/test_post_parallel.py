@@ -103,10 +103,9 @@ def test_rejection_sampling_splits_prompts_over_ranks(small_base, tmp_path):
 
 
 # ---------------------------------------------------------------- GRPO on 2 ranks from the bimodal base
-BASE_STEPS, BASE_BATCH = 800, 64  # (tests/test_post_training.py's base: one build per session)
+BASE_STEPS, BASE_BATCH = 800, 64  # (tests/test_post_training.py's base: one build per session; ~10 s after it)
 
 
-@pytest.mark.slow
 def test_grpo_on_two_ranks_raises_heldout_accuracy(tmp_path_factory, tmp_path):
     base = bimodal_base(tmp_path_factory, BASE_STEPS, BASE_BATCH)
     start = summary(base)["eval"]
