@@ -52,6 +52,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank ([obj] in one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     """A validated layout: dp_replicate x dp_shard ranks, ep of them per expert-parallel group."""

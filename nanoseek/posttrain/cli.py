@@ -8,6 +8,9 @@ library functions (nanoseek.posttrain.sft, dpo, grpo, distill, rejection).
     nanoseek distill --set distill.teacher=runs/grpo/model --set model.init_from=runs/small/model --out runs/distill
     nanoseek grpo --config configs/grpo-arithmetic.toml --show-config
 
+Under `torchrun --nproc-per-node N -m nanoseek <command> ...` each rank trains (or samples) its share
+of every global batch and rank 0 alone writes files and prints (`nanoseek.posttrain.trainer`).
+
 Every command takes --config FILE (TOML: the sections of `nanoseek.posttrain.config.PostConfig`),
 --set section.key=value overrides (repeatable), --seed and --out; `--keys` lists every key.
 """
@@ -17,6 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
+from nanoseek.parallel.mesh import rank
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.distill import distill
 from nanoseek.posttrain.dpo import dpo
@@ -27,16 +31,16 @@ from nanoseek.posttrain.sft import sft
 TRAINERS = {"sft": sft, "dpo": dpo, "grpo": grpo, "distill": distill}
 COMMANDS = {
     "sft": ("supervised fine-tuning: completion-only loss on chat / prompt-completion jsonl or task data",
-            ("model", "task", "data", "optim", "schedule", "train", "sft", "eval", "checkpoint", "log")),
+            ("model", "task", "data", "optim", "schedule", "train", "sft", "eval", "checkpoint", "log", "parallel")),
     "dpo": ("direct preference optimization on pairs from a file or sampled on-policy from a task",
-            ("model", "task", "data", "optim", "schedule", "train", "dpo", "eval", "checkpoint", "log")),
+            ("model", "task", "data", "optim", "schedule", "train", "dpo", "eval", "checkpoint", "log", "parallel")),
     "grpo": ("GRPO reinforcement learning with the task's rule-based rewards (R1-Zero / R1 RL)",
-             ("model", "task", "optim", "schedule", "train", "grpo", "eval", "checkpoint", "log")),
+             ("model", "task", "optim", "schedule", "train", "grpo", "eval", "checkpoint", "log", "parallel")),
     "distill": ("SFT a smaller student on a teacher's rejection-sampled traces (optional logit distillation)",
                 ("model", "task", "data", "optim", "schedule", "train", "distill", "rejection", "eval", "checkpoint",
-                 "log")),
-    "rejection-sample": ("sample k completions per prompt, keep the verified-correct, well-formed, single-language "
-                         "ones as an SFT jsonl", ("model", "task", "train", "rejection")),
+                 "log", "parallel")),
+    "rejection-sample": (("sample k completions per prompt, keep the verified-correct, well-formed, single-language "
+                          "ones as an SFT jsonl"), ("model", "task", "train", "rejection", "parallel")),
 }
 
 
@@ -81,10 +85,14 @@ def _run(args: argparse.Namespace) -> None:
         return
     if command == "rejection-sample":
         stats = rejection_sample_run(cfg, out)
+        if rank():
+            return  # (under torchrun rank 0 alone prints the summary line)
         print(f"rejection-sample: kept {stats['kept']} of {stats['samples']} samples ({stats['prompts']} prompts, "
               f"sample accuracy {stats['sample_accuracy']:.3f}); rejected {stats['rejected']}; data in {stats['data']}")
         return
     summary = TRAINERS[command](cfg, out, resume=args.resume)
+    if rank():
+        return
     parts = [f"{summary['steps']} steps in {summary['train_time']:.1f}s"]
     if summary.get("loss") is not None:
         parts.append(f"loss {summary['loss']:.4f}")

@@ -225,7 +225,7 @@ class PostConfig(RunConfig):
 
     merged = RunConfig.merged | {("task", "options"), ("task", "weights")}
 
-    def validate(self) -> "PostConfig":
+    def validate(self) -> PostConfig:
         super().validate()
         self.at_least(["eval.every", "eval.examples", "eval.k", "task.train_size", "grpo.beta", "grpo.ref_reset_every",
                        "grpo.epsilon", "grpo.epsilon_high", "grpo.top_p", "rejection.top_p", "eval.top_p",

@@ -14,6 +14,11 @@ SFT only, no RL, and found this beats running large-scale RL on the small model 
 
     cfg = PostConfig.load(None, ["distill.teacher=runs/rl/model", "model.init_from=runs/small-base/model"])
     distill(cfg, "runs/distill")
+
+Under torchrun the student trains like SFT (each rank its share of every global batch, losses over the
+global token count) and the teacher is a frozen, unsharded copy on every rank: it takes no gradient and
+no optimizer state, its forwards on a rank's micro-batches need no collective, and the traces are
+rejection-sampled with it before the student is sharded, each rank its share of the prompts.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.posttrain.config import PostConfig
-from nanoseek.posttrain.rejection import rejection_sample
+from nanoseek.posttrain.rejection import rejection_sample_ranks
 from nanoseek.posttrain.sft import EpochSampler, SFTTrainer
 from nanoseek.posttrain.trainer import build_policy, forward_logits, update_summary
 from nanoseek.train.loop import autocast
@@ -56,12 +61,14 @@ class DistillTrainer(SFTTrainer):
                 raise ValueError("distill without distill.traces samples the teacher: it needs a task (task.name)")
             r = cfg.rejection
             examples = self.task.examples(r.prompts, seed=r.seed, split="train")
-            rows, self.trace_stats = rejection_sample(teacher, teacher_tok, self.task, examples, r.samples,
-                                                      r.temperature, r.top_p, r.max_new_tokens, r.require_format,
-                                                      r.require_language, r.max_per_prompt, seed=cfg.train.seed)
+            rows, self.trace_stats = rejection_sample_ranks(teacher, teacher_tok, self.task, examples, r.samples,
+                                                            r.temperature, r.top_p, r.max_new_tokens,
+                                                            r.require_format, r.require_language, r.max_per_prompt,
+                                                            seed=cfg.train.seed)
             if not rows:
                 raise ValueError(f"the teacher {d.teacher} produced no acceptable trace in {len(examples)} prompts")
-            write_jsonl(traces_file, rows)
+            if self.main:
+                write_jsonl(traces_file, rows)
         # a fresh student speaks the teacher's tokens; a pretrained one keeps its own (checked below for logits)
         self.model, self.tok = build_policy(cfg, tokenizer=cfg.model.tokenizer or ("" if cfg.model.init_from
                                                                                    else d.teacher))
@@ -91,5 +98,8 @@ class DistillTrainer(SFTTrainer):
 def distill(cfg: PostConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool | None = None) -> dict:
     """Distill per `cfg` into `out_dir`; returns the run summary, with the trace statistics under "traces"."""
     trainer = DistillTrainer(cfg, out_dir, resume=resume, progress=progress)
-    trainer.run()
-    return update_summary(out_dir, traces=trainer.trace_stats or {"kept": trainer.n_traces})
+    summary = trainer.run()
+    traces = trainer.trace_stats or {"kept": trainer.n_traces}
+    if not trainer.main:  # (rank 0 alone writes DIR/summary.json)
+        return {**summary, "traces": traces}
+    return update_summary(out_dir, traces=traces)

@@ -14,7 +14,9 @@ together with the rejected one and drift off-distribution once it overfits a sma
 
 The reference policy is the starting model, and it never changes, so its log-probs are computed
 once, before the first update, and kept in DIR/reference_logps.safetensors: no second model lives
-in memory, and a resumed run uses the same numbers. Logged: loss, reward margin (β × the bracket),
+in memory, and a resumed run uses the same numbers. Under torchrun each rank samples and scores its
+share of the prompts and pairs before the policy is sharded, and trains on its share of every global
+batch of train.batch_size pairs (the losses divided by the global pair and token counts). Logged: loss, reward margin (β × the bracket),
 reward accuracy (share of pairs with a positive margin), chosen and rejected implicit rewards.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanoseek.infer.generate import sample_completions
+from nanoseek.parallel.mesh import gather_objects
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.policy_losses import dpo_loss, token_logprobs
 from nanoseek.posttrain.sft import EpochSampler
@@ -35,6 +38,7 @@ from nanoseek.posttrain.trainer import (
     collate,
     encode_pair,
     forward_logits,
+    rank_seed,
     sequence_logprobs,
     update_summary,
 )
@@ -62,6 +66,14 @@ def onpolicy_pairs(model, tok, task, examples, samples: int, temperature: float,
                    "pairs": len(pairs)}
 
 
+def merge_pair_stats(parts: list[dict]) -> dict:
+    """The statistics of `onpolicy_pairs` over the ranks' shares of the prompts."""
+    samples = sum(p["samples"] for p in parts)
+    return {"prompts": sum(p["prompts"] for p in parts), "samples": samples,
+            "sample_accuracy": sum(p["sample_accuracy"] * p["samples"] for p in parts) / max(samples, 1),
+            "pairs": sum(p["pairs"] for p in parts)}
+
+
 class DPOTrainer(PostTrainer):
     command = "dpo"
 
@@ -87,13 +99,16 @@ class DPOTrainer(PostTrainer):
             rng = random.Random(f"dpo/{cfg.train.seed}")
             pool = self.task.examples(cfg.task.train_size, seed=cfg.task.train_seed, split="train")
             examples = rng.sample(pool, min(d.prompts, len(pool)))
-            self.model.to(self.device)
-            pairs, self.pair_stats = onpolicy_pairs(self.model, self.tok, self.task, examples, d.samples,
-                                                    d.temperature, d.max_new_tokens, seed=cfg.train.seed)
+            self.model.to(self.device)  # (not sharded yet: each rank samples its share of the prompts)
+            parts = gather_objects(onpolicy_pairs(self.model, self.tok, self.task, self.local_share(examples),
+                                                  d.samples, d.temperature, d.max_new_tokens,
+                                                  seed=rank_seed(cfg.train.seed, self.dp_rank)))
+            pairs = [p for rank_pairs, _ in parts for p in rank_pairs]
+            self.pair_stats = merge_pair_stats([stats for _, stats in parts])
             if not pairs:
                 raise ValueError(f"no on-policy pair: none of {len(examples)} prompts had both a correct and an "
                                  "incorrect sample (raise dpo.samples or dpo.temperature)")
-        if not cfg.data.train:
+        if not cfg.data.train and self.main:
             write_jsonl(pairs_file, pairs)
         self.pairs = pairs
         self.rows = []
@@ -106,8 +121,11 @@ class DPOTrainer(PostTrainer):
             self.ref_logps = load_file(ref_file)["logps"]
         else:
             self.model.to(self.device)
-            self.ref_logps = self._logps(range(len(self.rows)))
-            save_file({"logps": self.ref_logps.contiguous()}, ref_file)
+            # each rank scores its share of the pairs (whole pairs: rows 2i, 2i + 1), then all have all
+            mine = [r for i in self.local_share(range(len(pairs))) for r in (2 * i, 2 * i + 1)]
+            self.ref_logps = torch.cat(gather_objects(self._logps(mine)))
+            if self.main:
+                save_file({"logps": self.ref_logps.contiguous()}, ref_file)
 
     @torch.no_grad()
     def _logps(self, rows) -> torch.Tensor:
@@ -119,7 +137,7 @@ class DPOTrainer(PostTrainer):
             batch = collate([self.rows[r] for r in rows[i:i + 256]], self.tok.pad_id).to(self.device)
             out.append(sequence_logprobs(self.model, batch, self.cfg.train.dtype).float().cpu())
         self.model.train(was_training)
-        return torch.cat(out)
+        return torch.cat(out) if out else torch.zeros(0)
 
     def extra_state(self) -> dict:
         return {"sampler": self.sampler.state_dict()}
@@ -131,17 +149,18 @@ class DPOTrainer(PostTrainer):
     def train_step(self) -> dict:
         cfg = self.cfg
         lr = self.lr
-        pair_idx = self.sampler.next()
+        P = cfg.train.batch_size  # pairs in the global batch; this rank trains on its share
+        pair_idx = self.local_share(self.sampler.next())
         # rows 2i (chosen) and 2i + 1 (rejected), interleaved so a micro-batch holds whole pairs
         rows = [r for i in pair_idx for r in (2 * i, 2 * i + 1)]
         batch = collate([self.rows[r] for r in rows], self.tok.pad_id).to(self.device)
         ref = self.ref_logps[rows].to(self.device)
-        P = len(pair_idx)
         totals = {"loss": 0.0, "margin": 0.0, "reward_accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0,
                   "chosen_nll": 0.0}
-        chosen_tokens = batch.loss_mask[0::2].sum().clamp(min=1)
+        chosen_tokens = self.reduce(batch.loss_mask[0::2].sum()).clamp(min=1)  # (the global batch's)
+        scale = self.dp_size  # (FSDP averages gradients over the ranks; each rank's loss is its share of the sum)
         self.model.eval()  # no dropout / balance losses: the same function as the reference log-probs
-        for i, j in micro_slices(len(rows), 2 * cfg.train.micro_batch_size):
+        for i, j in micro_slices(len(rows), 2 * self.micro_batch):
             mb = batch.slice(i, j)
             with autocast(cfg.train.dtype, self.device):
                 logits, _ = forward_logits(self.model, mb)
@@ -150,7 +169,7 @@ class DPOTrainer(PostTrainer):
             share = (j - i) / 2 / P
             nll = -logp[0::2].sum() / chosen_tokens  # this micro-batch's part of the step's per-token NLL
             total = loss * share + (cfg.dpo.nll_weight * nll if cfg.dpo.nll_weight else 0.0)
-            total.backward()
+            (total * scale).backward()
             totals["chosen_nll"] += nll.item()
             with torch.no_grad():
                 b = cfg.dpo.beta
@@ -160,11 +179,13 @@ class DPOTrainer(PostTrainer):
                 totals["chosen_reward"] += (b * (logp[0::2] - ref[i:j][0::2])).mean().item() * share
                 totals["rejected_reward"] += (b * (logp[1::2] - ref[i:j][1::2])).mean().item() * share
         grad_norm = self.optimizer_step()
-        return {**totals, "lr": lr, "grad_norm": grad_norm, "pairs": len(self.pairs)}
+        return {**self.reduce_values(totals, "sum"), "lr": lr, "grad_norm": grad_norm, "pairs": len(self.pairs)}
 
 
 def dpo(cfg: PostConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool | None = None) -> dict:
     """DPO per `cfg` into `out_dir`; returns the run summary, with the pair statistics under "pairs"."""
     trainer = DPOTrainer(cfg, out_dir, resume=resume, progress=progress)
-    trainer.run()
+    summary = trainer.run()
+    if not trainer.main:  # (rank 0 alone writes DIR/summary.json)
+        return {**summary, "pairs": trainer.pair_stats}
     return update_summary(out_dir, pairs=trainer.pair_stats)

@@ -15,6 +15,10 @@ de-duplicated, at most `max_per_prompt` per prompt, and written as {"prompt", "c
 rows that `nanoseek sft` reads.
 
     rows, stats = rejection_sample(model, tok, task, task.examples(1000, seed=7), samples=4)
+
+Under torchrun (`nanoseek rejection-sample`, or distillation's traces) each rank samples its share of
+the prompts with an unsharded copy of the model and its own seed; rank 0 gathers the rows, in prompt
+order, and writes the file atomically.
 """
 from __future__ import annotations
 
@@ -22,10 +26,16 @@ import json
 import os
 from pathlib import Path
 
-
 from nanoseek.infer.generate import sample_completions
+from nanoseek.parallel.mesh import (
+    barrier,
+    env_world_size,
+    gather_objects,
+    init_distributed,
+    rank,
+)
 from nanoseek.posttrain.config import PostConfig
-from nanoseek.posttrain.trainer import build_policy
+from nanoseek.posttrain.trainer import build_policy, rank_seed, shard
 from nanoseek.train.loop import resolve_device
 from nanoseek.utils import atomic_write_text, torch_threads, write_jsonl
 
@@ -67,6 +77,29 @@ def rejection_sample(model, tok, task, examples, samples: int = 4, temperature: 
     return rows, stats
 
 
+def merge_stats(parts: list[dict]) -> dict:
+    """The statistics of `rejection_sample` over disjoint shares of the prompts."""
+    samples, prompts = sum(p["samples"] for p in parts), sum(p["prompts"] for p in parts)
+    kept = sum(p["kept"] for p in parts)
+    return {"prompts": prompts, "samples": samples, "kept": kept, "kept_fraction": kept / max(samples, 1),
+            "sample_accuracy": sum(p["sample_accuracy"] * p["samples"] for p in parts) / max(samples, 1),
+            "prompts_solved": sum(p["prompts_solved"] * p["prompts"] for p in parts) / max(prompts, 1),
+            "rejected": {k: sum(p["rejected"][k] for p in parts) for k in REASONS}}
+
+
+def rejection_sample_ranks(model, tok, task, examples, *args, seed: int = 0, **kwargs) -> tuple[list[dict], dict]:
+    """`rejection_sample` with the prompts split over the ranks (every rank calls it with the same examples and
+    an unsharded model; each samples its contiguous share with its own seed) and the rows and statistics
+    gathered on every rank, in prompt order. One process: `rejection_sample` itself."""
+    world = env_world_size()
+    if world == 1:
+        return rejection_sample(model, tok, task, examples, *args, seed=seed, **kwargs)
+    r = rank()
+    parts = gather_objects(rejection_sample(model, tok, task, shard(examples, r, world), *args,
+                                            seed=rank_seed(seed, r), **kwargs))
+    return [row for rows, _ in parts for row in rows], merge_stats([stats for _, stats in parts])
+
+
 def rejection_sample_run(cfg: PostConfig, out_dir: str | os.PathLike) -> dict:
     """`nanoseek rejection-sample`: model.init_from's samples on the task → DIR/data.jsonl (+ stats.json,
     config.toml). Returns the statistics with the path of the data under "data"."""
@@ -79,15 +112,21 @@ def rejection_sample_run(cfg: PostConfig, out_dir: str | os.PathLike) -> dict:
     if not cfg.model.init_from:
         raise ValueError("rejection sampling needs a model: set model.init_from (e.g. an RL run's DIR/model)")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.train.device)
+    init_distributed(device, cfg.parallel.timeout)  # (under torchrun: each rank samples its share of the prompts)
+    if rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
     with torch_threads(cfg.train.threads):
         model, tok = build_policy(cfg)
-        model.to(resolve_device(cfg.train.device)).eval()
+        model.to(device).eval()
         examples = task.examples(r.prompts, seed=r.seed, split="train")
-        rows, stats = rejection_sample(model, tok, task, examples, r.samples, r.temperature, r.top_p, r.max_new_tokens,
-                                       r.require_format, r.require_language, r.max_per_prompt, seed=cfg.train.seed)
-    write_jsonl(out / "data.jsonl", rows)
+        rows, stats = rejection_sample_ranks(model, tok, task, examples, r.samples, r.temperature, r.top_p,
+                                             r.max_new_tokens, r.require_format, r.require_language, r.max_per_prompt,
+                                             seed=cfg.train.seed)
     stats["data"] = os.fspath(out / "data.jsonl")
-    atomic_write_text(out / "config.toml", cfg.to_toml())
-    atomic_write_text(out / "stats.json", json.dumps(stats, indent=1) + "\n")
+    if rank() == 0:  # (every rank holds the gathered rows; one writes them)
+        write_jsonl(out / "data.jsonl", rows)
+        atomic_write_text(out / "config.toml", cfg.to_toml())
+        atomic_write_text(out / "stats.json", json.dumps(stats, indent=1) + "\n")
+    barrier()
     return stats

@@ -20,7 +20,10 @@ are those it has at inference (there is no block-diagonal mask: like DeepSeek-V3
 pretraining, an example may attend to the ones before it in its row).
 
 The data order is a permutation per epoch from (seed, epoch), so the loop's position is two integers
-and a resumed run sees exactly the batches an uninterrupted one would.
+and a resumed run sees exactly the batches an uninterrupted one would. Under torchrun every rank draws
+the same global batch of train.batch_size rows and trains on its contiguous share; the NLL is divided
+by the global batch's completion tokens (summed over ranks), so 1 and N ranks take the same steps
+(`nanoseek.posttrain.trainer` on data parallelism).
 """
 from __future__ import annotations
 
@@ -192,10 +195,17 @@ class SFTTrainer(PostTrainer):
     def train_step(self) -> dict:
         cfg = self.cfg
         lr = self.lr
-        batch = collate([self.rows[i] for i in self.sampler.next()], self.tok.pad_id).to(self.device)
-        n_tokens = batch.loss_mask.sum().clamp(min=1)
+        B = cfg.train.batch_size  # (global: this rank trains on its share)
+        rows = [self.rows[i] for i in self.local_share(self.sampler.next())]
+        # padded to the global batch's longest row, as in one process: padding tokens pass through the MoE
+        # router, so they count in the sequence-wise balance loss
+        length = int(self.reduce(torch.tensor(max(len(r[0]) for r in rows)), "max"))
+        batch = collate(rows, self.tok.pad_id, length).to(self.device)
+        # the step's global token count: every token of the global batch weighs the same on any number of ranks
+        n_tokens = self.reduce(batch.loss_mask.sum()).clamp(min=1)
+        scale = self.dp_size  # (FSDP averages gradients over the ranks; the losses below are shares of a sum)
         nll_sum, aux_sum, extras = 0.0, 0.0, {}
-        for i, j in micro_slices(len(batch), cfg.train.micro_batch_size):
+        for i, j in micro_slices(len(batch), self.micro_batch):
             mb = batch.slice(i, j)
             with autocast(cfg.train.dtype, self.device):
                 logits, aux = forward_logits(self.model, mb)
@@ -205,18 +215,21 @@ class SFTTrainer(PostTrainer):
             if extra is not None:
                 loss = loss + extra / n_tokens
             if aux is not None:
-                loss = loss + aux * (j - i) / len(batch)
-                aux_sum += aux.item() * (j - i) / len(batch)
-            loss.backward()
+                loss = loss + aux * (j - i) / B
+                aux_sum += aux.item() * (j - i) / B
+            (loss * scale).backward()
             nll_sum += nll.item()
             for k, v in stats.items():
                 extras[k] = extras.get(k, 0.0) + v
         grad_norm = self.optimizer_step()
-        record = {"loss": nll_sum / n_tokens.item(), "lr": lr, "grad_norm": grad_norm,
-                  "tokens": int(n_tokens.item()), "epoch": self.sampler.epoch}
+        sums = self.reduce_values({"nll": nll_sum, "aux": aux_sum, **extras}, "sum")
+        n = n_tokens.item()
+        record = {"loss": sums.pop("nll") / n, "lr": lr, "grad_norm": grad_norm, "tokens": int(n),
+                  "epoch": self.sampler.epoch}
+        aux_sum = sums.pop("aux")
         if aux_sum:
             record["aux_loss"] = aux_sum
-        record.update({k: v / n_tokens.item() for k, v in extras.items()})
+        record.update({k: v / n for k, v in sums.items()})
         return record
 
 

@@ -10,6 +10,26 @@ run has finished (what a pipeline checks to reuse a stage).
 
 Everything random in a step is seeded from (train.seed, step), never from a running generator, so a
 resumed run draws the same prompts and samples as an uninterrupted one.
+
+Data parallelism (torchrun; `nanoseek.train.loop` joins the group and shards `self.model` with FSDP2).
+A step's global batch (examples, pairs, prompts) is drawn identically on every rank, and each rank
+trains on its contiguous share (`shard`). Losses are normalized by the step's GLOBAL count (tokens,
+pairs, sequences: summed over ranks with `reduce`) and multiplied by the number of data-parallel ranks,
+because FSDP averages gradients over ranks: the gradient is then the one-process gradient of the same
+global batch, and the logged numbers are reduced over ranks before they are written.
+
+Generation (GRPO rollouts, task evaluation, on-policy DPO pairs, rejection sampling) does not go
+through the sharded model: every forward of an FSDP module all-gathers its parameters, so all ranks
+would have to decode in lockstep although their sequences stop at different lengths. Instead each rank
+samples from a full, unsharded copy of the policy (`generation_model`), gathered from the shards
+(`get_model_state_dict(full_state_dict=True)` on every rank) the first time it is needed after an
+optimizer step — the trainer / rollout split of verl and OpenRLHF; at nanoseek's scale the copy is
+cheap. Frozen models (GRPO's reference, the distillation teacher) are such unsharded copies too: they
+take no gradient and no optimizer state, and their forwards need no collective. Sampling on rank r is
+seeded `rank_seed(seed, r)` (rank 0: the one-process seed), so N ranks draw from the same distribution
+as one process but not the same samples (one generator serves a whole generated batch). Held-out
+evaluation splits the examples over the ranks and averages their metrics weighted by examples: greedy
+metrics equal the one-process ones.
 """
 from __future__ import annotations
 
@@ -20,13 +40,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+)
 
 from nanoseek import fastpath
 from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer_from_texts
 from nanoseek.eval.tasks import evaluate_task
 from nanoseek.model.transformer import DeepSeekForCausalLM
+from nanoseek.parallel.mesh import gather_objects
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.policy_losses import token_logprobs
+from nanoseek.quant.fp8 import convert_to_fp8
 from nanoseek.train.checkpoint import load_model_state
 from nanoseek.train.loop import Trainer, autocast
 from nanoseek.utils import atomic_write_text
@@ -82,21 +108,22 @@ class SeqBatch:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def slice(self, i: int, j: int) -> "SeqBatch":
+    def slice(self, i: int, j: int) -> SeqBatch:
         return SeqBatch(self.ids[i:j], self.loss_mask[i:j], None if self.positions is None else self.positions[i:j])
 
-    def to(self, device) -> "SeqBatch":
+    def to(self, device) -> SeqBatch:
         return SeqBatch(self.ids.to(device), self.loss_mask.to(device),
                         None if self.positions is None else self.positions.to(device))
 
 
 def collate(rows: Sequence[tuple[list[int], list[int]]] | Sequence[tuple[list[int], list[int], list[int]]],
-            pad_id: int) -> SeqBatch:
-    """Rows of (ids, mask) or (ids, mask, positions) into a right-padded SeqBatch.
+            pad_id: int, length: int = 0) -> SeqBatch:
+    """Rows of (ids, mask) or (ids, mask, positions) into a SeqBatch right-padded to the longest row (or to
+    `length`, if longer).
 
     Right padding needs no attention mask: causal attention never looks right, and padded targets are
     masked out of every loss."""
-    L = max(len(r[0]) for r in rows)
+    L = max(length, *(len(r[0]) for r in rows))
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), L, dtype=torch.float32)
     positions = torch.zeros(len(rows), L, dtype=torch.long) if len(rows[0]) == 3 else None
@@ -124,16 +151,46 @@ def sequence_logprobs(model, batch: SeqBatch, dtype: str = "fp32") -> torch.Tens
     return (token_logprobs(logits, batch.ids[:, 1:]) * batch.loss_mask).sum(-1)
 
 
+# ---------------------------------------------------------------------- ranks
+def shard(items: Sequence, rank: int, world: int) -> list:
+    """Rank `rank`'s contiguous share of `items` (the first ranks take one more when it does not divide)."""
+    n = len(items)
+    return list(items[rank * n // world:(rank + 1) * n // world])
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The sampling seed of a rank: rank 0 keeps the one-process seed, the others draw other streams."""
+    return seed + (rank << 40)
+
+
+def merge_means(results: Sequence[dict], weight: str = "n") -> dict:
+    """Dicts of means over disjoint shares into the means over all, weighted by each one's `weight` count
+    (which is summed); empty shares ({}) are skipped; non-numeric values are taken from the first."""
+    results = [r for r in results if r]
+    total = sum(r[weight] for r in results)
+    out = dict(results[0])
+    for key, value in out.items():
+        if key == weight:
+            out[key] = total
+        elif isinstance(value, float):
+            out[key] = sum(r[key] * r[weight] for r in results) / total
+    return out
+
+
 # ---------------------------------------------------------------------- evaluation
 def eval_examples(cfg: PostConfig, task):
     return task.examples(cfg.eval.examples, seed=cfg.eval.seed, split="test")
 
 
-def evaluate(model, tok, task, examples, cfg: PostConfig) -> dict:
-    """`nanoseek.eval.tasks.evaluate_task` with the [eval] settings; keys prefixed "eval_"."""
+def evaluate(model, tok, task, examples, cfg: PostConfig, rank: int = 0, world: int = 1) -> dict:
+    """`nanoseek.eval.tasks.evaluate_task` with the [eval] settings; keys prefixed "eval_". With `world` > 1
+    every rank calls it with the same examples and evaluates its share with its (unsharded) model."""
     e = cfg.eval
-    result = evaluate_task(model, tok, task, examples, k=e.k, temperature=e.temperature, top_p=e.top_p,
-                           max_new_tokens=e.max_new_tokens, seed=e.seed)
+    mine = shard(examples, rank, world)
+    result = evaluate_task(model, tok, task, mine, k=e.k, temperature=e.temperature, top_p=e.top_p,
+                           max_new_tokens=e.max_new_tokens, seed=rank_seed(e.seed, rank)) if mine else {}
+    if world > 1:
+        result = merge_means(gather_objects(result))
     return {f"eval_{k}": v for k, v in result.items()}
 
 
@@ -148,15 +205,47 @@ class PostTrainer(Trainer):
     def __init__(self, cfg: PostConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                  progress: bool | None = None):
         self.task = cfg.build_task()
+        self._rollout, self._rollout_stale = None, True
         super().__init__(cfg, out_dir, resume=resume, progress=progress)
         self.eval_set = eval_examples(cfg, self.task) if self.task is not None else None
+
+    # ------------------------------------------------------------------ ranks
+    def local_share(self, items: Sequence) -> list:
+        """This data-parallel rank's contiguous share of a step's global batch."""
+        return shard(items, self.dp_rank, self.dp_size)
+
+    def generation_model(self):
+        """The policy to sample from: `self.model` in one process; under ranks a full unsharded copy in eval
+        mode, re-gathered from the shards after each optimizer step (every rank calls it together)."""
+        if self.world_size == 1:
+            return self.model
+        if self._rollout is None:
+            copy = DeepSeekForCausalLM(self.model.config)
+            if self.cfg.train.fp8:
+                convert_to_fp8(copy)
+            self._rollout = fastpath.enable(copy).to(self.device).eval().requires_grad_(False)
+        if self._rollout_stale:
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+            self._rollout.load_state_dict(state)
+            fastpath.clear_caches(self._rollout)
+            self._rollout_stale = False
+        return self._rollout
+
+    def optimizer_step(self, loss: float | None = None) -> float:
+        self._rollout_stale = True
+        return super().optimizer_step(loss)
+
+    def load_checkpoint(self, path) -> None:
+        self._rollout_stale = True
+        super().load_checkpoint(path)
 
     def evaluate(self) -> dict:
         if self.task is None:
             return {}
         was_training = self.model.training
         try:
-            return evaluate(self.model, self.tok, self.task, self.eval_set, self.cfg)
+            return evaluate(self.generation_model(), self.tok, self.task, self.eval_set, self.cfg,
+                            self.dp_rank, self.dp_size)
         finally:
             self.model.train(was_training)
 

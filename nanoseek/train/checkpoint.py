@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from nanoseek.interop.hf import (
     CheckpointError,
@@ -199,8 +200,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state dict as plain CPU tensors on rank 0 (every rank calls; the others get {})."""
-    if not dist.is_initialized():
-        return model.state_dict()
+    if not dist.is_initialized() or not any(isinstance(p, DTensor) for p in model.parameters()):
+        return model.state_dict()  # (an unsharded model, e.g. GRPO's per-rank reference: rank 0 has it all)
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
