@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import run_ranks
 from post_fixtures import bimodal_base, summary
 
+from nanoseek.parallel.launch import run_ranks
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.distill import distill
 from nanoseek.posttrain.dpo import dpo
