@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1] / "nanoseek"
 _BASE = {"utils", "config"}
 _MODEL = _BASE | {"quant", "model"}
 _INFER = _MODEL | {"fastpath", "interop", "data", "infer"}
-_TRAIN = _MODEL | {"fastpath", "interop", "train"}
+_TRAIN = _MODEL | {"fastpath", "interop", "parallel", "train"}
 LOWER = {
     "utils": set(),
     "config": {"utils"},
@@ -20,6 +20,7 @@ LOWER = {
     "model": _BASE | {"quant"},
     "fastpath": _MODEL,
     "interop": _MODEL,
+    "parallel": _MODEL,
     "data": _BASE,
     "tasks": _BASE | {"data"},
     "scaling": _BASE,
