@@ -38,7 +38,7 @@ from torch import nn
 from torch.linalg import vecdot
 
 from nanoseek.model.attention import MLA, RMSNorm, causal_mask
-from nanoseek.model.moe import Experts, MoE, Routing, TokenDispatcher
+from nanoseek.model.moe import Experts, MoE, Routing, TokenDispatcher, TokenDrop
 
 
 def _cpu_bf16_gemm_is_slow() -> bool:
@@ -275,7 +275,8 @@ class FastExperts(Experts):
 
     def expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(gate, up, down) views of each expert, kept until a parameter changes (indexing a stacked
-        parameter is a dispatched op, and one decoded token would index it 3·K times per layer)."""
+        parameter is a dispatched op, and one decoded token would index it 3·K times per layer). Plain
+        parameters: the per-token path runs only with the local dispatcher, never on sharded experts."""
         params = [self._parameters[name] for name in ("gate_proj", "up_proj", "down_proj")]
         key = tuple((p.data_ptr(), p._version) for p in params)
         return self._decode_cache.get(key, lambda: list(zip(*(p.detach().unbind(0) for p in params))))
@@ -293,15 +294,16 @@ class FastMoE(MoE):
     def _adopt(self) -> None:
         pass
 
-    def _routed(self, x_TD: torch.Tensor, r: Routing, keep_TK: torch.Tensor | None) -> torch.Tensor:
+    def _routed(self, x_TD: torch.Tensor, r: Routing, drop: TokenDrop | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # (measured on CPU, where syncing on the expert ids is free; no bf16 emulation under autocast; all
-        # experts local: an expert-parallel dispatcher always dispatches)
+        # experts local: an expert-parallel dispatcher always dispatches, on every rank alike)
         limit = self.per_token_max if torch.get_num_threads() == 1 else self.per_token_max // 2
-        if x_TD.shape[0] <= limit and keep_TK is None and not torch.is_grad_enabled() \
+        if x_TD.shape[0] <= limit and drop is None and not torch.is_grad_enabled() \
                 and type(self.dispatcher) is TokenDispatcher \
                 and x_TD.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-            return self._per_token(x_TD, r.indices, r.weights)
-        return super()._routed(x_TD, r, keep_TK)
+            return self._per_token(x_TD, r.indices, r.weights), None
+        return super()._routed(x_TD, r, drop)
 
     def _per_token(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """Each token's K experts are one row through one expert each, cheaper than the sort/gather/scatter

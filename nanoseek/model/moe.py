@@ -10,12 +10,14 @@ Routed path: a `TokenDispatcher` sorts the (token, expert) pairs by expert and g
 `Experts` (stacked tensors) computes each expert's SwiGLU over its contiguous rows, one grouped matmul
 per projection (torch's grouped_mm; a loop over the experts where it is missing), so the cost follows
 the active parameters, not the total; the dispatcher then weights the rows by their gate values and
-adds them back to their tokens. Expert parallelism swaps the dispatcher for an all-to-all one.
+adds them back to their tokens. Expert parallelism (`nanoseek.parallel.expert`) swaps the dispatcher for
+an all-to-all one and shards the stacked experts (DTensors: `Experts` computes with the local shard).
 
 V2 §2.2.4 device-level token dropping (training only): with `MoE.capacity_factor` set, each of the
 `ep_size` devices processes at most capacity_factor · T·K / ep_size (token, expert) pairs, dropping
 those of lowest affinity; the first `MoE.no_drop_fraction` of the sequences in a batch are never
-dropped (V2: ~10%). Evaluation never drops.
+dropped (V2: ~10%). Evaluation never drops. The local dispatcher decides for all simulated devices at
+once (`device_token_drop`); under expert parallelism each rank decides for the pairs it receives.
 """
 from __future__ import annotations
 
@@ -101,26 +103,57 @@ class Gate(nn.Module):
 
 
 @dataclass
+class TokenDrop:
+    """V2 §2.2.4 device-level token dropping, as one training forward asks for it (`MoE.capacity_factor`)."""
+    capacity_factor: float
+    no_drop_fraction: float
+    batch: int  # B sequences of S tokens
+    seq_len: int
+
+    @property
+    def protected_tokens(self) -> int:
+        """Tokens of the first round(no_drop_fraction · B) sequences: never dropped."""
+        return round(self.no_drop_fraction * self.batch) * self.seq_len
+
+
+@dataclass
 class DispatchState:
     """What `TokenDispatcher.combine` needs to send the expert outputs back to their tokens."""
     order: torch.Tensor  # [N] flat (token, slot) index of each dispatched row
     token: torch.Tensor  # [N] source token of each row
+    weights: torch.Tensor  # [T, K] gate values
     num_tokens: int
     dtype: torch.dtype  # the tokens' dtype
+    dropped_fraction: torch.Tensor | None = None  # share of the (token, expert) pairs dropped (dropping on)
 
 
 class TokenDispatcher:
     """Local dispatch: all experts live here. The interface an expert-parallel (all-to-all) dispatcher keeps:
-    `dispatch` returns the rows each local expert processes, contiguous per expert in expert order, with
-    their counts; `combine` takes the experts' output rows back to [T, D], weighted by the gate values."""
+    `dispatch(x_TD, routing, drop)` returns the rows the local experts process, contiguous per expert in
+    expert order, their counts [E_local] and a state; `combine(rows, state)` takes the experts' output
+    rows back to [T, D], weighted by the gate values. `n_devices` is the number of devices token dropping
+    simulates (cfg.ep_size): their capacities are decided here, in one process (`device_token_drop`)."""
 
-    def __init__(self, n_experts: int):
-        self.n_experts = n_experts
+    def __init__(self, n_experts: int, n_devices: int = 1):
+        self.n_experts, self.n_devices = n_experts, n_devices
 
-    def dispatch(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
+    def dispatch(self, x_TD: torch.Tensor, r: Routing, drop: TokenDrop | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
-        """Rows [N, D] (a token once per selected expert; pairs where `keep_TK` is False dropped), sorted
-        by expert, and the counts [E] per expert."""
+        """`sort` over the routing; with `drop`, device-level dropping over the `n_devices` simulated devices
+        first decides which pairs are dispatched."""
+        keep = None
+        if drop is not None:
+            keep = drop_mask(r, self.n_experts, self.n_devices, drop)
+            dropped = 1.0 - keep.float().mean()
+        rows, counts, state = self.sort(x_TD, r.indices, r.weights, keep)
+        if drop is not None:
+            state.dropped_fraction = dropped
+        return rows, counts, state
+
+    def sort(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
+             keep_TK: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+        """Rows [N, D] (a token once per selected expert; pairs where `keep_TK` is False dropped, and
+        their indices may then be out of range, e.g. -1), sorted by expert, and the counts [E] per expert."""
         K = indices_TK.shape[1]
         flat = indices_TK.flatten()
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
@@ -128,13 +161,20 @@ class TokenDispatcher:
             order = order[keep_TK.flatten()[order]]
         counts_E = torch.bincount(flat if keep_TK is None else flat[order], minlength=self.n_experts)
         token = order // K
-        return x_TD[token], counts_E, DispatchState(order, token, x_TD.shape[0], x_TD.dtype)
+        return x_TD[token], counts_E, DispatchState(order, token, weights_TK, x_TD.shape[0], x_TD.dtype)
 
-    def combine(self, rows_ND: torch.Tensor, weights_TK: torch.Tensor, state: DispatchState) -> torch.Tensor:
+    def combine(self, rows_ND: torch.Tensor, state: DispatchState) -> torch.Tensor:
         """y_t = Σ_k weights[t, k] · row of (t, k), [T, D] in the tokens' dtype; dropped pairs add nothing."""
-        y_ND = rows_ND * weights_TK.flatten()[state.order, None].to(state.dtype)  # gate values in x's precision
+        y_ND = rows_ND * state.weights.flatten()[state.order, None].to(state.dtype)  # gate values in x's precision
         y_TD = rows_ND.new_zeros(state.num_tokens, rows_ND.shape[1], dtype=state.dtype)
         return y_TD.index_add_(0, state.token, y_ND.to(state.dtype))
+
+
+def local_shard(p: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this process computes with: a DTensor's local shard (expert parallelism
+    shards the stacked experts along dim 0), else the tensor itself. Duck-typed: the model imports nothing
+    distributed."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 class Experts(nn.Module):
@@ -148,8 +188,14 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """expert_e(row) for rows sorted by expert, counts_E[e] of them for expert e."""
-        return self._grouped(x_ND, counts_E) if self._can_group(x_ND) else self._looped(x_ND, counts_E)
+        """expert_e(row) for rows sorted by expert, counts_E[e] of them for expert e (the local experts,
+        when expert parallelism has sharded them)."""
+        w = self.local_weights()
+        return self._grouped(x_ND, counts_E, *w) if self._can_group(x_ND) else self._looped(x_ND, counts_E, *w)
+
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate_proj, up_proj, down_proj) of the experts held here."""
+        return local_shard(self.gate_proj), local_shard(self.up_proj), local_shard(self.down_proj)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         dev = x.device.type
@@ -173,23 +219,23 @@ class Experts(nn.Module):
         """grouped_mm is not autocast-aware: its operands go to the autocast dtype as autocast would cast them."""
         return t.to(self._compute_dtype(t))
 
-    def _grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, x_ND, counts_E, gate_EID, up_EID, down_EDI) -> torch.Tensor:
         dtype = self._compute_dtype(x_ND)
         offs = counts_E.cumsum(0).to(torch.int32)
 
         def mm(a, w):
             return _grouped_mm(self._operand(a), self._operand(w).transpose(1, 2), offs=offs).to(dtype)
-        return mm(F.silu(mm(x_ND, self.gate_proj)) * mm(x_ND, self.up_proj), self.down_proj)
+        return mm(F.silu(mm(x_ND, gate_EID)) * mm(x_ND, up_EID), down_EDI)
 
-    def _looped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def _looped(self, x_ND, counts_E, gate_EID, up_EID, down_EDI) -> torch.Tensor:
         pieces, start = [], 0
         for e, n in enumerate(counts_E.tolist()):
             if n:
                 seg = x_ND[start:start + n]
-                h = F.silu(seg @ self.gate_proj[e].T) * (seg @ self.up_proj[e].T)
-                pieces.append(h @ self.down_proj[e].T)
+                h = F.silu(seg @ gate_EID[e].T) * (seg @ up_EID[e].T)
+                pieces.append(h @ down_EDI[e].T)
                 start += n
-        return torch.cat(pieces) if pieces else x_ND.new_zeros(0, self.down_proj.shape[1])
+        return torch.cat(pieces) if pieces else x_ND.new_zeros(0, down_EDI.shape[1])
 
 
 def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
@@ -243,7 +289,7 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gate = Gate(cfg)
-        self.dispatcher = TokenDispatcher(cfg.n_routed_experts)
+        self.dispatcher = TokenDispatcher(cfg.n_routed_experts, cfg.ep_size)
         self.experts = Experts(cfg)
         n_shared = cfg.n_shared_experts or 0
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
@@ -254,19 +300,51 @@ class MoE(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
         r = self.gate(x_TD)
-        keep = dropped = None
+        drop = None
         if self.training and self.capacity_factor:
-            keep = device_token_drop(self.cfg, r, self.capacity_factor, B, S, self.no_drop_fraction)
-            dropped = 1.0 - keep.float().mean()
-        y = self._routed(x_TD, r, keep)
+            drop = TokenDrop(self.capacity_factor, self.no_drop_fraction, B, S)
+        y, dropped = self._routed(x_TD, r, drop)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_TD)
         aux = balance_loss(self.cfg, r, B, S) if self.training else None
         return y.view(B, S, D), MoEStats(r.detached(), aux, dropped)
 
-    def _routed(self, x_TD: torch.Tensor, r: Routing, keep_TK: torch.Tensor | None) -> torch.Tensor:
-        rows_ND, counts_E, state = self.dispatcher.dispatch(x_TD, r.indices, keep_TK)
-        return self.dispatcher.combine(self.experts(rows_ND, counts_E), r.weights, state)
+    def _routed(self, x_TD: torch.Tensor, r: Routing, drop: TokenDrop | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The routed experts' output [T, D] and the share of pairs dropped (None without dropping)."""
+        rows_ND, counts_E, state = self.dispatcher.dispatch(x_TD, r, drop)
+        return self.dispatcher.combine(self.experts(rows_ND, counts_E), state), state.dropped_fraction
+
+
+def drop_priority(r: Routing, protected_tokens: int) -> torch.Tensor:
+    """[T, K] rank of each routed pair for token dropping: its affinity (in [0, 1]), + 2 for the first
+    `protected_tokens` tokens, so those rank above all others."""
+    priority = r.scores.detach().gather(1, r.indices)
+    if protected_tokens:
+        priority[:protected_tokens] += 2.0
+    return priority
+
+
+def keep_within_capacity(device_N: torch.Tensor, priority_N: torch.Tensor, capacity: int, n_devices: int
+                         ) -> torch.Tensor:
+    """[N] keep mask: each device keeps its `capacity` pairs of highest priority (ties: the earlier pair)."""
+    order = priority_N.argsort(descending=True, stable=True)
+    order = order[device_N[order].argsort(stable=True)]  # by device, best first within each
+    counts = torch.bincount(device_N, minlength=n_devices)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device) - starts[device_N[order]]
+    return rank < capacity
+
+
+def drop_mask(r: Routing, n_experts: int, n_devices: int, drop: TokenDrop) -> torch.Tensor:
+    """V2 device-level token dropping over `n_devices` devices simulated in one process: the keep mask
+    [T, K] of the routed (token, expert) pairs (see `device_token_drop`)."""
+    T, K = r.indices.shape
+    capacity = math.ceil(drop.capacity_factor * T * K / n_devices)
+    device = (r.indices // (n_experts // n_devices)).flatten()
+    return keep_within_capacity(device, drop_priority(r, drop.protected_tokens).flatten(), capacity,
+                                n_devices).view(T, K)
 
 
 def device_token_drop(cfg: ModelConfig, r: Routing, capacity_factor: float, B: int, S: int,
@@ -276,21 +354,7 @@ def device_token_drop(cfg: ModelConfig, r: Routing, capacity_factor: float, B: i
     Device d (experts [d·E/D, (d+1)·E/D)) keeps its ceil(capacity_factor · T·K / D) pairs of highest
     affinity; pairs of the first round(no_drop_fraction · B) sequences rank above all others.
     """
-    T, K = r.indices.shape
-    E, Dv = cfg.n_routed_experts, cfg.ep_size
-    capacity = math.ceil(capacity_factor * T * K / Dv)
-    device = (r.indices // (E // Dv)).flatten()
-    priority = r.scores.detach().gather(1, r.indices)  # affinities lie in [0, 1]
-    protected = round(no_drop_fraction * B) * S
-    if protected:
-        priority[:protected] += 2.0
-    order = priority.flatten().argsort(descending=True, stable=True)
-    order = order[device[order].argsort(stable=True)]  # by device, best first within each
-    counts = torch.bincount(device, minlength=Dv)
-    starts = counts.cumsum(0) - counts
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(T * K, device=order.device) - starts[device[order]]
-    return (rank < capacity).view(T, K)
+    return drop_mask(r, cfg.n_routed_experts, cfg.ep_size, TokenDrop(capacity_factor, no_drop_fraction, B, S))
 
 
 def balance_loss(cfg: ModelConfig, r: Routing, B: int, S: int) -> torch.Tensor | None:
