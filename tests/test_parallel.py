@@ -91,14 +91,21 @@ def check_equivalent(single: dict, ranks: list[dict]) -> None:
     assert ranks[0]["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("layout", [["parallel.dp_shard=2"]])
-def test_layout_matches_single_process(dataset, tmp_path, layout):
+@pytest.mark.parametrize("world, layout", [
+    (2, ["parallel.dp_shard=2"]),  # FSDP2
+    (2, ["parallel.ep=2"]),  # EP: each rank 4 of the 8 experts; rank 1's receive no tokens in layer 1
+    (4, ["parallel.ep=2"]),  # 2-way EP x 2-way FSDP of the experts (dp_shard = 4)
+    (4, ["parallel.dp_replicate=2", "parallel.ep=2"]),  # HSDP: 2 replicas of 2-way FSDP + EP
+])
+def test_layout_matches_single_process(dataset, tmp_path, world, layout):
     sets = config(dataset)
     single = train(sets, str(tmp_path / "single"))
     assert single["biases"][0][4:].max() < -9  # the unreachable experts stayed unreachable
-    world = 2
-    ranks = run_ranks(rank_worker, world, (sets + layout, str(tmp_path / "ranks")), timeout=120)
+    ranks = run_ranks(rank_worker, world, (sets + layout, str(tmp_path / "ranks")), timeout=180)
     check_equivalent(single, ranks)
+    if "parallel.ep=2" in layout:
+        sent = [r["alltoall_bytes"] for r in read_metrics(tmp_path / "ranks") if "loss" in r]
+        assert len(sent) == 5 and all(b > 0 for b in sent)
 
 
 def test_sharded_checkpoint_resumes_on_another_number_of_ranks_and_exports_hf(dataset, tmp_path):

@@ -155,14 +155,6 @@ def shard_experts(moe: MoE, ep_mesh: DeviceMesh) -> None:
     moe.dispatcher = AllToAllDispatcher(cfg.n_routed_experts, ep_mesh.get_group())
 
 
-def shard_model_experts(model: nn.Module, ep_mesh: DeviceMesh) -> int:
-    """`shard_experts` on every MoE layer of a model; returns how many."""
-    layers = [m for m in model.modules() if isinstance(m, MoE)]
-    for moe in layers:
-        shard_experts(moe, ep_mesh)
-    return len(layers)
-
-
 def take_sent_bytes(model: nn.Module) -> int:
     """The hidden-state bytes sent to other ranks by all EP dispatchers since the last call (then reset)."""
     total = 0

@@ -32,6 +32,10 @@ def parallelize(model: DeepSeekForCausalLM, dims: ParallelDims, meshes: Meshes, 
             shard_experts(moe, meshes.ep)
             fully_shard(moe.experts, mesh=meshes.experts, mp_policy=policy)
             moe.experts.set_gradient_divide_factor(float(dims.world_size))
+            if dims.efsdp > 1:
+                # sum, then divide (gloo has no PREMUL_SUM); not on a 1-rank mesh, where torch 2.13's FSDP
+                # already divides while skipping the reduce-scatter and would divide twice
+                moe.experts.set_force_sum_reduction_for_comms(True)
     for block in [*model.model.layers, *(m.block for m in model.mtp)]:
         fully_shard(block, mesh=meshes.dense, mp_policy=policy)
     fully_shard(model, mesh=meshes.dense, mp_policy=policy)

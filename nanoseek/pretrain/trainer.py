@@ -27,6 +27,7 @@ from nanoseek.data.loader import PackedLoader, ValLoader
 from nanoseek.data.shards import check_vocab, load_metadata
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.model.transformer import DeepSeekForCausalLM
+from nanoseek.parallel.expert import take_sent_bytes
 from nanoseek.pretrain.balance import (
     bias_stats,
     configure_token_dropping,
@@ -161,6 +162,8 @@ class Pretrainer(Trainer):
             record.update(bias_stats(self.model))
             if cfg.balance.expert_load_every and (step + 1) % cfg.balance.expert_load_every == 0:
                 record["expert_load"] = load.tolist()
+        if self.dims.ep > 1:  # hidden-state bytes the dispatch and combine all-to-alls sent between ranks
+            record["alltoall_bytes"] = int(self.reduce(torch.tensor(take_sent_bytes(self.model))))
         dropped = drop_fraction(out)  # (the step's last micro-batch)
         if dropped is not None:
             record["dropped_fraction"] = float(self.reduce(torch.tensor(dropped), "mean"))
