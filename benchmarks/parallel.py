@@ -12,7 +12,7 @@ and combine all-to-alls, measured by the dispatcher, beside the bound 2 · T · 
 value under uniform routing.
 
     .venv/bin/python benchmarks/parallel.py memory
-    .venv/bin/python benchmarks/parallel.py alltoall --ep 4
+    .venv/bin/python benchmarks/parallel.py alltoall              # ep = 4, E = 32, K = 8
 """
 from __future__ import annotations
 
@@ -22,9 +22,12 @@ import math
 from pathlib import Path
 
 import torch
+from torch.distributed.device_mesh import init_device_mesh
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.moe import MoE
 from nanoseek.model.transformer import DeepSeekForCausalLM
+from nanoseek.parallel.expert import shard_experts
 from nanoseek.parallel.launch import run_ranks
 from nanoseek.parallel.mesh import ParallelDims
 from nanoseek.parallel.parallelize import parallelize
@@ -82,6 +85,45 @@ def memory(args) -> None:
         print(f"{world:>8} {state / 2**20:>23.1f} MiB {16 * P / world / 2**20:>10.1f} MiB {peak / 2**20:>12.0f} MiB")
 
 
+def alltoall_worker(rank: int, world: int, limits: list[int], tokens: int, experts: int, k: int) -> list[dict]:
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    out = []
+    for M in limits:
+        cfg = ModelConfig.preset("small-v3").replace(n_routed_experts=experts, num_experts_per_tok=k, n_group=1,
+                                                     topk_group=1, topk_devices=M, ep_size=world)
+        torch.manual_seed(0)  # the same layer on every rank
+        moe = MoE(cfg)
+        for p in moe.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        shard_experts(moe, mesh)
+        x = torch.randn(1, tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(rank))
+        with torch.no_grad():
+            _, stats = moe(x)
+        ranks_per_token = (stats.routing.indices // (experts // world)).sort(-1).values.diff(dim=-1).ne(0).sum(-1) + 1
+        out.append({"M": M, "bytes": moe.dispatcher.sent_bytes, "ranks_per_token": float(ranks_per_token.float().mean()),
+                    "hidden": cfg.hidden_size})
+    return out
+
+
+def alltoall(args) -> None:
+    E, K, ep, T = args.experts, args.k, args.ep, args.tokens
+    per_rank = E // ep
+    uniform = ep * (1 - math.comb(E - per_rank, K) / math.comb(E, K))  # expected ranks a token reaches, no limit
+    print(f"one MoE layer forward (small-v3 width), E = {E} experts top-{K} on ep = {ep} ranks, {T} tokens per "
+          f"rank, fp32; bytes each rank sends to the others (dispatch + combine), mean over ranks")
+    print(f"{'M':>3} {'ranks/token':>11} {'measured':>12} {'bound 2·T·min(M,K)·D·4':>24} {'uniform, off-rank':>18}")
+    results = run_ranks(alltoall_worker, ep, (list(range(1, ep + 1)), T, E, K), timeout=900)
+    for i, M in enumerate(range(1, ep + 1)):
+        rows = [r[i] for r in results]
+        D = rows[0]["hidden"]
+        measured = sum(r["bytes"] for r in rows) / ep
+        reach = sum(r["ranks_per_token"] for r in rows) / ep
+        bound = 2 * T * min(M, K) * D * 4
+        # with no limit and uniform routing a token reaches `uniform` ranks, (ep-1)/ep of them others
+        expect = f"{2 * T * uniform * (ep - 1) / ep * D * 4 / 2**20:>14.2f} MiB" if M == ep else f"{'':>18}"
+        print(f"{M:>3} {reach:>11.2f} {measured / 2**20:>8.2f} MiB {bound / 2**20:>20.2f} MiB {expect}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -91,6 +133,12 @@ def main() -> None:
     m.add_argument("--batch", type=int, default=8)
     m.add_argument("--seq", type=int, default=256)
     m.set_defaults(func=memory)
+    a = sub.add_parser("alltoall", help="expert-parallel all-to-all bytes under device-limited routing")
+    a.add_argument("--ep", type=int, default=4)
+    a.add_argument("--experts", type=int, default=32)
+    a.add_argument("--k", type=int, default=8)
+    a.add_argument("--tokens", type=int, default=2048)
+    a.set_defaults(func=alltoall)
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.func(args)
