@@ -1,11 +1,13 @@
 """`nanoseek <command>`: one entry point; each command's module registers its own subparser.
 
-User errors (bad paths, bad configs, bad checkpoints) print one line and exit 2.
+User errors (bad paths, bad configs, bad checkpoints) print one line and exit 2. Under torchrun every
+rank runs the command and rank 0 alone prints to stdout (errors go to stderr from every rank).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Modules that add commands with `register(subparsers)`, in the order `--help` lists them.
@@ -30,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if os.environ.get("RANK", "0") != "0":
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:

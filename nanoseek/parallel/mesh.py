@@ -52,6 +52,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def main_first(fn):
+    """fn() on rank 0, then on the other ranks: what rank 0 builds once (a dataset, a tokenizer) the others
+    then find and reuse. In one process, just fn()."""
+    if rank():
+        barrier()
+    result = fn()
+    if not rank():
+        barrier()
+    return result
+
+
 def gather_objects(obj) -> list:
     """Every rank's `obj` (picklable), in rank order, on every rank ([obj] in one process)."""
     if not dist.is_initialized():

@@ -20,7 +20,6 @@ import argparse
 import json
 from pathlib import Path
 
-from nanoseek.parallel.mesh import rank
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.distill import distill
 from nanoseek.posttrain.dpo import dpo
@@ -85,14 +84,10 @@ def _run(args: argparse.Namespace) -> None:
         return
     if command == "rejection-sample":
         stats = rejection_sample_run(cfg, out)
-        if rank():
-            return  # (under torchrun rank 0 alone prints the summary line)
         print(f"rejection-sample: kept {stats['kept']} of {stats['samples']} samples ({stats['prompts']} prompts, "
               f"sample accuracy {stats['sample_accuracy']:.3f}); rejected {stats['rejected']}; data in {stats['data']}")
         return
     summary = TRAINERS[command](cfg, out, resume=args.resume)
-    if rank():
-        return
     parts = [f"{summary['steps']} steps in {summary['train_time']:.1f}s"]
     if summary.get("loss") is not None:
         parts.append(f"loss {summary['loss']:.4f}")

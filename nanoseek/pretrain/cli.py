@@ -11,7 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from nanoseek.parallel.mesh import rank
 from nanoseek.pretrain.config import PretrainConfig
 from nanoseek.pretrain.trainer import TrainingError, pretrain
 
@@ -38,8 +37,6 @@ def _pretrain(args: argparse.Namespace) -> None:
     except TrainingError as e:
         print(f"nanoseek pretrain: training stopped: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    if rank():
-        return  # (rank 0 reports)
     parts = [f"{summary['steps']} steps", f"{summary['tokens']:,} tokens"]
     if summary.get("loss") is not None:
         parts.append(f"loss {summary['loss']:.4f}")

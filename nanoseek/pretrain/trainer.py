@@ -28,6 +28,7 @@ from nanoseek.data.shards import check_vocab, load_metadata
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.model.transformer import DeepSeekForCausalLM
 from nanoseek.parallel.expert import take_sent_bytes
+from nanoseek.parallel.mesh import main_first
 from nanoseek.pretrain.balance import (
     bias_stats,
     configure_token_dropping,
@@ -66,7 +67,7 @@ class Pretrainer(Trainer):
         cfg, t = self.cfg, self.cfg.train
         # Data and tokenizer first: the model's vocabulary and special ids come from them.
         base_vocab = cfg.model.model_config().vocab_size
-        self.dataset = self.on_main_first(lambda: resolve_dataset(cfg.data, cfg.model.tokenizer, self.out, base_vocab,
+        self.dataset = main_first(lambda: resolve_dataset(cfg.data, cfg.model.tokenizer, self.out, base_vocab,
                                                                   progress=self.progress))
         self.meta = load_metadata(self.dataset)
         self.tok = load_tokenizer(self.dataset / self.meta.get("tokenizer", "tokenizer"))

@@ -36,6 +36,7 @@ from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
 from nanoseek.eval.tasks import evaluate_task
 from nanoseek.infer.engine import Engine
 from nanoseek.interop.hf import load_pretrained
+from nanoseek.parallel.mesh import main_first
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.distill import distill
 from nanoseek.posttrain.sft import task_sft_rows
@@ -152,6 +153,9 @@ class Demo:
         return report
 
     def data(self) -> dict:
+        return main_first(self._data)  # (under torchrun rank 0 builds it, the other ranks reuse it)
+
+    def _data(self) -> dict:
         d = self.path("data")
         d.mkdir(parents=True, exist_ok=True)
         corpus = d / "corpus.jsonl"

@@ -226,15 +226,6 @@ class Trainer:
         for i in range(rounds):
             yield (batches[i], True) if i < len(batches) else (batches[0] if batches else filler, False)
 
-    def on_main_first(self, fn):
-        """fn() on rank 0, then on the others (what rank 0 builds once, e.g. a dataset, the rest reuse)."""
-        if not self.main:
-            barrier()
-        result = fn()
-        if self.main:
-            barrier()
-        return result
-
     def optimizer_step(self, loss: float | None = None) -> float:
         """Clip, then step unless the step is bad (non-finite loss or gradient norm, or a loss spike: the update
         is skipped and `self.skipped` says why); zero the gradients. Returns the norm before clipping."""
