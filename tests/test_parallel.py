@@ -91,14 +91,21 @@ def check_equivalent(single: dict, ranks: list[dict]) -> None:
     assert ranks[0]["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("world, layout", [
-    (2, ["parallel.dp_shard=2"]),  # FSDP2
-    (2, ["parallel.ep=2"]),  # EP: each rank 4 of the 8 experts; rank 1's receive no tokens in layer 1
-    (4, ["parallel.ep=2"]),  # 2-way EP x 2-way FSDP of the experts (dp_shard = 4)
-    (4, ["parallel.dp_replicate=2", "parallel.ep=2"]),  # HSDP: 2 replicas of 2-way FSDP + EP
+# V2 token dropping, decided per simulated device in one process and on the receiving rank under EP: the same
+# decision when no sequence is protected (each rank would protect its own first ones) and the ep ranks'
+# micro-batches together are the one process's
+DROPPING = ["model.overrides.ep_size=2", "balance.capacity_factor=1.0", "balance.no_drop_fraction=0"]
+
+
+@pytest.mark.parametrize("world, layout, common", [
+    (2, ["parallel.dp_shard=2"], []),  # FSDP2
+    (2, ["parallel.ep=2"], []),  # EP: each rank 4 of the 8 experts; rank 1's receive no tokens in layer 1
+    (4, ["parallel.ep=2"], []),  # 2-way EP x 2-way FSDP of the experts (dp_shard = 4)
+    (4, ["parallel.dp_replicate=2", "parallel.ep=2"], []),  # HSDP: 2 replicas of 2-way FSDP + EP
+    (2, ["parallel.ep=2"], DROPPING),
 ])
-def test_layout_matches_single_process(dataset, tmp_path, world, layout):
-    sets = config(dataset)
+def test_layout_matches_single_process(dataset, tmp_path, world, layout, common):
+    sets = config(dataset, *common)
     single = train(sets, str(tmp_path / "single"))
     assert single["biases"][0][4:].max() < -9  # the unreachable experts stayed unreachable
     ranks = run_ranks(rank_worker, world, (sets + layout, str(tmp_path / "ranks")), timeout=180)
@@ -106,6 +113,9 @@ def test_layout_matches_single_process(dataset, tmp_path, world, layout):
     if "parallel.ep=2" in layout:
         sent = [r["alltoall_bytes"] for r in read_metrics(tmp_path / "ranks") if "loss" in r]
         assert len(sent) == 5 and all(b > 0 for b in sent)
+    if common == DROPPING:
+        dropped = [r["dropped_fraction"] for r in read_metrics(tmp_path / "ranks") if "loss" in r]
+        assert all(0 < d < 0.5 for d in dropped)  # (capacity 1.0 with experts 4-7 out of reach in layer 1)
 
 
 def test_sharded_checkpoint_resumes_on_another_number_of_ranks_and_exports_hf(dataset, tmp_path):

@@ -47,9 +47,10 @@ def check_same_losses(single: dict, ranks: list[dict], keys=("loss",)) -> None:
             assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7), (key, got, ref)
 
 
-def test_sft_on_two_ranks_matches_one_process(tmp_path):
+@pytest.mark.parametrize("layout", [["parallel.dp_shard=2"], ["parallel.ep=2"]])
+def test_sft_on_two_ranks_matches_one_process(tmp_path, layout):
     single = run_method("sft", SMALL, str(tmp_path / "single"))
-    ranks = run_ranks(rank_worker, 2, ("sft", [*SMALL, "parallel.dp_shard=2"], str(tmp_path / "ranks")), timeout=120)
+    ranks = run_ranks(rank_worker, 2, ("sft", [*SMALL, *layout], str(tmp_path / "ranks")), timeout=120)
     check_same_losses(single, ranks, ("loss", "tokens", "grad_norm"))
     # held-out evaluation split over the ranks: the same examples, the same greedy answers
     assert ranks[0]["summary"]["eval"] == {**single["summary"]["eval"], "step": 5}
