@@ -36,7 +36,7 @@ from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer
 from nanoseek.eval.tasks import evaluate_task
 from nanoseek.infer.engine import Engine
 from nanoseek.interop.hf import load_pretrained
-from nanoseek.parallel.mesh import main_first
+from nanoseek.parallel.mesh import barrier, main_first, rank
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.distill import distill
 from nanoseek.posttrain.sft import task_sft_rows
@@ -109,7 +109,8 @@ class Demo:
         return state
 
     def _save_state(self) -> None:
-        atomic_write_text(self.state_file, json.dumps(self.state, indent=1) + "\n")
+        if not rank():  # (under torchrun every rank runs the demo; rank 0 keeps the books)
+            atomic_write_text(self.state_file, json.dumps(self.state, indent=1) + "\n")
 
     def _stage(self, index: int, name: str, fn) -> dict:
         """Run stage `name` once: its result and wall time are kept in OUT/demo.json and reused later."""
@@ -145,7 +146,8 @@ class Demo:
             results = {name: self._stage(i, name, fn) for i, (name, fn) in enumerate(steps.items(), 1)}
         self.log(f"== {len(STAGES)}/{len(STAGES)} report")
 
-        report = write_report(self, results)
+        report = write_report(self, results) if not rank() else {}
+        barrier()
         self.log(f"\nwrote {self.out / 'report.md'} ({time.perf_counter() - t0:.0f} s this time)")
         final = results["r1"]["final_model"]
         self.log(f"chat with the R1 model:   nanoseek chat --model {final}   (try: add 12 and 79:)\n"

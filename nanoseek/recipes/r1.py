@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from nanoseek.parallel.mesh import rank
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.grpo import grpo
 from nanoseek.posttrain.rejection import rejection_sample_run
@@ -332,8 +333,9 @@ def run_pipeline(kind: str, out: str | os.PathLike, config: str | os.PathLike | 
         log(_line(rows[-1]))
     report = {"pipeline": kind, "out": os.fspath(out), "stages": rows, "wall_time": time.perf_counter() - t0,
               "final_model": os.fspath(stages[-1].dir / "model")}
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
-    atomic_write_text(out / "report.md", report_markdown(kind, rows))
+    if not rank():  # (under torchrun every rank runs the pipeline)
+        atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+        atomic_write_text(out / "report.md", report_markdown(kind, rows))
     return report
 
 
