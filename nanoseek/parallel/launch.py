@@ -75,6 +75,7 @@ def run_ranks(fn, world_size: int, args: tuple = (), timeout: float = 120.0) -> 
                 errors.append(f"rank {r}:\n{value}")
             results.append(value)
         if timed_out or errors:
-            head = f"ranks {timed_out} still running after {timeout:.0f}s (killed)\n" if timed_out else ""
+            head = (f"ranks {timed_out} stopped (killed) " + ("after another rank failed" if errors else
+                    f"still running after {timeout:.0f}s") + "\n") if timed_out else ""
             raise RuntimeError(head + "\n".join(errors))
         return results
