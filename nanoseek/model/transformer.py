@@ -89,7 +89,8 @@ class DeepSeekForCausalLM(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         """MoE modules in a fixed order: main layers, then MTP layers (rows of `expert_load`)."""
-        return [layer.mlp for layer in [*self.model.layers, *(m.block for m in self.mtp)] if isinstance(layer.mlp, MoE)]
+        layers = [*self.model.layers, *(m.block for m in self.mtp)]  # (a pipeline stage's model: placeholders too)
+        return [layer.mlp for layer in layers if isinstance(getattr(layer, "mlp", None), MoE)]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, mtp: bool | None = None,

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from nanoseek.config import ModelConfig
+from nanoseek.parallel.pipeline import LOOPED, V_SHAPED, split_layers, stages_per_rank
 
 
 def env_world_size() -> int:
@@ -74,26 +75,51 @@ def gather_objects(obj) -> list:
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """A validated layout: dp_replicate x dp_shard ranks, ep of them per expert-parallel group."""
+    """A validated layout: pp pipeline ranks x (dp_replicate x dp_shard) data-parallel ranks, ep of those per
+    expert-parallel group."""
 
     dp_replicate: int = 1
     dp_shard: int = 1
     ep: int = 1
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    microbatches: int = 1
+    pp_layers: tuple[int, ...] = ()
 
     @classmethod
-    def resolve(cls, section, world_size: int, model: ModelConfig | None = None) -> ParallelDims:
+    def resolve(cls, section, world_size: int, model: ModelConfig | None = None) -> "ParallelDims":
         """From a `[parallel]` section (dp_shard 0 = the rest of the world), checked against the world size
         and the model; every impossible layout fails with the fields at fault."""
-        R, S, ep = section.dp_replicate, section.dp_shard, section.ep
-        if world_size % R:
-            raise ValueError(f"parallel.dp_replicate = {R} does not divide the world size {world_size}")
-        S = S or world_size // R
-        if R * S != world_size:
-            raise ValueError(f"parallel.dp_replicate x parallel.dp_shard = {R} x {S} = {R * S} ranks, but the job "
-                             f"has {world_size} (torchrun --nproc-per-node x nodes); set dp_shard = 0 to use them all")
+        R, S, ep, pp = section.dp_replicate, section.dp_shard, section.ep, section.pp
+        if world_size % pp:
+            raise ValueError(f"parallel.pp = {pp} does not divide the world size {world_size}")
+        dp_world = world_size // pp
+        if dp_world % R:
+            raise ValueError(f"parallel.dp_replicate = {R} does not divide the {dp_world} data-parallel ranks "
+                             f"(world size {world_size} / pp {pp})")
+        S = S or dp_world // R
+        if pp * R * S != world_size:
+            raise ValueError(f"parallel.pp x dp_replicate x dp_shard = {pp} x {R} x {S} = {pp * R * S} ranks, but "
+                             f"the job has {world_size} (torchrun --nproc-per-node x nodes); set dp_shard = 0 to "
+                             "use them all")
         if S % ep:
             raise ValueError(f"parallel.ep = {ep} must divide parallel.dp_shard = {S}: expert-parallel groups are "
                              "carved from the sharded data-parallel ranks")
+        n_stages = pp * stages_per_rank(section.pp_schedule)
+        microbatches = section.microbatches or n_stages
+        if pp > 1 and section.pp_schedule in V_SHAPED + LOOPED and microbatches < n_stages:
+            raise ValueError(f"parallel.microbatches = {microbatches} must be at least the {n_stages} stages of "
+                             f"{section.pp_schedule} with pp = {pp}")
+        if pp > 1 and S * R > 1 and section.pp_schedule in V_SHAPED + LOOPED:
+            # measured: with FSDP2 under them, torch 2.13's two-stages-per-rank schedules give the last stage
+            # wrong gradients (tests/test_parallel.py has the one-process check); 1F1B and GPipe are right
+            raise ValueError(f"parallel.pp_schedule = {section.pp_schedule} runs on pipeline ranks alone for now "
+                             f"(here {S * R} data-parallel ranks); use 1f1b or gpipe with data/expert parallelism")
+        if model is not None and pp > 1:
+            split_layers(model.num_hidden_layers, n_stages, list(section.pp_layers))
+            if model.tie_word_embeddings and section.pp_schedule not in V_SHAPED:
+                raise ValueError(f"a model with tie_word_embeddings needs its embedding and head on one rank: use "
+                                 f"a V-shaped parallel.pp_schedule ({', '.join(V_SHAPED)}), not {section.pp_schedule}")
         if model is not None and ep > 1:
             if not model.n_routed_experts:
                 raise ValueError(f"parallel.ep = {ep} needs a model with routed experts (n_routed_experts = 0)")
@@ -107,28 +133,41 @@ class ParallelDims:
             raise ValueError(f"the model's ep_size = {model.ep_size} (the devices of its device-limited routing "
                              f"and device/communication balance losses) must equal parallel.ep = {ep} on "
                              f"{world_size} ranks; set model.overrides.ep_size = {ep} or parallel.ep = {model.ep_size}")
-        return cls(R, S, ep)
+        return cls(R, S, ep, pp, section.pp_schedule, microbatches, tuple(section.pp_layers))
+
+    @property
+    def dp_world(self) -> int:
+        return self.dp_replicate * self.dp_shard
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard
+        return self.pp * self.dp_world
 
     @property
     def efsdp(self) -> int:
         return self.dp_shard // self.ep
 
-    def build_meshes(self, device_type: str) -> Meshes:
-        dp = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard),
-                              mesh_dim_names=("dp_replicate", "dp_shard"))
-        dense = dp if self.dp_replicate > 1 else dp["dp_shard"]
+    @property
+    def n_stages(self) -> int:
+        return self.pp * stages_per_rank(self.pp_schedule)
+
+    def build_meshes(self, device_type: str) -> "Meshes":
+        world = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard),
+                                 mesh_dim_names=("pp", "dp_replicate", "dp_shard"))
+        dp = world["dp_replicate", "dp_shard"]
+        dense = dp if self.dp_replicate > 1 else world["dp_shard"]
+        flat = dp._flatten("dp") if self.dp_replicate > 1 else dense
+        pp = world["pp"] if self.pp > 1 else None
         if self.ep == 1:
-            return Meshes(dense, None, None)
+            return Meshes(dense, None, None, flat, pp)
         full = dp._unflatten("dp_shard", (self.efsdp, self.ep), ("efsdp", "ep"))
         experts = full["dp_replicate", "efsdp"] if self.dp_replicate > 1 else full["efsdp"]
-        return Meshes(dense, full["ep"], experts)
+        return Meshes(dense, full["ep"], experts, flat, pp)
 
     def __str__(self) -> str:
-        parts = [f"dp_replicate={self.dp_replicate}"] if self.dp_replicate > 1 else []
+        parts = [f"pp={self.pp} ({self.pp_schedule}, {self.microbatches} micro-batches)"] if self.pp > 1 else []
+        if self.dp_replicate > 1:
+            parts.append(f"dp_replicate={self.dp_replicate}")
         parts.append(f"dp_shard={self.dp_shard}")
         if self.ep > 1:
             parts.append(f"ep={self.ep}")
@@ -143,3 +182,7 @@ class Meshes:
     """The expert-parallel group (all-to-all); None without expert parallelism."""
     experts: DeviceMesh | None
     """FSDP2's mesh for the routed experts: the ranks that hold the same experts."""
+    dp: DeviceMesh | None = None
+    """All data-parallel ranks of this pipeline position, flattened (metrics, expert load)."""
+    pp: DeviceMesh | None = None
+    """The pipeline ranks of this rank's data-parallel position; None without pipeline parallelism."""

@@ -6,7 +6,7 @@ the MoE's dispatcher an all-to-all one), then FSDP2 from the leaves up: the rout
 (the embedding, the final norm, the head and the MTP projections, which the model calls piecewise).
 Gradients of every parameter end up averaged over all data-parallel ranks: FSDP averages the dense ones
 over dp_shard (and dp_replicate), and the experts', whose local gradient already sums the ep group's
-tokens (the all-to-all's backward), are divided by the whole world instead of their own mesh.
+tokens (the all-to-all's backward), are divided by all data-parallel ranks instead of their own mesh.
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from nanoseek.parallel.expert import shard_experts
 from nanoseek.parallel.mesh import Meshes, ParallelDims
 
 
-def parallelize(model: DeepSeekForCausalLM, dims: ParallelDims, meshes: Meshes, bf16_params: bool = False
-                ) -> nn.Module:
-    """Shard `model` in place over `meshes` (EP, then FSDP2 per block and root); returns it.
+def parallelize(model: DeepSeekForCausalLM, dims: ParallelDims, meshes: Meshes, bf16_params: bool = False,
+                roots: list[nn.Module] | None = None) -> nn.Module:
+    """Shard `model` in place over `meshes` (EP, then FSDP2 per block and root); returns it. `roots`: the
+    modules whose forward runs the model (default the model; a pipeline rank's stages).
 
     `bf16_params` (GPU bf16 runs): FSDP2 gathers bf16 parameters and reduces gradients in fp32, while the
     sharded master weights and AdamW state stay fp32."""
@@ -31,12 +32,14 @@ def parallelize(model: DeepSeekForCausalLM, dims: ParallelDims, meshes: Meshes, 
         for moe in model.moe_layers():
             shard_experts(moe, meshes.ep)
             fully_shard(moe.experts, mesh=meshes.experts, mp_policy=policy)
-            moe.experts.set_gradient_divide_factor(float(dims.world_size))
+            moe.experts.set_gradient_divide_factor(float(dims.dp_world))
             if dims.efsdp > 1:
                 # sum, then divide (gloo has no PREMUL_SUM); not on a 1-rank mesh, where torch 2.13's FSDP
                 # already divides while skipping the reduce-scatter and would divide twice
                 moe.experts.set_force_sum_reduction_for_comms(True)
     for block in [*model.model.layers, *(m.block for m in model.mtp)]:
-        fully_shard(block, mesh=meshes.dense, mp_policy=policy)
-    fully_shard(model, mesh=meshes.dense, mp_policy=policy)
+        if any(True for _ in block.parameters()):  # (not a pruned pipeline stage's placeholder)
+            fully_shard(block, mesh=meshes.dense, mp_policy=policy)
+    for root in roots or [model]:
+        fully_shard(root, mesh=meshes.dense, mp_policy=policy)
     return model

@@ -15,13 +15,26 @@ parameter names of the whole model, so checkpoints and exports address the same 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleZBVZeroBubble,
+)
 
-from nanoseek.model.moe import Routing
+from nanoseek.model.moe import MoE, Routing
 from nanoseek.model.transformer import DeepSeekForCausalLM
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zbv", "dualpipev")
+SCHEDULE_CLASSES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B,
+                    "zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}
+SCHEDULES = tuple(SCHEDULE_CLASSES)
 LOOPED = ("interleaved-1f1b",)
 V_SHAPED = ("zbv", "dualpipev")
 
@@ -129,3 +142,60 @@ def prune(model: DeepSeekForCausalLM, stages: list[Stage]) -> DeepSeekForCausalL
     if not any(s.last for s in stages):
         model.model.norm, model.lm_head, model.mtp = None, None, nn.ModuleList()
     return model
+
+
+def moe_rows(model: DeepSeekForCausalLM) -> dict[int, int]:
+    """id(MoE) -> its row in the whole model's expert load (`DeepSeekForCausalLM.moe_layers` order)."""
+    return {id(m): row for row, m in enumerate(model.moe_layers())}
+
+
+class Pipeline:
+    """This rank's stages of a pipelined model and the schedule that runs them (torch.distributed.pipelining).
+
+    Build it on the whole model (every rank builds the same), then shard the pruned model (`modules`: the
+    FSDP roots are the stages, whose forwards the schedule calls) before the first `step`. `loss_fn(outputs,
+    target)` scores one micro-batch on the last stage; the schedule sums the micro-batches' gradients and
+    divides them by their number, so a micro-batch's mean loss makes the step's mean."""
+
+    def __init__(self, model: DeepSeekForCausalLM, pp_mesh: DeviceMesh, schedule: str, microbatches: int,
+                 layers: list[int] | None = None):
+        pp, rank = pp_mesh.size(), pp_mesh.get_local_rank()
+        self.n_stages = pp * stages_per_rank(schedule)
+        indices = stages_of_rank(rank, pp, schedule)
+        self.rows = moe_rows(model)
+        self.n_moe = len(self.rows)
+        self.stages = build_stages(model, indices, self.n_stages, layers)
+        prune(model, self.stages)
+        self.indices, self.group, self.schedule_name, self.microbatches = indices, pp_mesh.get_group(), schedule, \
+            microbatches
+        self.first = any(s.first for s in self.stages)
+        self.last = any(s.last for s in self.stages)
+        self.schedule = None
+
+    def build(self, device: torch.device, loss_fn: Callable) -> None:
+        """The schedule over the (by now sharded) stages."""
+        pipe = [PipelineStage(s, i, self.n_stages, device, group=self.group) for s, i in zip(self.stages, self.indices)]
+        cls = SCHEDULE_CLASSES[self.schedule_name]
+        self.schedule = cls(pipe if len(pipe) > 1 else pipe[0], self.microbatches, loss_fn=loss_fn)
+
+    def step(self, inputs: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+        """Forward and backward of one batch on every pipeline rank; the micro-batches' losses
+        on the rank of the last stage ([] elsewhere). `loss_fn` may be called once more on the first step (the
+        schedule's shape inference): count on the returned losses, or on the last `microbatches` calls."""
+        losses: list[torch.Tensor] = []
+        self.schedule.step(*((inputs,) if self.first else ()), target=target if self.last else None, losses=losses)
+        for stage in self.stages:
+            # the schedule's first step also runs a stage forward of its own (shapes): keep the micro-batches'
+            n = self.microbatches * sum(1 for m in stage.modules() if isinstance(m, MoE))
+            stage.routings = stage.routings[len(stage.routings) - n:]
+        return losses
+
+    def expert_load(self, n_experts: int) -> torch.Tensor:
+        """[n_moe_layers, E] tokens per expert of this rank's MoE layers since the last call (rows of the whole
+        model; the other stages' rows zero: sum over the pipeline ranks)."""
+        load = torch.zeros(self.n_moe, n_experts)
+        for stage in self.stages:
+            moes = [m for m in stage.modules() if isinstance(m, MoE)]
+            for i, r in enumerate(stage.take_routings()):  # micro-batch by micro-batch, the layers in order
+                load[self.rows[id(moes[i % len(moes)])]] += r.load.cpu()
+        return load

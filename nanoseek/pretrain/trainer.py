@@ -19,16 +19,19 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
+from nanoseek import fastpath
 from nanoseek.data.loader import PackedLoader, ValLoader
 from nanoseek.data.shards import check_vocab, load_metadata
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.model.transformer import DeepSeekForCausalLM
 from nanoseek.parallel.expert import take_sent_bytes
 from nanoseek.parallel.mesh import main_first
+from nanoseek.parallel.pipeline import moe_rows
 from nanoseek.pretrain.balance import (
     bias_stats,
     configure_token_dropping,
@@ -39,7 +42,7 @@ from nanoseek.pretrain.config import PretrainConfig
 from nanoseek.pretrain.dataset import resolve_dataset
 from nanoseek.pretrain.losses import lm_losses, model_inputs, total_loss
 from nanoseek.scaling.flops import training_flops_per_token
-from nanoseek.train.checkpoint import load_model_state
+from nanoseek.train.checkpoint import full_model_state, load_model_state
 from nanoseek.train.loop import Trainer, TrainingError  # noqa: F401  (TrainingError: raised by run())
 from nanoseek.train.metrics import load_summary, max_violation, measure_matmul_peak
 
@@ -51,6 +54,7 @@ class Pretrainer(Trainer):
     """Pretraining on packed token windows (see the module docstring)."""
 
     command = "pretrain"
+    pipelined = True
 
     def __init__(self, cfg: PretrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                  loss_hook: LossHook | None = None, progress: bool | None = None):
@@ -93,6 +97,23 @@ class Pretrainer(Trainer):
         if cfg.model.init_from:
             load_model_state(self.model, cfg.model.init_from)
         configure_token_dropping(self.model, cfg.balance.capacity_factor, cfg.balance.no_drop_fraction)
+        self.moe_rows = moe_rows(self.model)  # (rows of the expert load, kept for pipeline ranks' pruned models)
+        if self.dims.pp > 1:
+            self._check_pipelined()
+
+    def _check_pipelined(self) -> None:
+        cfg, t, M = self.cfg, self.cfg.train, self.dims.microbatches
+        local = t.batch_size // self.dp_size
+        if t.micro_batch_size and t.micro_batch_size != local:
+            raise ValueError(f"train.micro_batch_size = {t.micro_batch_size}: with parallel.pp > 1 the pipeline "
+                             "cuts each rank's batch into parallel.microbatches; leave it 0")
+        if local % M:
+            raise ValueError(f"parallel.microbatches = {M} must divide each rank's batch, train.batch_size / "
+                             f"data-parallel ranks = {local}")
+        if cfg.schedule.batch_ramp_start:
+            raise ValueError("schedule.batch_ramp_* with parallel.pp > 1: the pipeline's micro-batch shapes are fixed")
+        if self.loss_hook is not None or cfg.balance.capacity_factor:
+            raise ValueError("with parallel.pp > 1 there is no loss hook and no token dropping (balance.capacity_factor)")
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict:
@@ -122,6 +143,39 @@ class Pretrainer(Trainer):
         n_micro = self.micro_batches()
         mtp_weight = self.mtp_schedule(step)
         bias_speed = self.bias_schedule(step)
+        pass_ = self._micro_batches if self.pipeline is None else self._pipelined
+        sums, mtp_depths, load, dropped = pass_(n_micro, mtp_weight)
+        sums = self.reduce_values(sums)  # (every rank then judges the same global loss)
+        if load is not None:
+            load = self.reduce(load)  # the global batch's load: every rank moves its biases alike
+        grad_norm = self.optimizer_step(sums["total_loss"])
+        if not self.skipped and load is not None and bias_speed:
+            mine = [self.moe_rows[id(m)] for m in self.model.moe_layers()]  # (a pipeline rank's layers)
+            update_biases(self.model, load[mine], bias_speed, cfg.balance.center_bias)
+
+        batch = n_micro * self.micro_batch * self.dp_size
+        self.tokens_seen += batch * S
+        record = {**sums, "grad_norm": grad_norm, "mtp_weight": mtp_weight, "tokens": self.tokens_seen,
+                  "batch_size": batch}
+        if D > 1:
+            record["mtp_loss_per_depth"] = self.reduce(torch.tensor(mtp_depths), "mean").tolist()
+        if load is not None:
+            record.update(load_summary(load))
+            record["bias_update_speed"] = bias_speed
+            record.update(bias_stats(self.model))
+            if cfg.balance.expert_load_every and (step + 1) % cfg.balance.expert_load_every == 0:
+                record["expert_load"] = load.tolist()
+        if self.dims.ep > 1:  # hidden-state bytes the dispatch and combine all-to-alls sent between ranks
+            sent = self.reduce(torch.tensor(take_sent_bytes(self.model)), over="pp")
+            record["alltoall_bytes"] = int(self.reduce(sent))
+        if dropped is not None:
+            record["dropped_fraction"] = float(self.reduce(torch.tensor(dropped), "mean"))
+        return record
+
+    def _micro_batches(self, n_micro: int, mtp_weight: float):
+        """Forward and backward of the step's micro-batches: (loss sums, MTP loss per depth, expert load,
+        dropped fraction of the last micro-batch)."""
+        step, S, D = self.step, self.seq_len, self.depth
         sums = {"loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0, "total_loss": 0.0}
         mtp_depths = [0.0] * D
         load = None
@@ -144,31 +198,36 @@ class Pretrainer(Trainer):
                 sums["aux_loss"] += out.aux_loss.item() / n_micro
             if out.expert_load is not None:
                 load = out.expert_load.detach().clone() if load is None else load + out.expert_load.detach()
-        sums = self.reduce_values(sums)  # (every rank then judges the same global loss)
-        if load is not None:
-            load = self.reduce(load)  # the global batch's load: every rank moves its biases alike
-        grad_norm = self.optimizer_step(sums["total_loss"])
-        if not self.skipped and load is not None and bias_speed:
-            update_biases(self.model, load, bias_speed, cfg.balance.center_bias)
+        return sums, mtp_depths, load, drop_fraction(out)
 
-        batch = n_micro * self.micro_batch * self.dp_size
-        self.tokens_seen += batch * S
-        record = {**sums, "grad_norm": grad_norm, "mtp_weight": mtp_weight, "tokens": self.tokens_seen,
-                  "batch_size": batch}
-        if D > 1:
-            record["mtp_loss_per_depth"] = self.reduce(torch.tensor(mtp_depths), "mean").tolist()
-        if load is not None:
-            record.update(load_summary(load))
-            record["bias_update_speed"] = bias_speed
-            record.update(bias_stats(self.model))
-            if cfg.balance.expert_load_every and (step + 1) % cfg.balance.expert_load_every == 0:
-                record["expert_load"] = load.tolist()
-        if self.dims.ep > 1:  # hidden-state bytes the dispatch and combine all-to-alls sent between ranks
-            record["alltoall_bytes"] = int(self.reduce(torch.tensor(take_sent_bytes(self.model))))
-        dropped = drop_fraction(out)  # (the step's last micro-batch)
-        if dropped is not None:
-            record["dropped_fraction"] = float(self.reduce(torch.tensor(dropped), "mean"))
-        return record
+    def _pipelined(self, n_micro: int, mtp_weight: float):
+        """`_micro_batches` through the pipeline schedule: this rank's batch, cut into parallel.microbatches,
+        forward and backward over the stages; the last stage's loss parts and every stage's expert load are
+        summed over the pipeline ranks, so each holds the step's numbers."""
+        S, D = self.seq_len, self.depth
+        window = next(self.train_loader).to(self.device, non_blocking=True)
+        self._mtp_weight, self._parts = mtp_weight, []
+        with self.autocast():
+            self.pipeline.step(model_inputs(window, S, D), window)
+        parts = self._parts[-self.dims.microbatches:]  # (see Pipeline.step)
+        parts = torch.tensor(parts).mean(0) if parts else torch.zeros(4 + D, dtype=torch.float64)
+        parts = self.reduce(parts, over="pp").tolist()
+        sums = dict(zip(("loss", "mtp_loss", "aux_loss", "total_loss"), parts[:4]))
+        load = None
+        if self.moe_rows:
+            load = self.reduce(self.pipeline.expert_load(self.model_cfg.n_routed_experts).to(self.device), over="pp")
+        return sums, parts[4:], load, None
+
+    def pipeline_loss(self, outputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's L = L_main + λ/D Σ_k L_k + balance losses from the last stage's (logits, *mtp_logits,
+        aux)."""
+        S = self.seq_len
+        main, mtp = lm_losses(SimpleNamespace(logits=outputs[0], mtp_logits=list(outputs[1:-1])), target, S)
+        aux = outputs[-1].sum()
+        loss = total_loss(main, mtp, self._mtp_weight, aux)
+        mtp_mean = torch.stack(mtp).mean() if mtp else torch.zeros(())
+        self._parts.append([main.item(), mtp_mean.item(), aux.item(), loss.item(), *(m.item() for m in mtp)])
+        return loss
 
     def _train_step(self, log) -> dict:
         record = super()._train_step(log)
@@ -187,36 +246,50 @@ class Pretrainer(Trainer):
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out loss, bits per byte and MaxVio_global (expert load summed over the evaluated set)."""
-        self.model.eval()
-        nll, count, load = 0.0, 0, None
+        model = self.model if self.pipeline is None else self._whole_model()
+        model.eval()
         try:
-            for window, counted in self.lockstep(self.val_loader, filler=self.val_filler):
-                window = window.to(self.device, non_blocking=True)
-                with self.autocast():
-                    out = self.model(window[:, :-1], mtp=False)
-                if load is None and out.expert_load is not None:
-                    load = torch.zeros_like(out.expert_load)  # (on every rank: the load is reduced below)
-                if not counted:
-                    continue
-                targets = window[:, 1:]
-                nll += F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
-                count += targets.numel()
-                if load is not None:
-                    load += out.expert_load
+            nll, count, load = self._eval_pass(model)
         finally:
             self.model.train()
         nll, count = self.reduce(torch.tensor([nll, count], dtype=torch.float64)).tolist()
-        if load is not None:
-            load = self.reduce(load)
-        val_loss = nll / count
         # bits per byte = nats per token / ln 2 × tokens per byte of the held-out text (metadata.json)
+        val_loss = nll / count
         record = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.val_bytes_per_token,
                   "val_tokens": int(count)}
         if load is not None:
+            load = self.reduce(load)
             vio = max_violation(load)
             record.update({"max_vio_global": [round(v, 4) for v in vio.tolist()],
                            "max_vio_global_mean": float(vio.mean()), "val_expert_load": load.tolist()})
         return record
+
+    def _eval_pass(self, model) -> tuple[float, int, torch.Tensor | None]:
+        """Held-out (nll, targets, expert load) of this data-parallel rank."""
+        nll, count, load = 0.0, 0, None
+        for window, counted in self.lockstep(self.val_loader, filler=self.val_filler):
+            window = window.to(self.device, non_blocking=True)
+            with self.autocast():
+                out = model(window[:, :-1], mtp=False)
+            if load is None and out.expert_load is not None:
+                load = torch.zeros_like(out.expert_load)  # (on every rank: the load is reduced after)
+            if not counted:
+                continue
+            targets = window[:, 1:]
+            nll += F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
+            count += targets.numel()
+            if load is not None:
+                load += out.expert_load
+        return nll, count, load
+
+    def _whole_model(self) -> DeepSeekForCausalLM:
+        """The whole model, gathered from the pipeline ranks (and their shards) onto every rank, for evaluation:
+        it runs each rank's held-out share in one forward, as without pipelining (schedules such as DualPipeV
+        have no forward-only mode). At nanoseek's scale the copy is cheap; at V3's it would be the pipeline's."""
+        model = DeepSeekForCausalLM(self.model_cfg)
+        model.load_state_dict(full_model_state(self.model, self.pp_group, everywhere=True))
+        return fastpath.enable(model).to(self.device)
+
 
     def summarize(self, records: list[dict]) -> dict:
         last_eval = next((r for r in reversed(records) if "val_loss" in r), {})

@@ -45,7 +45,7 @@ from nanoseek.interop.hf import (
     read_checkpoint,
     save_pretrained,
 )
-from nanoseek.parallel.mesh import barrier, rank
+from nanoseek.parallel.mesh import barrier, gather_objects, rank
 
 FORMAT = "nanoseek-train-checkpoint"
 VERSION = 2  # 1: HF model/ + optimizer.pt, one process
@@ -124,6 +124,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    names = _all_param_names(model)
     try:
         model_state, optim_state = get_state_dict(model, optimizer)
         with _single_process_ok():
@@ -133,7 +134,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
         if main:
             meta = {"format": FORMAT, "version": VERSION, "step": step,
                     "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                    "param_names": [n for n, _ in model.named_parameters()], **state}
+                    "param_names": names, **state}
             with open(tmp / "trainer_state.json", "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=1)
                 f.flush()
@@ -172,8 +173,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     if state.get("version") != VERSION:
         raise CheckpointError(f"{state_file}: checkpoint version {state.get('version')}, this nanoseek reads "
                               f"version {VERSION}; start a new run from its weights with model.init_from")
-    names = [n for n, _ in model.named_parameters()]
-    if state["param_names"] != names:
+    names = _all_param_names(model)
+    if sorted(state["param_names"]) != sorted(names):
         missing = sorted(set(names) - set(state["param_names"]))
         unexpected = sorted(set(state["param_names"]) - set(names))
         raise CheckpointError(f"{state_file}: the checkpoint was written for another model: missing parameters "
@@ -198,18 +199,40 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     return state
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state dict as plain CPU tensors on rank 0 (every rank calls; the others get {})."""
-    if not dist.is_initialized() or not any(isinstance(p, DTensor) for p in model.parameters()):
+def _all_param_names(model: nn.Module) -> list[str]:
+    """The parameter names of the whole model: every rank's, when pipeline ranks each hold some layers."""
+    names = [n for n, _ in model.named_parameters()]
+    if not dist.is_initialized():
+        return names
+    merged: dict[str, None] = {}
+    for rank_names in gather_objects(names):
+        merged.update(dict.fromkeys(rank_names))
+    return list(merged)
+
+
+def full_model_state(model: nn.Module, pp_group=None, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model's state dict as plain CPU tensors on rank 0, or on every rank with `everywhere` (every
+    rank calls; the others get {}). `pp_group`: pipeline ranks each hold some of the model; gathered too."""
+    sharded = dist.is_initialized() and any(isinstance(p, DTensor) for p in model.parameters())
+    if pp_group is None and not sharded:
         return model.state_dict()  # (an unsharded model, e.g. GRPO's per-rank reference: rank 0 has it all)
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if pp_group is None and not everywhere:
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    mine = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) if sharded \
+        else model.state_dict()
+    mine = {k: v.cpu() for k, v in mine.items()}
+    if pp_group is None:
+        return mine
+    parts = [None] * dist.get_world_size(pp_group)
+    dist.all_gather_object(parts, mine, group=pp_group)
+    return {k: v for part in parts for k, v in part.items()} if everywhere or rank() == 0 else {}
 
 
-def export_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
+def export_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, pp_group=None) -> Path:
     """Write the model (HF layout, gathered to rank 0) and its tokenizer to out_dir, replacing it atomically
     (every rank calls)."""
     out = Path(out_dir)
-    state = full_model_state(model)
+    state = full_model_state(model, pp_group)
     if rank() == 0:
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import tomllib
 
 from nanoseek.config import PRESETS, ModelConfig
+from nanoseek.parallel.pipeline import SCHEDULES as PP_SCHEDULES
 from nanoseek.train.schedules import (
     LR_SCHEDULES,
     BatchSizeRamp,
@@ -377,6 +378,15 @@ class ParallelSection:
     ep: int = 1
     """Expert-parallel degree: each rank holds n_routed_experts / ep experts (tokens travel by all-to-all);
     divides dp_shard. The model's ep_size (device-limited routing) must equal it."""
+    pp: int = 1
+    """Pipeline-parallel stages' ranks: the decoder layers are cut into pp (V-shaped and looped schedules: 2·pp)
+    stages; world size = pp x dp_replicate x dp_shard."""
+    pp_schedule: str = "1f1b"
+    """torch.distributed.pipelining schedule: gpipe, 1f1b, interleaved-1f1b, zbv, dualpipev."""
+    microbatches: int = 0
+    """Micro-batches a step's per-rank batch is cut into for the pipeline (0 = the number of stages)."""
+    pp_layers: list[int] = field(default_factory=list)
+    """Decoder layers per stage ([] = even split; the last stage also holds the head and the MTP modules)."""
     timeout: float = 600.0
     """Seconds a collective waits for the other ranks before the job fails (a rank that died or hangs)."""
 
@@ -527,7 +537,8 @@ class RunConfig:
         self.at_least(["train.micro_batch_size", "train.threads", "train.time_limit", "train.spike_warmup",
                        "train.max_rollbacks", "checkpoint.every", "schedule.warmup_steps", "optim.eps",
                        "optim.weight_decay", "optim.grad_clip", "train.spike_factor"], 0)
-        self.at_least(["train.max_bad_steps", "parallel.dp_replicate", "parallel.ep"], 1)
+        self.at_least(["train.max_bad_steps", "parallel.dp_replicate", "parallel.ep", "parallel.pp"], 1)
+        self.at_least(["parallel.microbatches"], 0)
         self.at_least(["parallel.dp_shard"], 0)
         self.at_least(["parallel.timeout"], 1)
         t = self.train
@@ -537,6 +548,7 @@ class RunConfig:
             self.fail("train.device", "allowed: auto, cpu, cuda, cuda:N")
         self.one_of("train.dtype", DTYPES)
         self.one_of("schedule.lr_schedule", tuple(LR_SCHEDULES))
+        self.one_of("parallel.pp_schedule", PP_SCHEDULES)
         if t.fp8 and t.compile:
             self.fail("train.fp8", "FP8 layers use a custom autograd function; do not combine with train.compile")
         if not self.optim.lr > 0 or not math.isfinite(self.optim.lr):

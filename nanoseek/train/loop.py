@@ -48,6 +48,7 @@ from nanoseek.parallel.mesh import (
     rank,
 )
 from nanoseek.parallel.parallelize import parallelize
+from nanoseek.parallel.pipeline import Pipeline
 from nanoseek.quant.fp8 import convert_to_fp8
 from nanoseek.train.checkpoint import (
     export_model,
@@ -120,7 +121,11 @@ class Trainer:
         self.rank, self.world_size = rank(), env_world_size()
         self.main = self.rank == 0
         self.dims = ParallelDims.resolve(cfg.parallel, self.world_size)
-        self.dp_rank, self.dp_size = self.rank, self.dims.world_size  # every rank is data-parallel
+        if self.dims.pp > 1 and not self.pipelined:
+            raise ValueError(f"parallel.pp = {self.dims.pp}: `{self.command}` does not run pipelined yet (pretraining "
+                             "does); use data and expert parallelism")
+        # pipeline ranks outermost: rank = pp index x dp ranks + dp index
+        self.dp_rank, self.dp_size = self.rank % self.dims.dp_world, self.dims.dp_world
         self.micro_batch = t.micro_batch_size or t.batch_size // self.dp_size
         if t.batch_size % (self.micro_batch * self.dp_size):
             raise ValueError(f"train.batch_size = {t.batch_size} must be a multiple of train.micro_batch_size x "
@@ -142,9 +147,19 @@ class Trainer:
             if t.fp8:
                 convert_to_fp8(self.model)
             fastpath.enable(self.model).to(self.device)
+            self.pipeline, self.dp_group, self.pp_group = None, None, None
             if self.world_size > 1:
-                parallelize(self.model, self.dims, self.dims.build_meshes(self.device.type),
-                            bf16_params=self.device.type == "cuda" and t.dtype == "bf16")
+                meshes = self.dims.build_meshes(self.device.type)
+                self.dp_group = meshes.dp.get_group()
+                if self.dims.pp > 1:
+                    self.pipeline = Pipeline(self.model, meshes.pp, self.dims.pp_schedule, self.dims.microbatches,
+                                             list(self.dims.pp_layers))
+                    self.pp_group = meshes.pp.get_group()
+                if self.dims.dp_world > 1:  # (pipeline ranks alone shard nothing)
+                    parallelize(self.model, self.dims, meshes, roots=self.pipeline.stages if self.pipeline else None,
+                                bf16_params=self.device.type == "cuda" and t.dtype == "bf16")
+                if self.pipeline:
+                    self.pipeline.build(self.device, self.pipeline_loss)
             o = cfg.optim
             self.optimizer = build_optimizer(self.model, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
             self.forward = torch.compile(self.model) if t.compile else self.model
@@ -175,6 +190,13 @@ class Trainer:
     def evaluate(self) -> dict:
         return {}
 
+    pipelined = False
+    """Whether the method runs pipelined (parallel.pp > 1): it then provides `pipeline_loss`."""
+
+    def pipeline_loss(self, outputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's loss from the last stage's outputs (pipelined methods)."""
+        raise NotImplementedError
+
     def evaluate_at_start(self) -> bool:
         return False
 
@@ -202,13 +224,17 @@ class Trainer:
     def autocast(self):
         return autocast(self.cfg.train.dtype, self.device)
 
-    def reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """x summed ("sum"), averaged ("mean") or maximized ("max") over the ranks (x itself in one process)."""
-        if self.world_size == 1:
+    def reduce(self, x: torch.Tensor, op: str = "sum", over: str = "dp") -> torch.Tensor:
+        """x summed ("sum"), averaged ("mean") or maximized ("max") over the data-parallel ranks (`over` =
+        "pp": over the pipeline ranks; x itself in one process). A number every pipeline stage computes alike
+        is reduced over "dp"; a number of the stages' own (the last stage's losses, each stage's expert load)
+        is summed over "pp" first."""
+        group = self.dp_group if over == "dp" else self.pp_group
+        if group is None:
             return x
         y = x.detach().to(self.device, torch.float64 if x.is_floating_point() else x.dtype).clone()
-        dist.all_reduce(y, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return (y / self.world_size if op == "mean" else y).to(x.dtype).to(x.device)
+        dist.all_reduce(y, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+        return (y / dist.get_world_size(group) if op == "mean" else y).to(x.dtype).to(x.device)
 
     def reduce_values(self, values: dict[str, float], op: str = "mean") -> dict[str, float]:
         """A dict of numbers reduced over the ranks in one collective."""
@@ -222,7 +248,7 @@ class Trainer:
         forwards as the busiest (sharded layers gather parameters, and the all-to-all waits for every
         rank, in each one): a rank out of batches repeats its first (or `filler`) with counted = False."""
         batches = list(batches)
-        rounds = len(batches) if self.world_size == 1 else int(self.reduce(torch.tensor(len(batches)), "max"))
+        rounds = int(self.reduce(torch.tensor(len(batches)), "max"))
         for i in range(rounds):
             yield (batches[i], True) if i < len(batches) else (batches[0] if batches else filler, False)
 
@@ -230,7 +256,7 @@ class Trainer:
         """Clip, then step unless the step is bad (non-finite loss or gradient norm, or a loss spike: the update
         is skipped and `self.skipped` says why); zero the gradients. Returns the norm before clipping."""
         t = self.cfg.train
-        norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip)
+        norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip, self.pp_group)
         skipped = None
         if not (math.isfinite(norm) and (loss is None or math.isfinite(loss))):
             skipped = "non-finite"
@@ -256,7 +282,7 @@ class Trainer:
                  "extra": self.extra_state(), "config": self.cfg.to_toml(comments=False)}
         path = save_checkpoint(self.out, self.step, self.model, self.optimizer, state,
                                keep_last=self.cfg.checkpoint.keep)
-        export_model(self.model, self.tok, self.out / "model")
+        export_model(self.model, self.tok, self.out / "model", self.pp_group)
         self.last_checkpoint_step = self.step
         return path
 
@@ -379,7 +405,8 @@ class Trainer:
         self.skipped = None
         t0 = time.perf_counter()
         record = self.train_step()
-        elapsed = float(self.reduce(torch.tensor(time.perf_counter() - t0), "max"))  # the ranks stop together
+        elapsed = time.perf_counter() - t0
+        elapsed = float(self.reduce(self.reduce(torch.tensor(elapsed), "max", over="pp"), "max"))  # stop together
         self.step += 1
         self.train_time += elapsed
         record = {"step": self.step, **record, "lr": self.lr, "step_time": elapsed, "train_time": self.train_time}

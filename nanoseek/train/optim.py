@@ -9,6 +9,7 @@ are passed by name, so the optimizer's state dict records which tensor each entr
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -45,23 +46,27 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+def clip_grad_norm(model: nn.Module, max_norm: float, pp_group=None) -> float:
     """Clip the global L2 gradient norm to max_norm (0 = measure only); returns the norm before clipping
     (inf or nan when a gradient is not finite).
 
     Sharded (DTensor) gradients are grouped by mesh, since torch's norm cannot mix meshes (FSDP's dense
-    mesh and the routed experts'); each group's norm is reduced over its own mesh."""
+    mesh and the routed experts'); each group's norm is reduced over its own mesh, and with pipeline
+    stages (`pp_group`) the squares are summed over the stages' ranks too."""
     groups: dict = {}
     for p in model.parameters():
         if p.grad is not None:
             groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
-    if not groups:
-        return 0.0
-    norms = []
+    device = next(iter(groups.values()))[0].device if groups else torch.device("cpu")
+    norms = [torch.zeros((), device=device)]  # (a pipeline rank may hold no gradient yet)
     for grads in groups.values():
         norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     total = torch.linalg.vector_norm(torch.stack(norms))
+    if pp_group is not None:
+        squared = total.square()
+        dist.all_reduce(squared, group=pp_group)
+        total = squared.sqrt()
     if max_norm > 0:
         for grads in groups.values():
             torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
