@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "nanoseek.interop.cli",    # convert
     "nanoseek.infer.cli",      # generate, chat, serve
     "nanoseek.recipes.cli",    # pipeline, demo
+    "nanoseek.parallel.cli",   # plan
 )
 
 

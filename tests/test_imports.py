@@ -20,7 +20,7 @@ LOWER = {
     "model": _BASE | {"quant"},
     "fastpath": _MODEL,
     "interop": _MODEL,
-    "parallel": _MODEL,
+    "parallel": _MODEL | {"scaling"},
     "data": _BASE,
     "tasks": _BASE | {"data"},
     "scaling": _BASE,
