@@ -87,7 +87,7 @@ class ParallelDims:
     pp_layers: tuple[int, ...] = ()
 
     @classmethod
-    def resolve(cls, section, world_size: int, model: ModelConfig | None = None) -> "ParallelDims":
+    def resolve(cls, section, world_size: int, model: ModelConfig | None = None) -> ParallelDims:
         """From a `[parallel]` section (dp_shard 0 = the rest of the world), checked against the world size
         and the model; every impossible layout fails with the fields at fault."""
         R, S, ep, pp = section.dp_replicate, section.dp_shard, section.ep, section.pp
@@ -151,7 +151,7 @@ class ParallelDims:
     def n_stages(self) -> int:
         return self.pp * stages_per_rank(self.pp_schedule)
 
-    def build_meshes(self, device_type: str) -> "Meshes":
+    def build_meshes(self, device_type: str) -> Meshes:
         world = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard),
                                  mesh_dim_names=("pp", "dp_replicate", "dp_shard"))
         dp = world["dp_replicate", "dp_shard"]
