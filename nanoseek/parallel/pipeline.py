@@ -83,6 +83,8 @@ class Stage(nn.Module):
         self.lm_head = model.lm_head if self.last else None
         self.mtp = model.mtp if self.last else nn.ModuleList()
         self.rotary = model.rotary
+        self.use_mtp = True
+        """Run the MTP modules (pretraining); off, the last stage returns (logits, aux) (post-training)."""
         self.routings: list[Routing] = []
         """The routing of each MoE layer this stage ran since the last `take_routings` (bias update)."""
 
@@ -103,7 +105,7 @@ class Stage(nn.Module):
             return h, emb, aux
         h = self.norm(h)
         out = [self.lm_head(h)]
-        for k, layer in enumerate(self.mtp, start=1):  # as DeepSeekForCausalLM._mtp
+        for k, layer in enumerate(self.mtp if self.use_mtp else [], start=1):  # as DeepSeekForCausalLM._mtp
             n = S - k
             h, stats = layer(h[:, :n], emb[:, k:], tuple(t[:, :n] for t in rope))
             self._keep(stats)
@@ -111,6 +113,11 @@ class Stage(nn.Module):
                 aux = aux + stats.aux_loss
             out.append(self.lm_head(layer.shared_head.norm(h)))
         return (*out, aux)
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE layers this stage runs, in order."""
+        blocks = [*self.layers, *(m.block for m in self.mtp if self.use_mtp)]
+        return [b.mlp for b in blocks if isinstance(b.mlp, MoE)]
 
     def _keep(self, stats) -> None:
         if stats is not None:
@@ -158,13 +165,15 @@ class Pipeline:
     divides them by their number, so a micro-batch's mean loss makes the step's mean."""
 
     def __init__(self, model: DeepSeekForCausalLM, pp_mesh: DeviceMesh, schedule: str, microbatches: int,
-                 layers: list[int] | None = None):
+                 layers: list[int] | None = None, mtp: bool = True):
         pp, rank = pp_mesh.size(), pp_mesh.get_local_rank()
         self.n_stages = pp * stages_per_rank(schedule)
         indices = stages_of_rank(rank, pp, schedule)
         self.rows = moe_rows(model)
         self.n_moe = len(self.rows)
         self.stages = build_stages(model, indices, self.n_stages, layers)
+        for stage in self.stages:
+            stage.use_mtp = mtp
         prune(model, self.stages)
         self.indices, self.group, self.schedule_name, self.microbatches = indices, pp_mesh.get_group(), schedule, \
             microbatches
@@ -186,7 +195,7 @@ class Pipeline:
         self.schedule.step(*((inputs,) if self.first else ()), target=target if self.last else None, losses=losses)
         for stage in self.stages:
             # the schedule's first step also runs a stage forward of its own (shapes): keep the micro-batches'
-            n = self.microbatches * sum(1 for m in stage.modules() if isinstance(m, MoE))
+            n = self.microbatches * len(stage.moe_layers())
             stage.routings = stage.routings[len(stage.routings) - n:]
         return losses
 
@@ -195,7 +204,7 @@ class Pipeline:
         model; the other stages' rows zero: sum over the pipeline ranks)."""
         load = torch.zeros(self.n_moe, n_experts)
         for stage in self.stages:
-            moes = [m for m in stage.modules() if isinstance(m, MoE)]
+            moes = stage.moe_layers()
             for i, r in enumerate(stage.take_routings()):  # micro-batch by micro-batch, the layers in order
                 load[self.rows[id(moes[i % len(moes)])]] += r.load.cpu()
         return load

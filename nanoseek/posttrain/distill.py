@@ -37,6 +37,7 @@ from nanoseek.utils import read_jsonl, write_jsonl
 
 class DistillTrainer(SFTTrainer):
     command = "distill"
+    pipelined = False  # (the teacher's logits term is not pipelined yet)
 
     def setup(self) -> None:
         cfg, d = self.cfg, self.cfg.distill

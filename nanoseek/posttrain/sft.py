@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from nanoseek.data.chat import render_chat
 from nanoseek.posttrain.config import PostConfig
@@ -164,6 +165,7 @@ class EpochSampler:
 # ---------------------------------------------------------------------- trainer
 class SFTTrainer(PostTrainer):
     command = "sft"
+    pipelined = True
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -171,6 +173,12 @@ class SFTTrainer(PostTrainer):
         self.model, self.tok = build_policy(cfg, row_texts(rows))
         self.rows = self.prepare_rows(rows)
         self.sampler = EpochSampler(len(self.rows), cfg.train.batch_size, cfg.train.seed)
+        if self.dims.pp > 1:
+            local, M = cfg.train.batch_size // self.dp_size, self.dims.microbatches
+            if cfg.data.pack or cfg.train.micro_batch_size or local % M:
+                raise ValueError(f"sft with parallel.pp > 1: data.pack must be false (packed rows carry their own "
+                                 f"positions), train.micro_batch_size 0, and parallel.microbatches = {M} must "
+                                 f"divide each rank's batch of {local}")
 
     def prepare_rows(self, rows):
         examples = encode_rows(rows, self.tok, self.cfg.data.seq_len, self.cfg.sft.completion_only,
@@ -193,6 +201,8 @@ class SFTTrainer(PostTrainer):
         return None, {}
 
     def train_step(self) -> dict:
+        if self.pipeline is not None:
+            return self._pipelined_step()
         cfg = self.cfg
         lr = self.lr
         B = cfg.train.batch_size  # (global: this rank trains on its share)
@@ -232,7 +242,45 @@ class SFTTrainer(PostTrainer):
         record.update({k: v / n for k, v in sums.items()})
         return record
 
+    # ------------------------------------------------------------------ pipelined (parallel.pp > 1)
+    def _pipelined_step(self) -> dict:
+        """`train_step` through the pipeline: rows padded to data.seq_len (the pipeline's buffers have one
+        shape; padding is causal and masked, so only the balance loss sees it), the masked targets -100."""
+        cfg = self.cfg
+        rows = [self.rows[i] for i in self.local_share(self.sampler.next())]
+        batch = collate(rows, self.tok.pad_id, cfg.data.seq_len).to(self.device)
+        target = batch.ids[:, 1:].masked_fill(batch.loss_mask == 0, -100)
+        n_tokens = self.reduce(batch.loss_mask.sum()).clamp(min=1)
+        # the schedule averages the micro-batches' losses, FSDP the ranks': each loss is scaled back to a share
+        # of the global batch's sums, as in `train_step`
+        rows_per_micro = len(rows) // self.dims.microbatches
+        self._weights = (self.dims.microbatches * self.dp_size / n_tokens,
+                         self.dims.microbatches * self.dp_size * rows_per_micro / cfg.train.batch_size)
+        self._parts = []
+        with autocast(cfg.train.dtype, self.device):
+            self.pipeline.step(batch.ids[:, :-1], target)
+        parts = self._parts[-self.dims.microbatches:]  # (see Pipeline.step)
+        parts = torch.tensor(parts).sum(0) if parts else torch.zeros(2, dtype=torch.float64)
+        nll_sum, aux_sum = self.reduce(self.reduce(parts, over="pp")).tolist()
+        grad_norm = self.optimizer_step()
+        n = n_tokens.item()
+        record = {"loss": nll_sum / n, "lr": self.lr, "grad_norm": grad_norm, "tokens": int(n),
+                  "epoch": self.sampler.epoch}
+        if aux_sum:
+            record["aux_loss"] = aux_sum
+        return record
+
+    def pipeline_loss(self, outputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's masked NLL over the global token count plus its share of the balance loss."""
+        logits, aux = outputs[0], outputs[-1].sum()
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum", ignore_index=-100)
+        per_token, per_row = self._weights
+        aux_share = aux * per_row / (self.dims.microbatches * self.dp_size)
+        self._parts.append([nll.item(), aux_share.item()])
+        return nll * per_token + aux * per_row
+
 
 def sft(cfg: PostConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool | None = None) -> dict:
     """Supervised fine-tuning per `cfg` into `out_dir`; returns the run summary (see PostTrainer.run)."""
     return SFTTrainer(cfg, out_dir, resume=resume, progress=progress).run()
+

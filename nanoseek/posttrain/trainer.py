@@ -22,7 +22,7 @@ Generation (GRPO rollouts, task evaluation, on-policy DPO pairs, rejection sampl
 through the sharded model: every forward of an FSDP module all-gathers its parameters, so all ranks
 would have to decode in lockstep although their sequences stop at different lengths. Instead each rank
 samples from a full, unsharded copy of the policy (`generation_model`), gathered from the shards
-(`get_model_state_dict(full_state_dict=True)` on every rank) the first time it is needed after an
+(`full_model_state(..., everywhere=True)`: from the shards and the pipeline stages, on every rank) the first time it is needed after an
 optimizer step — the trainer / rollout split of verl and OpenRLHF; at nanoseek's scale the copy is
 cheap. Frozen models (GRPO's reference, the distillation teacher) are such unsharded copies too: they
 take no gradient and no optimizer state, and their forwards need no collective. Sampling on rank r is
@@ -40,10 +40,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-)
 
 from nanoseek import fastpath
 from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer_from_texts
@@ -53,7 +49,7 @@ from nanoseek.parallel.mesh import gather_objects
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.policy_losses import token_logprobs
 from nanoseek.quant.fp8 import convert_to_fp8
-from nanoseek.train.checkpoint import load_model_state
+from nanoseek.train.checkpoint import full_model_state, load_model_state
 from nanoseek.train.loop import Trainer, autocast
 from nanoseek.utils import atomic_write_text
 
@@ -225,7 +221,7 @@ class PostTrainer(Trainer):
                 convert_to_fp8(copy)
             self._rollout = fastpath.enable(copy).to(self.device).eval().requires_grad_(False)
         if self._rollout_stale:
-            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+            state = full_model_state(self.model, self.pp_group, everywhere=True)
             self._rollout.load_state_dict(state)
             fastpath.clear_caches(self._rollout)
             self._rollout_stale = False

@@ -54,7 +54,7 @@ class Pretrainer(Trainer):
     """Pretraining on packed token windows (see the module docstring)."""
 
     command = "pretrain"
-    pipelined = True
+    pipelined = pipeline_mtp = True
 
     def __init__(self, cfg: PretrainConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                  loss_hook: LossHook | None = None, progress: bool | None = None):

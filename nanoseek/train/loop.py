@@ -122,8 +122,8 @@ class Trainer:
         self.main = self.rank == 0
         self.dims = ParallelDims.resolve(cfg.parallel, self.world_size)
         if self.dims.pp > 1 and not self.pipelined:
-            raise ValueError(f"parallel.pp = {self.dims.pp}: `{self.command}` does not run pipelined yet (pretraining "
-                             "does); use data and expert parallelism")
+            raise ValueError(f"parallel.pp = {self.dims.pp}: `{self.command}` does not run pipelined yet (pretrain and "
+                             "sft do); use data and expert parallelism")
         # pipeline ranks outermost: rank = pp index x dp ranks + dp index
         self.dp_rank, self.dp_size = self.rank % self.dims.dp_world, self.dims.dp_world
         self.micro_batch = t.micro_batch_size or t.batch_size // self.dp_size
@@ -153,7 +153,7 @@ class Trainer:
                 self.dp_group = meshes.dp.get_group()
                 if self.dims.pp > 1:
                     self.pipeline = Pipeline(self.model, meshes.pp, self.dims.pp_schedule, self.dims.microbatches,
-                                             list(self.dims.pp_layers))
+                                             list(self.dims.pp_layers), mtp=self.pipeline_mtp)
                     self.pp_group = meshes.pp.get_group()
                 if self.dims.dp_world > 1:  # (pipeline ranks alone shard nothing)
                     parallelize(self.model, self.dims, meshes, roots=self.pipeline.stages if self.pipeline else None,
@@ -192,6 +192,8 @@ class Trainer:
 
     pipelined = False
     """Whether the method runs pipelined (parallel.pp > 1): it then provides `pipeline_loss`."""
+    pipeline_mtp = False
+    """Whether its pipeline's last stage runs the MTP modules (their logits come after the main ones)."""
 
     def pipeline_loss(self, outputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
         """One micro-batch's loss from the last stage's outputs (pipelined methods)."""
