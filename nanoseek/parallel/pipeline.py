@@ -159,8 +159,8 @@ def moe_rows(model: DeepSeekForCausalLM) -> dict[int, int]:
 class Pipeline:
     """This rank's stages of a pipelined model and the schedule that runs them (torch.distributed.pipelining).
 
-    Build it on the whole model (every rank builds the same), then shard the pruned model (`modules`: the
-    FSDP roots are the stages, whose forwards the schedule calls) before the first `step`. `loss_fn(outputs,
+    Build it on the whole model (every rank builds the same; it prunes the model to this rank's stages), shard
+    the pruned model (the FSDP roots are `stages`, whose forwards the schedule calls), then `build`. `loss_fn(outputs,
     target)` scores one micro-batch on the last stage; the schedule sums the micro-batches' gradients and
     divides them by their number, so a micro-batch's mean loss makes the step's mean."""
 
@@ -175,8 +175,8 @@ class Pipeline:
         for stage in self.stages:
             stage.use_mtp = mtp
         prune(model, self.stages)
-        self.indices, self.group, self.schedule_name, self.microbatches = indices, pp_mesh.get_group(), schedule, \
-            microbatches
+        self.indices, self.group = indices, pp_mesh.get_group()
+        self.schedule_name, self.microbatches = schedule, microbatches
         self.first = any(s.first for s in self.stages)
         self.last = any(s.last for s in self.stages)
         self.schedule = None
