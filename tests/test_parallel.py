@@ -109,6 +109,7 @@ PIPELINE = ["model.overrides.num_hidden_layers=4", "parallel.microbatches=4"]
     (2, ["parallel.pp=2"], PIPELINE),  # 1F1B, 4 micro-batches
     (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipev"], PIPELINE),  # 4 stages in a V, 4 micro-batches
     (4, ["parallel.pp=2", "parallel.ep=2", "parallel.microbatches=2"], PIPELINE),  # pp 2 x (dp 2 = ep 2)
+    (4, ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.ep=2"], PIPELINE),  # DualPipeV x FSDP x EP
 ])
 def test_layout_matches_single_process(dataset, tmp_path, world, layout, common):
     sets = config(dataset, *common)

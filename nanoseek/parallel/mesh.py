@@ -110,11 +110,6 @@ class ParallelDims:
         if pp > 1 and section.pp_schedule in V_SHAPED + LOOPED and microbatches < n_stages:
             raise ValueError(f"parallel.microbatches = {microbatches} must be at least the {n_stages} stages of "
                              f"{section.pp_schedule} with pp = {pp}")
-        if pp > 1 and S * R > 1 and section.pp_schedule in V_SHAPED + LOOPED:
-            # measured: with FSDP2 under them, torch 2.13's two-stages-per-rank schedules give the last stage
-            # wrong gradients (tests/test_parallel.py has the one-process check); 1F1B and GPipe are right
-            raise ValueError(f"parallel.pp_schedule = {section.pp_schedule} runs on pipeline ranks alone for now "
-                             f"(here {S * R} data-parallel ranks); use 1f1b or gpipe with data/expert parallelism")
         if model is not None and pp > 1:
             split_layers(model.num_hidden_layers, n_stages, list(section.pp_layers))
             if model.tie_word_embeddings and section.pp_schedule not in V_SHAPED:

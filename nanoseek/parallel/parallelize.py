@@ -22,16 +22,20 @@ from nanoseek.parallel.mesh import Meshes, ParallelDims
 def parallelize(model: DeepSeekForCausalLM, dims: ParallelDims, meshes: Meshes, bf16_params: bool = False,
                 roots: list[nn.Module] | None = None) -> nn.Module:
     """Shard `model` in place over `meshes` (EP, then FSDP2 per block and root); returns it. `roots`: the
-    modules whose forward runs the model (default the model; a pipeline rank's stages).
+    modules whose forward runs the model (default the model; a pipeline rank's stages). Under a pipeline
+    the parameters stay gathered from a micro-batch's forward to its backward (as torchtitan does): it saves
+    an all-gather per micro-batch, and the split backward of ZBV / DualPipeV (input gradients, then weight
+    gradients later) needs them (measured: resharded, the weight pass left the stages wrong gradients).
 
     `bf16_params` (GPU bf16 runs): FSDP2 gathers bf16 parameters and reduces gradients in fp32, while the
     sharded master weights and AdamW state stay fp32."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params \
         else MixedPrecisionPolicy()
+    reshard = roots is None
     if dims.ep > 1:
         for moe in model.moe_layers():
             shard_experts(moe, meshes.ep)
-            fully_shard(moe.experts, mesh=meshes.experts, mp_policy=policy)
+            fully_shard(moe.experts, mesh=meshes.experts, mp_policy=policy, reshard_after_forward=reshard)
             moe.experts.set_gradient_divide_factor(float(dims.dp_world))
             if dims.efsdp > 1:
                 # sum, then divide (gloo has no PREMUL_SUM); not on a 1-rank mesh, where torch 2.13's FSDP
@@ -39,7 +43,7 @@ def parallelize(model: DeepSeekForCausalLM, dims: ParallelDims, meshes: Meshes, 
                 moe.experts.set_force_sum_reduction_for_comms(True)
     for block in [*model.model.layers, *(m.block for m in model.mtp)]:
         if any(True for _ in block.parameters()):  # (not a pruned pipeline stage's placeholder)
-            fully_shard(block, mesh=meshes.dense, mp_policy=policy)
+            fully_shard(block, mesh=meshes.dense, mp_policy=policy, reshard_after_forward=reshard)
     for root in roots or [model]:
-        fully_shard(root, mesh=meshes.dense, mp_policy=policy)
+        fully_shard(root, mesh=meshes.dense, mp_policy=policy, reshard_after_forward=reshard)
     return model

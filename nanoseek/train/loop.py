@@ -155,7 +155,7 @@ class Trainer:
                     self.pipeline = Pipeline(self.model, meshes.pp, self.dims.pp_schedule, self.dims.microbatches,
                                              list(self.dims.pp_layers), mtp=self.pipeline_mtp)
                     self.pp_group = meshes.pp.get_group()
-                if self.dims.dp_world > 1:  # (pipeline ranks alone shard nothing)
+                if self.dims.dp_world > 1:  # (pipeline ranks alone have nothing to shard)
                     parallelize(self.model, self.dims, meshes, roots=self.pipeline.stages if self.pipeline else None,
                                 bf16_params=self.device.type == "cuda" and t.dtype == "bf16")
                 if self.pipeline:
