@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import stdlib_dataset
 from torch.distributed.tensor import DTensor
 
 from nanoseek.config import ModelConfig
@@ -28,12 +29,7 @@ TINY = ROOT / "configs" / "tiny.toml"
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from nanoseek.data import prepare, train_tokenizer
-
-    root = tmp_path_factory.mktemp("parallel-data")
-    tok = train_tokenizer("stdlib", 512, root / "tok", max_bytes=120_000, seed=0, progress=False)
-    prepare("stdlib", tok, root / "data", val_fraction=0.05, max_bytes=120_000, seed=0, progress=False)
-    return root / "data"
+    return stdlib_dataset(tmp_path_factory.mktemp("parallel-data"), max_bytes=120_000, val_fraction=0.05)
 
 
 def config(dataset, *sets) -> list[str]:
@@ -144,12 +140,12 @@ def test_sharded_checkpoint_resumes_on_another_number_of_ranks_and_exports_hf(da
 
 
 @pytest.mark.parametrize("section, world, model, message", [
-    (dict(dp_shard=3), 2, {}, "3 = 3 ranks, but the job has 2"),
-    (dict(dp_replicate=3), 4, {}, "dp_replicate = 3 does not divide the 4 data-parallel ranks"),
-    (dict(ep=3), 4, {}, "parallel.ep = 3 must divide parallel.dp_shard = 4"),
-    (dict(ep=8), 8, dict(n_routed_experts=12), "must divide the model's n_routed_experts = 12"),
-    (dict(ep=2), 2, dict(topk_devices=1, ep_size=4), "ep_size = 4 .* must equal parallel.ep = 2"),
-    (dict(ep=2), 2, dict(n_routed_experts=0), "needs a model with routed experts"),
+    ({"dp_shard": 3}, 2, {}, "3 = 3 ranks, but the job has 2"),
+    ({"dp_replicate": 3}, 4, {}, "dp_replicate = 3 does not divide the 4 data-parallel ranks"),
+    ({"ep": 3}, 4, {}, "parallel.ep = 3 must divide parallel.dp_shard = 4"),
+    ({"ep": 8}, 8, {"n_routed_experts": 12}, "must divide the model's n_routed_experts = 12"),
+    ({"ep": 2}, 2, {"topk_devices": 1, "ep_size": 4}, "ep_size = 4 .* must equal parallel.ep = 2"),
+    ({"ep": 2}, 2, {"n_routed_experts": 0}, "needs a model with routed experts"),
 ])
 def test_impossible_layouts_fail_naming_the_fields(section, world, model, message):
     cfg = ModelConfig.preset("tiny-v3").replace(**model) if model else ModelConfig.preset("tiny-v3")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import stdlib_dataset
 
 from nanoseek.interop.hf import load_pretrained
 from nanoseek.pretrain.config import PretrainConfig
@@ -26,12 +27,7 @@ TINY = ROOT / "configs" / "tiny.toml"
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """300 KB of the standard library, a 512-token BPE, 2% of documents held out (built once per worker)."""
-    from nanoseek.data import prepare, train_tokenizer
-
-    root = tmp_path_factory.mktemp("pretrain-data")
-    tok = train_tokenizer("stdlib", 512, root / "tok", max_bytes=300_000, seed=0, progress=False)
-    prepare("stdlib", tok, root / "data", val_fraction=0.02, max_bytes=300_000, seed=0, progress=False)
-    return root / "data"
+    return stdlib_dataset(tmp_path_factory.mktemp("pretrain-data"), max_bytes=300_000, val_fraction=0.02)
 
 
 def tiny(dataset, *sets):
