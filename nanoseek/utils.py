@@ -82,3 +82,14 @@ def torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend, or None without matplotlib (the `report` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt

@@ -19,7 +19,7 @@ import torch
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.transformer import DeepSeekForCausalLM
-from nanoseek.utils import atomic_write_text, read_jsonl
+from nanoseek.utils import atomic_write_text, pyplot, read_jsonl
 
 # (key in an evaluation, column title, is a rate)
 COLUMNS = (("greedy_accuracy", "greedy acc.", True), ("pass@1", "pass@1 (T 0.6)", True), ("cons@", "cons@k", True),
@@ -107,16 +107,6 @@ def findings(rows: list[dict], results: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------- plots
-def _plt():
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_pretraining(plt, records: list[dict], path: Path) -> None:
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
@@ -219,7 +209,7 @@ def write_report(demo, results: dict) -> dict:
                 grpo_runs[f"{title} {r['stage']}"] = read_jsonl(Path(r["dir"], "metrics.jsonl"), allow_empty=True)
 
     plots_dir = out / "plots"
-    plt = _plt()
+    plt = pyplot()
     plots = {}
     if plt is not None:
         plots_dir.mkdir(exist_ok=True)
