@@ -31,8 +31,8 @@ def _experiment(args: argparse.Namespace) -> None:
             exp = get(name)
             print(f"{name:<9} {exp.title}\n{'':<9} claim: {exp.claim}")
         return
-    if args.seeds < 1 or args.threads < 1:
-        raise ValueError(f"--seeds and --threads must be ≥ 1, got {args.seeds} and {args.threads}")
+    if args.seeds < 0 or args.threads < 1:
+        raise ValueError(f"--seeds must be ≥ 1 and --threads ≥ 1, got {args.seeds} and {args.threads}")
     names = list(EXPERIMENTS) if args.name in ("all", "summary") else [args.name]
     for name in names:
         get(name)  # an unknown name fails before anything runs

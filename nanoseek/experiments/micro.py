@@ -10,18 +10,28 @@ held-out split with the main model only (MTP modules off).
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
 
 from nanoseek.config import ModelConfig
-from nanoseek.experiments.core import Context
+from nanoseek.data.shards import TokenSplit
+from nanoseek.experiments.core import Context, Experiment, Metric, Variant
 from nanoseek.pretrain.config import PretrainConfig
+from nanoseek.pretrain.dataset import resolve_dataset
 from nanoseek.pretrain.trainer import pretrain
 from nanoseek.scaling import count_params, training_flops_per_token
 from nanoseek.train.metrics import read_metrics
 
 VOCAB = 512
 PRESET = "tiny-v3"
+# Every model: the 512-token vocabulary and plain RoPE over the positions trained (tiny-v3's YaRN exists
+# to test YaRN, not to help a 128-token context).
+BASE = dict(vocab_size=VOCAB, rope_scaling=None, max_position_embeddings=256)
+DATA = ["data.sources=['stdlib']", "data.max_bytes=2000000", "data.val_fraction=0.02"]
 
 
 @dataclass(frozen=True)
@@ -40,14 +50,14 @@ class Budget:
         return self.steps * self.batch_size * self.seq_len
 
 
-QUICK = Budget(steps=60, batch_size=8, seq_len=64, warmup=6, evals=2)
+QUICK = Budget(steps=200, batch_size=8, seq_len=64, warmup=10, evals=2)
 FULL = Budget(steps=400)
 
 
 def model_config(preset: str = PRESET, **overrides) -> ModelConfig:
     """The experiments' base model: tiny-v3 (MLA, 8 routed top-2 + 1 shared, MTP depth 1) with a 512-token
     vocabulary, changed by `overrides` (ModelConfig fields); `preset` tiny-dense for dense DeepSeek-LLM."""
-    return ModelConfig.preset(preset, vocab_size=VOCAB, **overrides)
+    return ModelConfig.preset(preset, **{**BASE, **overrides})
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, float]:
@@ -66,16 +76,23 @@ def pretrain_variant(run_dir: Path, ctx: Context, seed: int, budget: Budget, mod
     """Pretrain a fresh `model_config(preset, **model)` for `budget` into run_dir (resuming a killed run);
     returns the run's summary and metrics records. `sets` are extra `--set` overrides (training switches)."""
     cfg = PretrainConfig().with_overrides([
-        f"model.preset={preset}", "data.sources=['stdlib']", "data.max_bytes=2000000", "data.val_fraction=0.02",
-        f"data.cache_dir={str(ctx.cache)!r}", f"data.seq_len={budget.seq_len}",
+        f"model.preset={preset}", *DATA, f"data.cache_dir={str(ctx.cache)!r}", f"data.seq_len={budget.seq_len}",
         f"optim.lr={budget.lr}", "schedule.lr_schedule=warmup-constant-cosine", f"schedule.warmup_steps={budget.warmup}",
         f"train.steps={budget.steps}", f"train.batch_size={budget.batch_size}", "train.dtype=fp32",
         f"train.seed={seed}", f"train.threads={ctx.threads}",
         f"eval.every={max(1, budget.steps // budget.evals)}", "eval.batches=0",
         "checkpoint.every=100", "checkpoint.keep=1", "log.progress=false", "log.tensorboard=false", *sets])
-    cfg.model.overrides = {"vocab_size": VOCAB, **model}
+    cfg.model.overrides = {**BASE, **model}
     summary = pretrain(cfg.validate(), run_dir, resume=True, progress=False)
     return summary, read_metrics(run_dir)
+
+
+def held_out(ctx: Context, n_seq: int, seq_len: int) -> torch.Tensor:
+    """[n_seq, seq_len] consecutive windows of the held-out split every run is evaluated on."""
+    data = PretrainConfig().with_overrides([*DATA, f"data.cache_dir={str(ctx.cache)!r}"]).data
+    tokens = TokenSplit(resolve_dataset(data, "", ctx.cache, VOCAB, progress=False), "val").tokens()
+    n_seq = min(n_seq, len(tokens) // seq_len)
+    return torch.from_numpy(tokens[:n_seq * seq_len].astype(np.int64)).view(n_seq, seq_len)
 
 
 def lm_metrics(summary: dict, records: list[dict]) -> dict[str, float]:
@@ -94,3 +111,35 @@ def lm_metrics(summary: dict, records: list[dict]) -> dict[str, float]:
 def val_curve(records: list[dict]) -> list[list[float]]:
     """[[tokens, held-out bits per byte], ...] over the run."""
     return [[r["tokens"], r["val_bpb"]] for r in records if "val_bpb" in r and "tokens" in r]
+
+
+BPB = Metric("val_bpb", "held-out bits/byte")
+TRAIN_LOSS = Metric("train_loss", "train loss (last 10%)")
+CURVE = "held-out bits/byte vs tokens"
+
+
+class MicroPretraining(Experiment):
+    """Variants = ModelConfig overrides (+ training switches) pretrained on the micro budget."""
+
+    models: ClassVar[dict[str, tuple[dict, list[str]]]] = {}
+    """Variant → (ModelConfig overrides, --set overrides)."""
+    matched_keys: tuple[str, ...] = ("params", "active params", "tokens")
+
+    def variants(self, quick: bool) -> list[Variant]:
+        budget = QUICK if quick else FULL
+        out = []
+        for name, (model, sets) in self.models.items():
+            counts = {**param_counts(model_config(**model)), "tokens": budget.tokens}
+            out.append(Variant(name, {"model": model, "sets": sets, "budget": asdict(budget)},
+                               {k: v for k, v in counts.items() if k in self.matched_keys}))
+        return out
+
+    def run(self, variant: Variant, seed: int, run_dir: Path, ctx: Context) -> dict:
+        summary, records = pretrain_variant(run_dir, ctx, seed, Budget(**variant.spec["budget"]),
+                                            variant.spec["model"], variant.spec["sets"])
+        metrics = {**lm_metrics(summary, records), **self.measure(variant, run_dir, ctx)}
+        return {"metrics": metrics, "curves": {CURVE: val_curve(records)}}
+
+    def measure(self, variant: Variant, run_dir: Path, ctx: Context) -> dict:
+        """Metrics beyond the language-model ones, from the trained model in run_dir/model."""
+        return {}
