@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow demo clean
+.PHONY: install test test-slow demo experiments clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ test-slow: install
 
 demo: install
 	$(VENV)/bin/nanoseek demo
+
+# The paper ablations, full plans (3 seeds each; finished runs are reused): docs/RESULTS.md and the README table.
+experiments: install
+	$(VENV)/bin/nanoseek experiment all --results docs/RESULTS.md --readme README.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

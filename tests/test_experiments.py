@@ -152,4 +152,4 @@ def test_quick_experiment_end_to_end(tmp_path):
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
     assert f"| moe | {r['claim']} |" in text and r["verdict"] in (tmp_path / "RESULTS.md").read_text()
     with pytest.raises(ValueError, match="markers"):
-        write_summary({"moe": r}, tmp_path, None, str(tmp_path / "results.json"))
+        write_summary({"moe": r}, tmp_path, None, str(out / "report.md"))

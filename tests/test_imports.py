@@ -30,6 +30,7 @@ LOWER = {
     "pretrain": _TRAIN | {"data", "scaling"},
     "posttrain": _TRAIN | _INFER | {"tasks", "eval"},
     "recipes": _TRAIN | _INFER | {"tasks", "eval", "scaling", "pretrain", "posttrain"},
+    "experiments": _TRAIN | _INFER | {"tasks", "eval", "scaling", "pretrain", "posttrain", "recipes"},
 }
 ENTRY_POINTS = {"nanoseek", "nanoseek.cli", "nanoseek.__main__"}
 
