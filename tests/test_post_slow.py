@@ -6,7 +6,7 @@ pytestmark = pytest.mark.slow
 
 def test_r1_zero_grpo_gains_20_points_within_5_minutes(tmp_path):
     """Issue 5: from a bimodal base, GRPO raises held-out greedy accuracy by >= 20 points within 5
-    minutes on 2 cores, and response length and <think> use grow (benchmarks/r1_zero.py prints the curve)."""
+    minutes on 2 cores, and response length and <think> use grow (`nanoseek experiment r1` measures the curve)."""
     from nanoseek.recipes.r1 import run_pipeline
 
     report = run_pipeline("r1-zero", tmp_path / "r1-zero", overrides=[

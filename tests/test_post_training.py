@@ -76,7 +76,7 @@ def test_sft_on_chat_jsonl_trains_only_assistant_tokens(tmp_path):
 
 # ---------------------------------------------------------------- GRPO: R1-Zero at micro scale
 def test_grpo_raises_heldout_accuracy_from_bimodal_base(base, tmp_path):
-    """The seeded short-budget version of the acceptance run (benchmarks/r1_zero.py has the 5-minute one)."""
+    """The seeded short-budget version of the acceptance run (`nanoseek experiment r1` measures the curve over seeds)."""
     from nanoseek.posttrain.grpo import grpo
 
     start = summary(base)["eval"]
