@@ -11,8 +11,24 @@ import torch
 
 from nanoseek import DeepSeekForCausalLM
 from nanoseek.experiments import EXPERIMENTS, get
-from nanoseek.experiments.attention import ATTENTION, HEAD_DIM, HEADS, LAYERS, kv_bytes_per_token
-from nanoseek.experiments.core import Check, Variant, matched_errors, overall_verdict, summarize_values
+from nanoseek.experiments.attention import (
+    ATTENTION,
+    HEAD_DIM,
+    HEADS,
+    LAYERS,
+    kv_bytes_per_token,
+)
+from nanoseek.experiments.core import (
+    Check,
+    Context,
+    Experiment,
+    Metric,
+    Variant,
+    matched_errors,
+    overall_verdict,
+    run_experiment,
+    summarize_values,
+)
 from nanoseek.experiments.micro import model_config
 from nanoseek.experiments.moe import devices_per_token
 from nanoseek.experiments.summary import BEGIN, END, write_summary
@@ -104,7 +120,7 @@ def test_devices_per_token_counts_distinct_devices():
         counts[m] = devices_per_token(model, x)
         # independent count: the selected experts' devices, from the gates' own outputs
         seen = []
-        hooks = [layer.gate.register_forward_hook(lambda _m, _i, r: seen.append(r.indices // 4))
+        hooks = [layer.gate.register_forward_hook(lambda _m, _i, r, seen=seen: seen.append(r.indices // 4))
                  for layer in model.moe_layers()]
         with torch.no_grad():
             model(x, mtp=False)
@@ -153,3 +169,39 @@ def test_quick_experiment_end_to_end(tmp_path):
     assert f"| moe | {r['claim']} |" in text and r["verdict"] in (tmp_path / "RESULTS.md").read_text()
     with pytest.raises(ValueError, match="markers"):
         write_summary({"moe": r}, tmp_path, None, str(out / "report.md"))
+
+
+class _Counting(Experiment):
+    """No training: a metric from the spec, counting the runs it does."""
+
+    name, metrics = "counting", (Metric("m", "m"),)
+    checks = (Check("m", "a", "less", "b"),)
+
+    def __init__(self, value_a):
+        self.value_a, self.calls = value_a, []
+
+    def variants(self, quick):
+        return [Variant("a", {"v": self.value_a}), Variant("b", {"v": 5.0})]
+
+    def run(self, variant, seed, run_dir, ctx):
+        self.calls.append((variant.name, seed))
+        (run_dir / "partial").write_text("x")
+        return {"metrics": {"m": variant.spec["v"] + 0.1 * seed}}
+
+
+def test_runs_are_reused_and_rerun_when_the_variant_changes(tmp_path):
+    ctx = Context(out=tmp_path, seeds=2)
+    exp = _Counting(1.0)
+    r = run_experiment(exp, ctx, log=lambda _: None)
+    assert exp.calls == [("a", 0), ("a", 1), ("b", 0), ("b", 1)] and r["verdict"] == "reproduced"
+    assert r["variants"][0]["metrics"]["m"]["values"] == [1.0, 1.1]
+    exp = _Counting(1.0)
+    run_experiment(exp, ctx, log=lambda _: None)
+    assert exp.calls == []  # every run finished: reused
+    # a changed variant reruns, and an interrupted run started with another spec is cleared first
+    (tmp_path / "runs" / "a" / "seed-1" / "result.json").unlink()
+    (tmp_path / "runs" / "a" / "seed-1" / "spec.json").write_text('{"spec": {"v": 0}, "quick": false}')
+    exp = _Counting(9.0)
+    r = run_experiment(exp, ctx, log=lambda _: None)
+    assert exp.calls == [("a", 0), ("a", 1)] and r["verdict"] == "not reproduced"
+    assert (tmp_path / "report.md").read_text().count("not reproduced") >= 2

@@ -195,14 +195,14 @@ def aggregate(runs: list[dict], keys: list[str]) -> dict:
 # ---------------------------------------------------------------------------- running
 def _run_one(exp: Experiment, v: Variant, seed: int, ctx: Context) -> dict:
     run_dir = ctx.out / "runs" / v.name / f"seed-{seed}"
-    done = run_dir / "result.json"
+    done, stamp = run_dir / "result.json", run_dir / "spec.json"
     spec = {"spec": v.spec, "quick": ctx.quick}
-    if done.is_file():
-        result = json.loads(done.read_text())
-        if result.get("fingerprint") == spec:
-            return result
-        shutil.rmtree(run_dir)  # the variant changed since: its old run says nothing about the new one
+    if done.is_file() and json.loads(done.read_text()).get("fingerprint") == spec:
+        return json.loads(done.read_text())
+    if run_dir.exists() and not (stamp.is_file() and json.loads(stamp.read_text()) == spec):
+        shutil.rmtree(run_dir)  # the variant changed since: its old (finished or partial) run says nothing now
     run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, json.dumps(spec) + "\n")  # what an interrupted run was started with
     t0 = time.perf_counter()
     result = exp.run(v, seed, run_dir, ctx)
     result = {"variant": v.name, "seed": seed, "fingerprint": spec, "wall_s": time.perf_counter() - t0,
@@ -300,9 +300,9 @@ def plot_metrics(plt, exp: Experiment, table: list[dict], out: Path) -> str:
         ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=30, ha="right", fontsize=8)
         ax.set_title(m.label, fontsize=9)
         values = [r["metrics"][m.key]["mean"] for r in rows]
-        if values and min(values) > 0 and m.lower_is_better:  # losses: zoom in on the differences
+        if len(values) > 1 and 0 < min(values) < max(values) and m.lower_is_better:  # losses: zoom in on differences
             spread = max(values) - min(values)
-            ax.set_ylim(max(0.0, min(values) - 2 * spread - 1e-9), max(values) + 2 * spread + 1e-9)
+            ax.set_ylim(max(0.0, min(values) - 2 * spread), max(values) + 2 * spread)
     fig.suptitle(exp.title or exp.name, fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=110)
