@@ -41,11 +41,13 @@ def stats(**variants):
 @pytest.mark.parametrize("a, b, kind, expected", [
     ([1.0, 1.1, 0.9], [2.0, 2.1, 1.9], "less", "reproduced"),
     ([2.0, 2.1, 1.9], [1.0, 1.1, 0.9], "less", "not reproduced"),
-    ([1.0, 1.5, 0.5], [1.2, 1.7, 0.7], "less", "inconclusive"),  # spreads overlap
+    ([1.0, 1.5, 0.5], [1.2, 1.7, 0.7], "less", "reproduced"),  # the values' spreads overlap, every seed agrees
+    ([1.0, 1.5, 0.5], [1.2, 1.3, 0.7], "less", "inconclusive"),  # one seed of three disagrees
     ([2.0, 2.1, 1.9], [1.0, 1.1, 0.9], "greater", "reproduced"),
     ([1.0, 1.1, 0.9], [2.0, 2.1, 1.9], "greater", "not reproduced"),
 ])
 def test_comparison_verdicts(a, b, kind, expected):
+    """Paired per seed: the differences' mean ± std decides, not the two variants' own spreads."""
     assert Check("m", "a", kind, "b").verdict(stats(a=a, b=b)) == expected
 
 
@@ -53,7 +55,7 @@ def test_not_worse_and_bound_verdicts():
     s = stats(a=[1.004, 1.004], b=[1.0, 1.0], c=[1.2, 1.21], d=[1.0, 1.02])
     assert Check("m", "a", "not_worse", "b", tol=0.005).verdict(s) == "reproduced"
     assert Check("m", "a", "not_worse", "b", tol=0.001).verdict(s) == "not reproduced"  # disjoint, beyond tol
-    assert Check("m", "d", "not_worse", "b", tol=0.0).verdict(s) == "inconclusive"  # worse mean, spread reaches b
+    assert Check("m", "d", "not_worse", "b", tol=0.0).verdict(s) == "inconclusive"  # worse on average, not every seed
     assert Check("m", "c", "not_worse", "b", tol=0.5).verdict(s) == "reproduced"
     assert Check("m", "b", "below", bound=1.1).verdict(s) == "reproduced"
     assert Check("m", "c", "below", bound=1.1).verdict(s) == "not reproduced"

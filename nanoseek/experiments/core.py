@@ -11,13 +11,15 @@ an interrupted one resumes from its checkpoints), then writes
                         each check's verdict, and the plots (DIR/*.png; they need matplotlib, the
                         `report` extra, and are left out without it).
 
-Verdicts compare mean ± std (sample std over seeds) intervals:
-- "less"/"greater": a below (above) b: reproduced when the intervals are disjoint in the claimed
-  order, not reproduced when disjoint in the other, inconclusive when the spreads overlap;
-- "not_worse": a within (1 + tol) of b, a lower-is-better metric ("about as good as", "≥ quality"):
-  reproduced when the means satisfy it, not reproduced when even a − std_a exceeds (1 + tol)(b + std_b);
-- "below"/"above": a's interval under (over) a bound: reproduced; wholly on the other side: not
-  reproduced; straddling it: inconclusive.
+Verdicts are paired: seed N fixes the data order and the initialization stream for every variant, so
+a check looks at the per-seed differences d = a − b (a − (1 + tol)·b for "not_worse", a − bound for
+"below"/"above") and their mean ± std (sample std over seeds), which removes what the seeds share
+(at micro scale, one seed's data order moves every variant's loss by several percent together):
+- "less"/"greater" (a below/above b) and "below"/"above" (a below/above a bound): reproduced when
+  the whole interval mean(d) ± std(d) lies on the claimed side of 0, not reproduced when it lies on
+  the other, inconclusive when the spread overlaps 0;
+- "not_worse" (a within (1 + tol) of b on a lower-is-better metric: "about as good as", "≥ quality"):
+  reproduced when mean(d) ≤ 0, not reproduced when mean(d) − std(d) > 0, else inconclusive.
 The experiment's verdict: not reproduced if any check is, reproduced if all are, else inconclusive.
 """
 from __future__ import annotations
@@ -75,27 +77,30 @@ class Check:
             return f"{self.metric}({self.a}) ≤ (1 + {self.tol:g})·{self.metric}({self.b})"
         return f"{self.metric}({self.a}) {'<' if self.kind == 'less' else '>'} {self.metric}({self.b})"
 
-    def verdict(self, stats: dict[str, dict[str, dict]]) -> str:
-        a = stats[self.a][self.metric]
-        lo_a, hi_a = a["mean"] - a["std"], a["mean"] + a["std"]
-        if self.kind in ("below", "above"):
-            bound = self.bound
-            if self.kind == "above":
-                lo_a, hi_a, bound = -hi_a, -lo_a, -bound
-            return "reproduced" if hi_a < bound else "not reproduced" if lo_a > bound else "inconclusive"
-        b = stats[self.b][self.metric]
-        lo_b, hi_b = b["mean"] - b["std"], b["mean"] + b["std"]
-        if self.kind == "not_worse":
-            if a["mean"] <= (1 + self.tol) * b["mean"]:
-                return "reproduced"
-            return "not reproduced" if lo_a > (1 + self.tol) * hi_b else "inconclusive"
-        if self.kind not in ("less", "greater"):
+    def difference(self, stats: dict[str, dict[str, dict]]) -> dict:
+        """mean ± std over seeds of the paired difference, signed so that the claim says it is negative."""
+        if self.kind not in ("less", "greater", "not_worse", "below", "above"):
             raise ValueError(f"unknown check kind {self.kind!r}")
-        if self.kind == "greater":
-            lo_a, hi_a, lo_b, hi_b = -hi_a, -lo_a, -hi_b, -lo_b
-        if hi_a < lo_b:
-            return "reproduced"
-        return "not reproduced" if lo_a > hi_b else "inconclusive"
+        a = stats[self.a][self.metric]["values"]
+        if self.kind in ("below", "above"):
+            d = [x - self.bound for x in a]
+        else:
+            b = stats[self.b][self.metric]["values"]
+            if len(a) != len(b):
+                raise ValueError(f"{self.describe()}: {len(a)} and {len(b)} seeds cannot be paired")
+            scale = 1 + self.tol if self.kind == "not_worse" else 1
+            d = [x - scale * y for x, y in zip(a, b)]
+        if self.kind in ("greater", "above"):
+            d = [-x for x in d]
+        return summarize_values(d)
+
+    def verdict(self, stats: dict[str, dict[str, dict]]) -> str:
+        d = self.difference(stats)
+        if d["mean"] - d["std"] > 0:
+            return "not reproduced"
+        if self.kind == "not_worse":
+            return "reproduced" if d["mean"] <= 0 else "inconclusive"
+        return "reproduced" if d["mean"] + d["std"] < 0 else "inconclusive"
 
 
 def overall_verdict(verdicts: list[str]) -> str:
@@ -231,10 +236,10 @@ def run_experiment(exp: Experiment, ctx: Context, log: Callable[[str], None] = p
     checks = []
     for c in exp.checks:
         try:
-            verdict = c.verdict(stats)
+            diff, verdict = c.difference(stats), c.verdict(stats)
         except KeyError:  # a variant or metric the (quick) plan does not have
             continue
-        checks.append({"check": c.describe(), "verdict": verdict})
+        checks.append({"check": c.describe(), "verdict": verdict, "difference": diff})
     results = {
         "experiment": exp.name, "title": exp.title, "claim": exp.claim, "paper": exp.paper,
         "verdict": overall_verdict([c["verdict"] for c in checks]), "checks": checks, "headline": exp.headline(table),
@@ -281,8 +286,8 @@ def report_markdown(exp: Experiment, results: dict, figures: list[str]) -> str:
                  *[fmt_stat(row["metrics"].get(m.key), m.fmt) for m in metrics],
                  *[fmt_stat(row["metrics"].get(k)) for k in derived]]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| check | verdict |", "|---|---|"]
-    lines += [f"| {c['check']} | {c['verdict']} |" for c in results["checks"]]
+    lines += ["", "| check | paired difference (claim: < 0) | verdict |", "|---|---|---|"]
+    lines += [f"| {c['check']} | {fmt_stat(c['difference'], '+.4g')} | {c['verdict']} |" for c in results["checks"]]
     if exp.notes:
         lines += ["", exp.notes]
     lines += ["", *[f"![{f}]({f})" for f in figures], ""]
