@@ -87,12 +87,18 @@ def pretrain_variant(run_dir: Path, ctx: Context, seed: int, budget: Budget, mod
     return summary, read_metrics(run_dir)
 
 
-def held_out(ctx: Context, n_seq: int, seq_len: int) -> torch.Tensor:
-    """[n_seq, seq_len] consecutive windows of the held-out split every run is evaluated on."""
+def held_out_tokens(ctx: Context) -> torch.Tensor:
+    """The held-out split every run is evaluated on, as one token sequence (int64)."""
     data = PretrainConfig().with_overrides([*DATA, f"data.cache_dir={str(ctx.cache)!r}"]).data
-    tokens = TokenSplit(resolve_dataset(data, "", ctx.cache, VOCAB, progress=False), "val").tokens()
+    return torch.from_numpy(TokenSplit(resolve_dataset(data, "", ctx.cache, VOCAB, progress=False), "val")
+                            .tokens().astype(np.int64))
+
+
+def held_out(ctx: Context, n_seq: int, seq_len: int) -> torch.Tensor:
+    """[n_seq, seq_len] consecutive windows of the held-out split (fewer if it is shorter)."""
+    tokens = held_out_tokens(ctx)
     n_seq = min(n_seq, len(tokens) // seq_len)
-    return torch.from_numpy(tokens[:n_seq * seq_len].astype(np.int64)).view(n_seq, seq_len)
+    return tokens[:n_seq * seq_len].view(n_seq, seq_len)
 
 
 def lm_metrics(summary: dict, records: list[dict]) -> dict[str, float]:

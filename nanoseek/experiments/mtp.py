@@ -27,7 +27,6 @@ from typing import ClassVar
 
 import torch
 
-from nanoseek.data.shards import TokenSplit
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.experiments import micro
 from nanoseek.experiments.core import Check, Context, Experiment, Metric, Variant
@@ -44,8 +43,6 @@ from nanoseek.posttrain.trainer import (
     forward_logits,
     read_summary,
 )
-from nanoseek.pretrain.config import PretrainConfig
-from nanoseek.pretrain.dataset import resolve_dataset
 from nanoseek.train.metrics import read_metrics
 from nanoseek.utils import torch_threads
 
@@ -131,13 +128,6 @@ def speculative_decoding(model, prompts: list[list[int]], new_tokens: int, reps:
         out.update(plain_tok_s=tokens / statistics.median(t_plain), spec_tok_s=tokens / statistics.median(t_spec),
                    speedup=statistics.median(a / b for a, b in zip(t_plain, t_spec)))
     return out
-
-
-def heldout_tokens(pretrain_dir: Path) -> torch.Tensor:
-    """The held-out split of the pretraining run's dataset, as one token sequence."""
-    cfg = PretrainConfig.load(pretrain_dir / "config.toml")
-    dataset = resolve_dataset(cfg.data, cfg.model.tokenizer, pretrain_dir, micro.VOCAB, progress=False)
-    return torch.from_numpy(TokenSplit(dataset, "val").tokens().astype("int64"))
 
 
 def heldout_prompts(tokens: torch.Tensor, n: int, length: int) -> list[list[int]]:
@@ -290,7 +280,7 @@ class MTPExperiment(Experiment):
         # (c) speculative decoding: depth ≥ 1 (depth 0 has nothing to draft with)
         if depth:
             s = plan.spec
-            held = heldout_tokens(run_dir / "pretrain")
+            held = micro.held_out_tokens(ctx)
             with torch_threads(1):
                 base = load_pretrained(pretrained).eval()
                 metrics.update(speculative_decoding(base, heldout_prompts(held, s.prompts, s.prompt_len),
