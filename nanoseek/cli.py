@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "nanoseek.infer.cli",      # generate, chat, serve
     "nanoseek.recipes.cli",    # pipeline, demo
     "nanoseek.parallel.cli",   # plan
+    "nanoseek.scaling.cli",   # scaling
     "nanoseek.experiments.cli",  # experiment
 )
 
