@@ -57,6 +57,10 @@ def test_not_worse_and_bound_verdicts():
     assert Check("m", "a", "not_worse", "b", tol=0.001).verdict(s) == "not reproduced"  # disjoint, beyond tol
     assert Check("m", "d", "not_worse", "b", tol=0.0).verdict(s) == "inconclusive"  # worse on average, not every seed
     assert Check("m", "c", "not_worse", "b", tol=0.5).verdict(s) == "reproduced"
+    wide = stats(e=[0.95, 1.04], b=[1.0, 1.0])  # better on average, but the spread reaches past the tolerance
+    assert Check("m", "e", "not_worse", "b", tol=0.0).verdict(wide) == "inconclusive"
+    with pytest.raises(ValueError, match="cannot be paired"):
+        Check("m", "a", "less", "b").verdict(stats(a=[1.0, 2.0], b=[1.0]))
     assert Check("m", "b", "below", bound=1.1).verdict(s) == "reproduced"
     assert Check("m", "c", "below", bound=1.1).verdict(s) == "not reproduced"
     assert Check("m", "d", "below", bound=1.01).verdict(s) == "inconclusive"

@@ -54,6 +54,11 @@ QUICK = Budget(steps=200, batch_size=8, seq_len=64, warmup=10, evals=2)
 FULL = Budget(steps=400)
 
 
+def setting() -> dict:
+    """The data and base-model settings every micro run shares (part of each run's fingerprint)."""
+    return {"data": DATA, "base": BASE}
+
+
 def model_config(preset: str = PRESET, **overrides) -> ModelConfig:
     """The experiments' base model: tiny-v3 (MLA, 8 routed top-2 + 1 shared, MTP depth 1) with a 512-token
     vocabulary, changed by `overrides` (ModelConfig fields); `preset` tiny-dense for dense DeepSeek-LLM."""
@@ -130,6 +135,9 @@ class MicroPretraining(Experiment):
     models: ClassVar[dict[str, tuple[dict, list[str]]]] = {}
     """Variant → (ModelConfig overrides, --set overrides)."""
     matched_keys: tuple[str, ...] = ("params", "active params", "tokens")
+
+    def setting(self) -> dict:
+        return setting()
 
     def variants(self, quick: bool) -> list[Variant]:
         budget = QUICK if quick else FULL

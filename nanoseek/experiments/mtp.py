@@ -239,6 +239,9 @@ class MTPExperiment(Experiment):
         "the speed-up here says nothing about V3's 1.8×. Quick plan: 1 seed, smaller budgets, near-zero "
         "accuracy — a smoke test, not evidence (with one seed any difference counts as decisive).")
 
+    def setting(self) -> dict:
+        return micro.setting()
+
     def plan(self, quick: bool) -> Plan:
         return QUICK if quick else FULL
 

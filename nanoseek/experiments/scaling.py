@@ -357,6 +357,9 @@ class ScalingExperiment(Experiment):
         "cost as much as the block at d ≤ 30, and l_seq 64 makes attention's 12·d·l_seq up to half of M."
     )
 
+    def setting(self) -> dict:
+        return {**micro.setting(), "sets": list(SETS)}
+
     def variants(self, quick: bool) -> list[Variant]:
         return plan_variants(QUICK if quick else FULL)
 
