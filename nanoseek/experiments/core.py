@@ -78,7 +78,7 @@ class Check:
         return f"{self.metric}({self.a}) {'<' if self.kind == 'less' else '>'} {self.metric}({self.b})"
 
     def difference(self, stats: dict[str, dict[str, dict]]) -> dict:
-        """mean ± std over seeds of the paired difference, signed so that the claim says it is negative."""
+        """mean ± std over seeds of the paired difference d (the claim: d < 0, or d > 0 for greater/above)."""
         if self.kind not in ("less", "greater", "not_worse", "below", "above"):
             raise ValueError(f"unknown check kind {self.kind!r}")
         a = stats[self.a][self.metric]["values"]
@@ -90,15 +90,13 @@ class Check:
                 raise ValueError(f"{self.describe()}: {len(a)} and {len(b)} seeds cannot be paired")
             scale = 1 + self.tol if self.kind == "not_worse" else 1
             d = [x - scale * y for x, y in zip(a, b)]
-        if self.kind in ("greater", "above"):
-            d = [-x for x in d]
         return summarize_values(d)
 
     def verdict(self, stats: dict[str, dict[str, dict]]) -> str:
         d = self.difference(stats)
-        if d["mean"] + d["std"] < 0:
-            return "reproduced"
-        return "not reproduced" if d["mean"] - d["std"] > 0 else "inconclusive"
+        sign = -1 if self.kind in ("greater", "above") else 1  # the claim: sign·d < 0
+        lo, hi = sorted((sign * (d["mean"] - d["std"]), sign * (d["mean"] + d["std"])))
+        return "reproduced" if hi < 0 else "not reproduced" if lo > 0 else "inconclusive"
 
 
 def overall_verdict(verdicts: list[str]) -> str:
@@ -293,7 +291,7 @@ def report_markdown(exp: Experiment, results: dict, figures: list[str]) -> str:
                  *[fmt_stat(row["metrics"].get(m.key), m.fmt) for m in metrics],
                  *[fmt_stat(row["metrics"].get(k)) for k in derived]]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| check | paired difference (claim: < 0) | verdict |", "|---|---|---|"]
+    lines += ["", "| check | paired difference over seeds (left − right side) | verdict |", "|---|---|---|"]
     lines += [f"| {c['check']} | {fmt_difference(c['difference'])} | {c['verdict']} |" for c in results["checks"]]
     if exp.notes:
         lines += ["", exp.notes]
