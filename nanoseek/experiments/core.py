@@ -232,7 +232,7 @@ def run_experiment(exp: Experiment, ctx: Context, log: Callable[[str], None] = p
 
     keys = [m.key for m in exp.metrics]
     table = [{"name": v.name, "matched": v.matched, "metrics": aggregate(runs[v.name], keys)} for v in variants]
-    table += exp.derive(runs, ctx)
+    table += [{**row, "derived": True} for row in exp.derive(runs, ctx)]
     stats = {row["name"]: row["metrics"] for row in table}
     checks = []
     for c in exp.checks:
@@ -274,23 +274,31 @@ def _fmt_number(x) -> str:
     return f"{int(x):,}" if isinstance(x, (int, float)) and math.isfinite(x) else str(x)
 
 
+def _table(exp: Experiment, rows: list[dict]) -> list[str]:
+    """Markdown rows: the variant, its matched quantities, then every metric some row has (the experiment's first)."""
+    known = [m for m in exp.metrics if any(m.key in row["metrics"] for row in rows)]
+    extra = sorted({k for row in rows for k in row["metrics"]} - {m.key for m in exp.metrics})
+    matched = sorted({k for row in rows for k in row["matched"]})
+    head = ["variant", *[f"{q} (matched)" for q in matched], *[m.label for m in known], *extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["name"], *[_fmt_number(row["matched"][q]) if q in row["matched"] else "" for q in matched],
+                 *[fmt_stat(row["metrics"].get(m.key), m.fmt) for m in known],
+                 *[fmt_stat(row["metrics"].get(k)) for k in extra]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def report_markdown(exp: Experiment, results: dict, figures: list[str]) -> str:
-    table = results["variants"]
-    metrics = [m for m in exp.metrics if any(m.key in row["metrics"] for row in table)]
-    derived = sorted({k for row in table for k in row["metrics"]} - {m.key for m in exp.metrics})
-    matched = sorted({k for row in table for k in row["matched"]})
     cfg = results["config"]
     lines = [f"# {exp.title or exp.name}", "",
              f"**Claim.** {exp.claim}", "", f"**Paper.** {exp.paper}", "",
              f"**Verdict: {results['verdict']}** ({'quick plan, ' if cfg['quick'] else ''}{cfg['seeds']} seed(s), "
              f"mean ± std over seeds; {results['wall_s'] / 60:.1f} min of runs)", ""]
-    head = ["variant", *[f"{q} (matched)" for q in matched], *[m.label for m in metrics], *derived]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in table:
-        cells = [row["name"], *[_fmt_number(row["matched"][q]) if q in row["matched"] else "" for q in matched],
-                 *[fmt_stat(row["metrics"].get(m.key), m.fmt) for m in metrics],
-                 *[fmt_stat(row["metrics"].get(k)) for k in derived]]
-        lines.append("| " + " | ".join(cells) + " |")
+    derived = [row for row in results["variants"] if row.get("derived")]
+    if derived:  # what the claim is about first (fits, paired errors), then the runs they come from
+        lines += [*_table(exp, derived), ""]
+    lines += _table(exp, [row for row in results["variants"] if not row.get("derived")])
     lines += ["", "| check | paired difference over seeds (left − right side) | verdict |", "|---|---|---|"]
     lines += [f"| {c['check']} | {fmt_difference(c['difference'])} | {c['verdict']} |" for c in results["checks"]]
     if exp.notes:
