@@ -146,7 +146,7 @@ def test_registry_and_unknown_name():
 def test_quick_experiment_end_to_end(tmp_path):
     """`nanoseek experiment moe --quick` through the CLI: results.json in the issue's schema, the report and its
     plots; a second invocation reuses every finished run; `summary` writes RESULTS.md and the README table."""
-    out = tmp_path / "exp"
+    out = tmp_path / "moe"
     cmd = [sys.executable, "-m", "nanoseek", "experiment", "moe", "--quick", "--threads", "1", "--out", str(out),
            "--cache", str(tmp_path / "cache")]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
@@ -169,10 +169,13 @@ def test_quick_experiment_end_to_end(tmp_path):
 
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{BEGIN}\nold\n{END}\nrest\n")
-    write_summary({"moe": r}, tmp_path, str(tmp_path / "RESULTS.md"), str(readme))
+    write_summary({"moe": r}, tmp_path, str(tmp_path / "docs" / "RESULTS.md"), str(readme))
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
-    assert f"| moe | {r['claim']} |" in text and r["verdict"] in (tmp_path / "RESULTS.md").read_text()
+    assert f"| [moe](docs/results/moe/report.md) | {r['claim']} |" in text
+    assert r["verdict"] in (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert (tmp_path / "docs" / "results" / "moe" / "report.md").read_text() == report
+    assert (tmp_path / "docs" / "results" / "moe" / "metrics.png").is_file()
     with pytest.raises(ValueError, match="markers"):
         write_summary({"moe": r}, tmp_path, None, str(out / "report.md"))
 
