@@ -115,7 +115,6 @@ class Context:
     threads: int = 1
     cache: Path = Path("runs/experiments/cache")
     """Datasets and tokenizers, built once and shared by every experiment."""
-    progress: bool = True
 
 
 class Experiment:
