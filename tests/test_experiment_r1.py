@@ -53,7 +53,7 @@ def _solved_traces(cfg, out_dir):
 
 def test_runs_every_variant_builds_shared_artefacts_once_and_reuses_them(tmp_path, monkeypatch):
     monkeypatch.setattr(r1_module, "rejection_sample_run", _solved_traces)
-    ctx = Context(out=tmp_path / "r1", quick=True, seeds=1, threads=1, progress=False)
+    ctx = Context(out=tmp_path / "r1", quick=True, seeds=1, threads=1)
     exp = R1Experiment(quick_plan=TINY)
     results = run_experiment(exp, ctx, log=lambda line: None)
     rows = {row["name"]: row for row in results["variants"]}
