@@ -14,6 +14,7 @@ from nanoseek.quant.fp8 import (
     convert_to_fp8,
     dequantize_activation_tilewise,
     dequantize_weight_blockwise,
+    fp8_grouped_matmul,
     fp8_matmul,
     quantize_activation_tilewise,
     quantize_weight_blockwise,
@@ -295,3 +296,73 @@ def test_fp8_training_matches_fp32_loss(flush_denormal):
         _, got = _train(seed, fp8=True)
         assert got < 0.7 * initial
         assert abs(got - ref) / ref < 0.02, (seed, ref, got)
+
+
+def test_fp8_grouped_matmul_matches_per_expert_fp8_linear():
+    """Each expert's rows through the grouped function equal that expert alone through FP8Linear's function
+    (forward, input and weight gradients): the same tiles and blocks, none spanning two experts."""
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(int(counts.sum()), 160, requires_grad=True)
+    w = torch.randn(4, 144, 160, requires_grad=True)
+    y = fp8_grouped_matmul(x, w, counts)
+    g = torch.randn_like(y)
+    y.backward(g)
+    for e, (xe, ge) in enumerate(zip(x.detach().split(counts.tolist()), g.split(counts.tolist()))):
+        if not len(xe):
+            assert w.grad[e].abs().max() == 0
+            continue
+        xr, lin = xe.clone().requires_grad_(), _linear(w.detach()[e].clone())
+        yr = FP8Linear.from_linear(lin)(xr)
+        yr.backward(ge)
+        start = int(counts[:e].sum())
+        assert torch.allclose(y[start:start + len(xe)], yr, atol=1e-5)
+        assert torch.allclose(x.grad[start:start + len(xe)], xr.grad, atol=1e-5)
+        assert torch.allclose(w.grad[e], lin.weight.grad, atol=1e-4)
+    exact = torch.cat([xe @ w[e].t() for e, xe in enumerate(x.split(counts.tolist()))])
+    assert torch.nn.functional.cosine_similarity(y.flatten(), exact.flatten(), dim=0) > 0.999
+    with pytest.raises(ValueError, match="counts"):
+        fp8_grouped_matmul(x, w, torch.tensor([1, 2, 3, 5]))
+
+
+def _linear(weight):
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    lin.weight = torch.nn.Parameter(weight)
+    return lin
+
+
+def test_fp8_covers_every_gemm_v3_runs_in_fp8(monkeypatch):
+    """Coverage (issue 16): with FP8 on, the attention projections, shared experts, dense MLPs and the routed
+    experts' grouped GEMMs run through the FP8 functions; the embedding, lm_head, router, MTP eh_proj and
+    shared head do not. Counted by hooking the two FP8 autograd functions."""
+    from nanoseek import DeepSeekForCausalLM, ModelConfig
+    from nanoseek.quant import fp8 as fp8_module
+
+    cfg = ModelConfig.preset("tiny-v3")
+    model = convert_to_fp8(DeepSeekForCausalLM(cfg))
+    calls = {"linear": [], "grouped": 0}
+    linear_apply, grouped_apply = fp8_module._FP8LinearFn.apply, fp8_module._FP8GroupedFn.apply
+
+    def count_linear(x, weight, *rest):
+        calls["linear"].append(weight)
+        return linear_apply(x, weight, *rest)
+
+    def count_grouped(*args):
+        calls["grouped"] += 1
+        return grouped_apply(*args)
+
+    monkeypatch.setattr(fp8_module._FP8LinearFn, "apply", count_linear)
+    monkeypatch.setattr(fp8_module._FP8GroupedFn, "apply", count_grouped)
+    out = model(torch.randint(0, cfg.vocab_size, (2, 12)))
+    (out.logits.sum() + out.mtp_logits[0].sum()).backward()
+    fp8_ids = {id(w) for w in calls["linear"]}
+    names = {n for n, p in model.named_parameters() if id(p) in fp8_ids}
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    excluded = {n for n in linears if n.split(".")[-2] in ("lm_head", "gate", "eh_proj", "head")}
+    assert names == linears - excluded and excluded  # every other projection, each once per forward
+    assert len(calls["linear"]) == len(linears - excluded)
+    assert any("self_attn" in n for n in names) and any("shared_experts" in n for n in names)
+    assert any(".mlp.gate_proj" in n and "experts" not in n for n in names)  # the dense first layer
+    moe_layers = len(model.moe_layers())  # main MoE layers and the MTP block's
+    assert calls["grouped"] == 3 * moe_layers and moe_layers == cfg.num_hidden_layers - 1 + 1
+    assert all(m.experts.fp8_block == 128 for m in model.moe_layers())

@@ -3,7 +3,7 @@ of each seed (same initialization, same batches), so it measures the numerics an
 from __future__ import annotations
 
 from nanoseek.experiments.core import Check, Context, Metric, summarize_values
-from nanoseek.experiments.micro import BPB, MicroPretraining
+from nanoseek.experiments.micro import BPB, MicroPretraining, setting
 
 _MODEL = dict(num_nextn_predict_layers=1)  # tiny-v3 as it is: MLA, 8 routed top-2 + 1 shared, MTP depth 1
 PAIR = "FP8 vs BF16"
@@ -26,10 +26,15 @@ class FP8Experiment(MicroPretraining):
     notes = ("tiny-v3 (MLA, 8 routed experts top-2 + 1 shared, MTP depth 1, hidden 64), BF16 autocast in both runs; "
              "FP8 = E4M3 with 1×128 activation tiles and 128×128 weight blocks, emulated on CPU (quantize, dequantize, "
              "FP32 accumulation: the quantization error exactly, the tensor cores' limited accumulation not at all). "
-             "Coverage today: nn.Linear layers (attention projections, shared experts, dense MLPs); the routed "
-             "experts' grouped GEMMs stay BF16 until issue 16 lands. Full plan 400 steps × 16 × 128 tokens; the "
+             "Coverage: every GEMM V3 runs in FP8 (attention projections, shared experts, dense MLPs, the routed "
+             "experts' grouped GEMMs: forward, input and weight gradients); embedding, LM head, router, norms, "
+             "MTP eh_proj and the attention core stay high precision. Full plan 400 steps × 16 × 128 tokens; the "
              "error is |FP8 − BF16| / BF16 of each seed's pair, losses averaged over the last 10% of steps; the BF16 "
              "runs' spread over seeds (std/mean) is the noise floor to read it against. V3 measured ~1T tokens on 16B/230B models, where errors can accumulate over far more steps.")
+
+    def setting(self) -> dict:
+        # what FP8 covers is part of the setting: runs made when it covered less are not reused
+        return {**setting(), "fp8": "linear + routed experts"}
 
     def derive(self, runs: dict[str, list[dict]], ctx: Context) -> list[dict]:
         pairs = list(zip(runs["BF16"], runs["FP8"]))

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 from nanoseek.config import ModelConfig
+from nanoseek.quant.fp8 import fp8_grouped_matmul
 
 
 class MLP(nn.Module):
@@ -186,11 +187,15 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, I, D))
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.fp8_block: int | None = None
+        """Block size of FP8 training's grouped GEMMs (set by quant.convert_to_fp8); None = high precision."""
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """expert_e(row) for rows sorted by expert, counts_E[e] of them for expert e (the local experts,
         when expert parallelism has sharded them)."""
         w = self.local_weights()
+        if self.fp8_block:
+            return self._fp8(x_ND, counts_E, *w)
         return self._grouped(x_ND, counts_E, *w) if self._can_group(x_ND) else self._looped(x_ND, counts_E, *w)
 
     def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -225,6 +230,13 @@ class Experts(nn.Module):
 
         def mm(a, w):
             return _grouped_mm(self._operand(a), self._operand(w).transpose(1, 2), offs=offs).to(dtype)
+        return mm(F.silu(mm(x_ND, gate_EID)) * mm(x_ND, up_EID), down_EDI)
+
+    def _fp8(self, x_ND, counts_E, gate_EID, up_EID, down_EDI) -> torch.Tensor:
+        dtype = self._compute_dtype(x_ND)
+
+        def mm(a, w):
+            return fp8_grouped_matmul(a, w, counts_E, self.fp8_block).to(dtype)
         return mm(F.silu(mm(x_ND, gate_EID)) * mm(x_ND, up_EID), down_EDI)
 
     def _looped(self, x_ND, counts_E, gate_EID, up_EID, down_EDI) -> torch.Tensor:

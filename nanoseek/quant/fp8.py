@@ -191,6 +191,55 @@ class _FP8LinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def _qdq_tiles(x: Tensor, block: int) -> Tensor:
+    """x quantized to E4M3 in 1 x block tiles along its last dim, dequantized to fp32 (the emulated operand)."""
+    return dequantize_activation_tilewise(*quantize_activation_tilewise(x, block), block)
+
+
+class _FP8GroupedFn(torch.autograd.Function):
+    """The routed experts' grouped GEMM, y_g = x_g · W_eᵀ for the rows of each expert e (sorted by expert,
+    counts[e] of them), with the three GEMMs on E4M3 inputs scaled as `_FP8LinearFn` scales them: x and
+    dy in 1x128 tiles along each GEMM's K, each expert's W [M, K] in 128x128 blocks, and for Wgrad
+    dW_e = dy_eᵀ · x_e both operands in 128x1 tiles along the expert's own tokens (a tile never spans two
+    experts). x is cached for Wgrad in FP8 (V3 §3.3.3). Emulated: dequantize, then FP32 products."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, counts: Tensor, block: int) -> Tensor:
+        sizes = counts.tolist()
+        wq, ws = quantize_weight_blockwise(weight, block)  # [E, M, K]: blocks per expert
+        w = dequantize_weight_blockwise(wq, ws, block)
+        xs = _qdq_tiles(x, block).split(sizes)
+        y = torch.cat([_matmul_fp32(xe, w[e].t()) for e, xe in enumerate(xs)])
+        ctx.xt = [quantize_activation_tilewise(xe.t(), block) for xe in x.split(sizes)]  # [K, n_e] in 128x1 tiles
+        ctx.save_for_backward(wq, ws)
+        ctx.block, ctx.sizes, ctx.x_dtype, ctx.w_dtype = block, sizes, x.dtype, weight.dtype
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        wq, ws = ctx.saved_tensors
+        block, sizes = ctx.block, ctx.sizes
+        w = dequantize_weight_blockwise(wq, ws, block)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            gs = _qdq_tiles(grad_out, block).split(sizes)
+            grad_x = torch.cat([_matmul_fp32(ge, w[e]) for e, ge in enumerate(gs)]).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.stack([
+                _matmul_fp32(_qdq_tiles(ge.t(), block), dequantize_activation_tilewise(*ctx.xt[e], block).t())
+                for e, ge in enumerate(grad_out.split(sizes))]).to(ctx.w_dtype)
+        ctx.xt = None
+        return grad_x, grad_w, None, None
+
+
+def fp8_grouped_matmul(x: Tensor, weight: Tensor, counts: Tensor, block: int = BLOCK) -> Tensor:
+    """[N, K] rows sorted by expert × stacked expert weights [E, M, K] → [N, M], all three GEMMs in FP8."""
+    if weight.shape[0] != counts.numel() or int(counts.sum()) != x.shape[0]:
+        raise ValueError(f"counts ({counts.numel()} experts, {int(counts.sum())} rows) must match weight "
+                         f"{tuple(weight.shape)} and x {tuple(x.shape)}")
+    return _FP8GroupedFn.apply(x, weight, counts, _check_int_block(block))
+
+
 def _check_int_block(block: int) -> int:
     # One size for both: 1 x block activation tiles must line up with block x block weight blocks along K.
     if not isinstance(block, int) or block <= 0:
@@ -233,18 +282,24 @@ DEFAULT_SKIP = ("lm_head", "gate", "eh_proj", "head")
 
 
 def convert_to_fp8(model: nn.Module, skip: tuple[str, ...] | list[str] = DEFAULT_SKIP, block: int = BLOCK) -> nn.Module:
-    """Replace every nn.Linear in model (in place) by an FP8Linear sharing its parameters.
+    """Replace every nn.Linear in model (in place) by an FP8Linear sharing its parameters, and switch every
+    module with an `fp8_block` attribute (the MoE's stacked routed experts) to its FP8 grouped GEMMs.
 
     A module is left alone if its qualified name has a dotted component equal to an entry of skip
     or matches an entry as a glob (e.g. "model.layers.0.*"). Returns model.
     """
+    def skipped(full: str) -> bool:
+        return any(pat in full.split(".") or fnmatch.fnmatchcase(full, pat) for pat in skip)
+
+    for name, module in model.named_modules():
+        if hasattr(module, "fp8_block") and not skipped(name):
+            module.fp8_block = _check_int_block(block)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if not isinstance(child, nn.Linear) or isinstance(child, FP8Linear):  # fastpath's FastLinear too
                 continue
-            parts = full.split(".")
-            if any(pat in parts or fnmatch.fnmatchcase(full, pat) for pat in skip):
+            if skipped(full):
                 continue
             setattr(module, child_name, FP8Linear.from_linear(child, block))
     return model
