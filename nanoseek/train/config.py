@@ -343,7 +343,7 @@ class TrainSection:
     compile: bool = False
     """torch.compile the model's training forward."""
     fp8: bool = False
-    """Block-scaled FP8 linear layers (V3 §3.3, emulated on CPU)."""
+    """Block-scaled FP8 GEMMs (V3 §3.3, emulated on CPU): linear layers and the routed experts."""
     seed: int = 0
     """Seeds initialization, data order and sampling."""
     threads: int = 0
