@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 from nanoseek.config import ModelConfig
-from nanoseek.quant.fp8 import fp8_grouped_matmul
+from nanoseek.quant.fp8 import FP8Recipe, fp8_grouped_matmul
 
 
 class MLP(nn.Module):
@@ -187,14 +187,14 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, I, D))
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
-        self.fp8_block: int | None = None
-        """Block size of FP8 training's grouped GEMMs (set by quant.convert_to_fp8); None = high precision."""
+        self.fp8: FP8Recipe | None = None
+        """FP8 training's grouped GEMMs (set by quant.convert_to_fp8); None = high precision."""
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """expert_e(row) for rows sorted by expert, counts_E[e] of them for expert e (the local experts,
         when expert parallelism has sharded them)."""
         w = self.local_weights()
-        if self.fp8_block:
+        if self.fp8 is not None:
             return self._fp8(x_ND, counts_E, *w)
         return self._grouped(x_ND, counts_E, *w) if self._can_group(x_ND) else self._looped(x_ND, counts_E, *w)
 
@@ -236,7 +236,7 @@ class Experts(nn.Module):
         dtype = self._compute_dtype(x_ND)
 
         def mm(a, w):
-            return fp8_grouped_matmul(a, w, counts_E, self.fp8_block).to(dtype)
+            return fp8_grouped_matmul(a, w, counts_E, self.fp8.block, self.fp8.accumulation).to(dtype)
         return mm(F.silu(mm(x_ND, gate_EID)) * mm(x_ND, up_EID), down_EDI)
 
     def _looped(self, x_ND, counts_E, gate_EID, up_EID, down_EDI) -> torch.Tensor:

@@ -48,7 +48,7 @@ from nanoseek.model.transformer import DeepSeekForCausalLM
 from nanoseek.parallel.mesh import gather_objects
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.policy_losses import token_logprobs
-from nanoseek.quant.fp8 import convert_to_fp8
+from nanoseek.quant.fp8 import FP8Recipe, convert_to_fp8
 from nanoseek.train.checkpoint import full_model_state, load_model_state
 from nanoseek.train.loop import Trainer, autocast
 from nanoseek.utils import atomic_write_text
@@ -218,7 +218,7 @@ class PostTrainer(Trainer):
         if self._rollout is None:
             copy = DeepSeekForCausalLM(self.model.config)
             if self.cfg.train.fp8:
-                convert_to_fp8(copy)
+                convert_to_fp8(copy, recipe=FP8Recipe(accumulation=self.cfg.train.fp8_accumulation))
             self._rollout = fastpath.enable(copy).to(self.device).eval().requires_grad_(False)
         if self._rollout_stale:
             state = full_model_state(self.model, self.pp_group, everywhere=True)

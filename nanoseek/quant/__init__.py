@@ -2,6 +2,7 @@
 
 from nanoseek.quant.fp8 import (
     FP8Linear,
+    FP8Recipe,
     convert_to_fp8,
     dequantize_activation_tilewise,
     dequantize_weight_blockwise,
@@ -13,6 +14,7 @@ from nanoseek.quant.fp8 import (
 
 __all__ = [
     "FP8Linear",
+    "FP8Recipe",
     "convert_to_fp8",
     "dequantize_activation_tilewise",
     "dequantize_weight_blockwise",

@@ -34,6 +34,7 @@ import tomllib
 
 from nanoseek.config import PRESETS, ModelConfig
 from nanoseek.parallel.pipeline import SCHEDULES as PP_SCHEDULES
+from nanoseek.quant.fp8 import ACCUMULATIONS
 from nanoseek.train.schedules import (
     LR_SCHEDULES,
     BatchSizeRamp,
@@ -344,6 +345,9 @@ class TrainSection:
     """torch.compile the model's training forward."""
     fp8: bool = False
     """Block-scaled FP8 GEMMs (V3 §3.3, emulated on CPU): linear layers and the routed experts."""
+    fp8_accumulation: str = "v3"
+    """How FP8 GEMMs accumulate (emulated): v3 (~14-bit tensor-core sums promoted to FP32 every 128 of K),
+    limited (the 14-bit sums over all of K, no promotion), fp32 (exact; the fastest to emulate)."""
     seed: int = 0
     """Seeds initialization, data order and sampling."""
     threads: int = 0
@@ -547,6 +551,7 @@ class RunConfig:
         if not (t.device in ("auto", "cpu") or t.device.split(":")[0] == "cuda"):
             self.fail("train.device", "allowed: auto, cpu, cuda, cuda:N")
         self.one_of("train.dtype", DTYPES)
+        self.one_of("train.fp8_accumulation", ACCUMULATIONS)
         self.one_of("schedule.lr_schedule", tuple(LR_SCHEDULES))
         self.one_of("parallel.pp_schedule", PP_SCHEDULES)
         if t.fp8 and t.compile:

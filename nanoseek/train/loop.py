@@ -49,7 +49,7 @@ from nanoseek.parallel.mesh import (
 )
 from nanoseek.parallel.parallelize import parallelize
 from nanoseek.parallel.pipeline import Pipeline
-from nanoseek.quant.fp8 import convert_to_fp8
+from nanoseek.quant.fp8 import FP8Recipe, convert_to_fp8
 from nanoseek.train.checkpoint import (
     export_model,
     latest_checkpoint,
@@ -145,7 +145,7 @@ class Trainer:
             self.setup()
             self.dims = ParallelDims.resolve(cfg.parallel, self.world_size, self.model.config)
             if t.fp8:
-                convert_to_fp8(self.model)
+                convert_to_fp8(self.model, recipe=FP8Recipe(accumulation=t.fp8_accumulation))
             fastpath.enable(self.model).to(self.device)
             self.pipeline, self.dp_group, self.pp_group = None, None, None
             if self.world_size > 1:
