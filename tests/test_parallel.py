@@ -121,7 +121,11 @@ def test_layout_matches_single_process(dataset, tmp_path, world, layout, common)
         assert all(0 < d < 0.5 for d in dropped)  # (capacity 1.0 with experts 4-7 out of reach in layer 1)
 
 
-@pytest.mark.parametrize("layout, common", [(["parallel.dp_shard=2"], []), (["parallel.pp=2"], PIPELINE)])
+@pytest.mark.parametrize("layout, common", [
+    (["parallel.dp_shard=2"], []),
+    (["parallel.dp_shard=2"], ["optim.moments_dtype=bf16"]),  # BF16 moments as sharded DTensors, resharded
+    (["parallel.pp=2"], PIPELINE),
+])
 def test_sharded_checkpoint_resumes_on_another_number_of_ranks_and_exports_hf(dataset, tmp_path, layout, common):
     from nanoseek.interop.hf import load_pretrained
 

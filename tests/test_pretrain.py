@@ -59,6 +59,7 @@ def test_tiny_run_lowers_heldout_loss_and_exports_hf_model(dataset, tmp_path):
     assert 0 < last["mfu"] < 1 and last["tokens_per_s"] > 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000020", "step-00000040"]
     assert (out / "config.toml").is_file()
+    assert summary["optim_bytes_per_param"] == 8.0  # fp32 AdamW moments (optim.moments_dtype = auto, no FP8)
 
     # DIR/model: nanoseek and transformers load it and agree; its tokenizer loads in AutoTokenizer.
     ns = load_pretrained(out / "model")
@@ -82,8 +83,9 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def test_resume_after_sigkill_gives_bit_identical_losses(dataset, tmp_path):
-    sets = ["train.steps=14", "checkpoint.every=4", "eval.every=7", "train.dtype=fp32"]
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+def test_resume_after_sigkill_gives_bit_identical_losses(dataset, tmp_path, moments):
+    sets = ["train.steps=14", "checkpoint.every=4", "eval.every=7", "train.dtype=fp32", f"optim.moments_dtype={moments}"]
     reference = tmp_path / "reference"
     pretrain(tiny(dataset, *sets), reference)
 
@@ -257,6 +259,7 @@ def test_fp8_and_bf16_training_runs(dataset, tmp_path):
     summary = pretrain(tiny(dataset, "train.steps=3", "schedule.warmup_steps=1", "train.fp8=true",
                             "train.dtype=bf16"), out)
     assert math.isfinite(summary["val_loss"]) and summary["val_loss"] < math.log(512) + 0.5
+    assert summary["optim_bytes_per_param"] == 4.0  # FP8 runs keep AdamW's moments in BF16 (V3 §3.3.3)
     load_pretrained(out / "model")  # FP8Linear keeps nn.Linear's keys
 
 

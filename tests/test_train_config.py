@@ -63,6 +63,7 @@ def test_set_parses_typed_values_and_model_overrides():
     (["schedule.batch_ramp_start=3"], "schedule.batch_ramp_tokens = 0 is invalid"),
     (["schedule.batch_ramp_start=3", "schedule.batch_ramp_tokens=1000"], "must be a multiple of multiple=8"),
     (["mtp.switch_at=2"], "mtp.switch_at = 2.0 is invalid: must be a fraction in [0, 1]"),
+    (["optim.moments_dtype=fp16"], "optim.moments_dtype = 'fp16' is invalid: allowed: auto, fp32, bf16"),
     (["model.preset=huge"], None),
 ])
 def test_config_errors_name_the_key_the_value_and_what_is_allowed(sets, message):

@@ -28,7 +28,7 @@ def parallelize(model: DeepSeekForCausalLM, dims: ParallelDims, meshes: Meshes, 
     gradients later) needs them (measured: resharded, the weight pass left the stages wrong gradients).
 
     `bf16_params` (GPU bf16 runs): FSDP2 gathers bf16 parameters and reduces gradients in fp32, while the
-    sharded master weights and AdamW state stay fp32."""
+    sharded master weights stay fp32 (AdamW's moments: `optim.moments_dtype`)."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params \
         else MixedPrecisionPolicy()
     reshard = roots is None

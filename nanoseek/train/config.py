@@ -282,6 +282,13 @@ class OptimSection:
     """Decoupled weight decay on matrices and embeddings; norms and biases are never decayed."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
+    moments_dtype: str = "auto"
+    """AdamW moments' storage: fp32 (8 bytes/parameter), bf16 (4; V3 §3.3.3: master weights, gradients and the
+    update math stay fp32), or auto = bf16 when train.fp8, else fp32."""
+
+    def moments(self, fp8: bool) -> str:
+        """moments_dtype resolved: auto is bf16 for FP8 runs (as V3), fp32 otherwise."""
+        return ("bf16" if fp8 else "fp32") if self.moments_dtype == "auto" else self.moments_dtype
 
 
 @dataclass
@@ -338,7 +345,7 @@ class TrainSection:
     """Sequences per forward/backward pass; a step accumulates batch_size / micro_batch_size of them (0 = the
     whole batch in one pass): same update, less memory."""
     dtype: str = "bf16"
-    """fp32 or bf16 (autocast; master weights and optimizer state stay fp32)."""
+    """fp32 or bf16 (autocast; master weights stay fp32, AdamW moments: optim.moments_dtype)."""
     device: str = "auto"
     """cpu, cuda (or cuda:N), or auto (cuda when available)."""
     compile: bool = False
@@ -554,6 +561,7 @@ class RunConfig:
         self.one_of("train.fp8_accumulation", ACCUMULATIONS)
         self.one_of("schedule.lr_schedule", tuple(LR_SCHEDULES))
         self.one_of("parallel.pp_schedule", PP_SCHEDULES)
+        self.one_of("optim.moments_dtype", ("auto", *DTYPES))
         if t.fp8 and t.compile:
             self.fail("train.fp8", "FP8 layers use a custom autograd function; do not combine with train.compile")
         if not self.optim.lr > 0 or not math.isfinite(self.optim.lr):

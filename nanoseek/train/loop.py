@@ -59,7 +59,12 @@ from nanoseek.train.checkpoint import (
 )
 from nanoseek.train.config import RunConfig
 from nanoseek.train.metrics import MetricsLogger, read_metrics, truncate_metrics
-from nanoseek.train.optim import build_optimizer, clip_grad_norm, set_lr
+from nanoseek.train.optim import (
+    build_optimizer,
+    clip_grad_norm,
+    set_lr,
+    state_bytes_per_param,
+)
 from nanoseek.utils import atomic_write_text
 
 
@@ -161,7 +166,9 @@ class Trainer:
                 if self.pipeline:
                     self.pipeline.build(self.device, self.pipeline_loss)
             o = cfg.optim
-            self.optimizer = build_optimizer(self.model, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay)
+            self.moments = o.moments(t.fp8)
+            self.optimizer = build_optimizer(self.model, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay,
+                                             torch.bfloat16 if self.moments == "bf16" else torch.float32)
             self.forward = torch.compile(self.model) if t.compile else self.model
         except BaseException:
             self._restore_torch_settings()
@@ -177,6 +184,7 @@ class Trainer:
         self.rollbacks = 0
         self.skipped: str | None = None
         self.last_checkpoint_step = -1
+        self.optim_bytes: float | None = None  # AdamW state per parameter, measured once the state exists
 
     # ------------------------------------------------------------------ what a method provides
     def setup(self) -> None:
@@ -394,7 +402,8 @@ class Trainer:
         summary = {"command": self.command, "steps": self.step, "train_time": self.train_time,
                    "loss": trained[-1]["loss"] if trained else None, "rollbacks": self.rollbacks,
                    "model_dir": os.fspath(self.out / "model"), "metrics": os.fspath(self.out / "metrics.jsonl"),
-                   "config": os.fspath(self.out / "config.toml"), **self.summarize(records)}
+                   "config": os.fspath(self.out / "config.toml"),
+                   "optim_bytes_per_param": state_bytes_per_param(self.optimizer), **self.summarize(records)}
         if self.main:
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1) + "\n")
         return summary
@@ -408,6 +417,10 @@ class Trainer:
         t0 = time.perf_counter()
         record = self.train_step()
         elapsed = time.perf_counter() - t0
+        if self.optim_bytes is None and self.optimizer.state:
+            self.optim_bytes = state_bytes_per_param(self.optimizer)
+            log(f"AdamW state: {self.optim_bytes:g} bytes/parameter ({self.moments} moments; + 8 for the fp32 "
+                "master weights and gradients)")
         elapsed = float(self.reduce(self.reduce(torch.tensor(elapsed), "max", over="pp"), "max"))  # stop together
         self.step += 1
         self.train_time += elapsed
