@@ -8,8 +8,9 @@ the steps (VmHWM, reset after setup; it includes what every process holds: torch
 alltoall: one MoE layer's forward under expert parallelism (ep ranks, E experts, top-K, device-limited
 routing to M = 1 … ep ranks) on random tokens: the bytes each rank sends to other ranks in the dispatch
 and combine all-to-alls, measured by the dispatcher, beside the bound 2 · T · min(M, K) · D · 4 bytes
-(each token goes at most once to each of its ≤ min(M, K) ranks and comes back once) and the expected
-value under uniform routing.
+(each token goes at most once to each of its ≤ min(M, K) ranks and comes back once), the expected
+value under uniform routing, and the bytes with the experts in FP8 (V3 §3.3.4: the dispatch in E4M3 with
+1x128 tile scales, the combine in the rows' precision; measured in the same run).
 
     .venv/bin/python benchmarks/parallel.py memory
     .venv/bin/python benchmarks/parallel.py alltoall              # ep = 4, E = 32, K = 8
@@ -32,6 +33,7 @@ from nanoseek.parallel.launch import run_ranks
 from nanoseek.parallel.mesh import ParallelDims
 from nanoseek.parallel.parallelize import parallelize
 from nanoseek.pretrain.losses import lm_losses, model_inputs, total_loss
+from nanoseek.quant.fp8 import convert_to_fp8
 from nanoseek.train.config import ParallelSection
 from nanoseek.train.optim import build_optimizer, clip_grad_norm
 
@@ -91,17 +93,21 @@ def alltoall_worker(rank: int, world: int, limits: list[int], tokens: int, exper
     for M in limits:
         cfg = ModelConfig.preset("small-v3").replace(n_routed_experts=experts, num_experts_per_tok=k, n_group=1,
                                                      topk_group=1, topk_devices=M, ep_size=world)
-        torch.manual_seed(0)  # the same layer on every rank
-        moe = MoE(cfg)
-        for p in moe.parameters():
-            torch.nn.init.normal_(p, std=0.02)
-        shard_experts(moe, mesh)
-        x = torch.randn(1, tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(rank))
-        with torch.no_grad():
-            _, stats = moe(x)
+        row = {"M": M, "hidden": cfg.hidden_size}
+        for fp8 in (False, True):
+            torch.manual_seed(0)  # the same layer on every rank
+            moe = MoE(cfg)
+            for p in moe.parameters():
+                torch.nn.init.normal_(p, std=0.02)
+            if fp8:
+                convert_to_fp8(moe)
+            shard_experts(moe, mesh)
+            x = torch.randn(1, tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(rank))
+            with torch.no_grad():
+                _, stats = moe(x)
+            row["fp8_bytes" if fp8 else "bytes"] = moe.dispatcher.sent_bytes
         ranks_per_token = (stats.routing.indices // (experts // world)).sort(-1).values.diff(dim=-1).ne(0).sum(-1) + 1
-        out.append({"M": M, "bytes": moe.dispatcher.sent_bytes, "ranks_per_token": float(ranks_per_token.float().mean()),
-                    "hidden": cfg.hidden_size})
+        out.append({**row, "ranks_per_token": float(ranks_per_token.float().mean())})
     return out
 
 
@@ -111,17 +117,20 @@ def alltoall(args) -> None:
     uniform = ep * (1 - math.comb(E - per_rank, K) / math.comb(E, K))  # expected ranks a token reaches, no limit
     print(f"one MoE layer forward (small-v3 width), E = {E} experts top-{K} on ep = {ep} ranks, {T} tokens per "
           f"rank, fp32; bytes each rank sends to the others (dispatch + combine), mean over ranks")
-    print(f"{'M':>3} {'ranks/token':>11} {'measured':>12} {'bound 2·T·min(M,K)·D·4':>24} {'uniform, off-rank':>18}")
+    print(f"{'M':>3} {'ranks/token':>11} {'measured':>12} {'bound 2·T·min(M,K)·D·4':>24} {'uniform, off-rank':>18} "
+          f"{'FP8 dispatch':>13} {'FP8/fp32':>8}")
     results = run_ranks(alltoall_worker, ep, (list(range(1, ep + 1)), T, E, K), timeout=900)
     for i, M in enumerate(range(1, ep + 1)):
         rows = [r[i] for r in results]
         D = rows[0]["hidden"]
         measured = sum(r["bytes"] for r in rows) / ep
+        fp8 = sum(r["fp8_bytes"] for r in rows) / ep
         reach = sum(r["ranks_per_token"] for r in rows) / ep
         bound = 2 * T * min(M, K) * D * 4
         # with no limit and uniform routing a token reaches `uniform` ranks, (ep-1)/ep of them others
         expect = f"{2 * T * uniform * (ep - 1) / ep * D * 4 / 2**20:>14.2f} MiB" if M == ep else f"{'':>18}"
-        print(f"{M:>3} {reach:>11.2f} {measured / 2**20:>8.2f} MiB {bound / 2**20:>20.2f} MiB {expect}")
+        print(f"{M:>3} {reach:>11.2f} {measured / 2**20:>8.2f} MiB {bound / 2**20:>20.2f} MiB {expect} "
+              f"{fp8 / 2**20:>9.2f} MiB {fp8 / measured:>8.3f}")
 
 
 def main() -> None:

@@ -97,7 +97,7 @@ def test_variants_are_matched(name):
             assert set(exp.matched_on) <= set(v.matched)
             b = v.spec["budget"]
             assert v.matched["tokens"] == b["steps"] * b["batch_size"] * b["seq_len"]
-            model = DeepSeekForCausalLM(model_config(**v.spec["model"]))
+            model = DeepSeekForCausalLM(model_config(v.spec["preset"], **v.spec["model"]))
             if "params" in v.matched:  # the main model, MTP modules excluded (as the papers count)
                 main = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
                 assert v.matched["params"] == main

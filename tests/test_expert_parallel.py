@@ -25,8 +25,18 @@ from nanoseek.model.moe import (
     drop_priority,
     keep_within_capacity,
 )
-from nanoseek.parallel.expert import AllToAllDispatcher, shard_experts, take_sent_bytes
+from nanoseek.parallel.expert import (
+    AllToAllDispatcher,
+    fp8_row_bytes,
+    shard_experts,
+    take_sent_bytes,
+)
 from nanoseek.parallel.launch import run_ranks
+from nanoseek.quant.fp8 import (
+    convert_to_fp8,
+    dequantize_activation_tilewise,
+    quantize_activation_tilewise,
+)
 
 S = 4  # tokens per sequence
 
@@ -43,6 +53,8 @@ CASES = {
     # each rank protects its own first sequence
     "drop_protected": ("tiny-v2", {"ep_size": "world"}, [4, 2, 3, 3],
                        {"capacity_factor": 0.7, "no_drop_fraction": 0.25}),
+    # FP8 experts (and shared experts): rows dispatched in E4M3 with their 1x128 scales (V3 §3.3.4)
+    "fp8": ("tiny-v3", {}, [3, 1, 2, 5], {"fp8": True}),
 }
 
 
@@ -52,16 +64,19 @@ def _config(preset: str, overrides: dict, world: int) -> ModelConfig:
                               expert_aux_alpha=0.0, **kw)
 
 
-class _SlicedGate(nn.Module):
-    """The gate run on each rank's slice of the concatenated tokens, its routings concatenated."""
+class _Sliced(nn.Module):
+    """A row-wise module (the gate, FP8 shared experts) run on each rank's slice of the concatenated tokens, its
+    outputs (routings) concatenated."""
 
-    def __init__(self, gate: nn.Module, sizes: list[int]):
+    def __init__(self, inner: nn.Module, sizes: list[int]):
         super().__init__()
-        self.inner, self.sizes = gate, sizes
+        self.inner, self.sizes = inner, sizes
 
     def forward(self, x_TD):
-        rs = [self.inner(x) for x in x_TD.split(self.sizes)]
-        return Routing(*(torch.cat([getattr(r, f) for r in rs]) for f in ("weights", "indices", "scores")))
+        outs = [self.inner(x) for x in x_TD.split(self.sizes)]
+        if isinstance(outs[0], torch.Tensor):
+            return torch.cat(outs)
+        return Routing(*(torch.cat([getattr(r, f) for r in outs]) for f in ("weights", "indices", "scores")))
 
 
 def _reference_drop(cfg, r: Routing, sizes: list[int], opts: dict, world: int) -> torch.Tensor:
@@ -96,8 +111,17 @@ def _run_case(rank: int, world: int, mesh, name: str) -> dict:
     gs = [torch.randn(B, S, D) for B in Bs]  # cotangents: loss = Σ_ranks <y_r, g_r>
     if "capacity_factor" in opts:
         moe.capacity_factor, moe.no_drop_fraction = opts["capacity_factor"], opts["no_drop_fraction"]
+    if opts.get("fp8"):
+        convert_to_fp8(moe)
     ref = copy.deepcopy(moe).train()
-    ref.gate = _SlicedGate(ref.gate, [B * S for B in Bs])
+    if opts.get("fp8"):
+        # each rank's shared experts quantize their Wgrad input over its own tokens (128x1 tiles along tokens)
+        ref.shared_experts = _Sliced(ref.shared_experts, [B * S for B in Bs])
+        # the routed experts see their rows as the dispatch delivers them: E4M3 1x128 tiles
+        experts_forward = ref.experts.forward
+        ref.experts.forward = lambda x, counts: experts_forward(  # (the gradient passes straight through)
+            x + (dequantize_activation_tilewise(*quantize_activation_tilewise(x.detach())) - x).detach(), counts)
+    ref.gate = _Sliced(ref.gate, [B * S for B in Bs])
     if opts.get("fast"):
         fastpath.enable(moe)
     shard_experts(moe, mesh)
@@ -145,7 +169,7 @@ def _run_case(rank: int, world: int, mesh, name: str) -> dict:
         "y_scale": y_ref.abs().max().item(),
         "x_grad": (x.grad - xcat.grad[lo // S:(lo + T) // S]).abs().max().item() if T else 0.0,
         "gate_grad": (gate_grad - ref.gate.inner.weight.grad).abs().max().item(),
-        "shared_grad": (shared_grad - ref.shared_experts.down_proj.weight.grad).abs().max().item(),
+        "shared_grad": (shared_grad - _unwrap(ref.shared_experts).down_proj.weight.grad).abs().max().item(),
         "indices_local": stats.routing.indices.tolist(),
         "indices_match": torch.equal(stats.routing.indices, r.indices[lo:lo + T]),
         "sent_bytes": sent,
@@ -172,6 +196,10 @@ def _run_case(rank: int, world: int, mesh, name: str) -> dict:
             y_eval_ref, _ = ref(torch.cat([x[:1] for x in xs]))
         out["y_eval"] = (y_eval - y_eval_ref[rank:rank + 1]).abs().max().item()
     return out
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.inner if isinstance(module, _Sliced) else module
 
 
 def _errors(rank: int, world: int) -> dict:
@@ -229,15 +257,17 @@ def test_empty_rank_and_starved_experts(ranks):
     _check_equivalence(results, "empty")
 
 
-def _sent_bytes_from_routing(results: list[dict], name: str, world: int, D: int, El: int) -> list[int]:
-    """Per rank: 4-byte rows of D to other ranks, one per (token, other rank holding one of its experts) in the
-    dispatch, and in the combine one per such pair received."""
+def _sent_bytes_from_routing(results: list[dict], name: str, world: int, D: int, El: int,
+                             dispatch_row: int | None = None) -> list[int]:
+    """Per rank: rows to other ranks, one per (token, other rank holding one of its experts) in the dispatch
+    (`dispatch_row` bytes each; default 4-byte rows of D), and in the combine one 4-byte row of D per such
+    pair received."""
     dests = [[{e // El for e in ids} for ids in res[name]["indices_local"]] for res in results]
     out = []
     for r in range(world):
         dispatch = sum(len(d - {r}) for d in dests[r])
         combine = sum(r in d for src in range(world) if src != r for d in dests[src])
-        out.append((dispatch + combine) * D * 4)
+        out.append(dispatch * (dispatch_row or D * 4) + combine * D * 4)
     return out
 
 
@@ -278,3 +308,17 @@ def test_shard_experts_validates(ranks):
     msgs = results[0]["errors"]
     assert "n_routed_experts = 6" in msgs["divisible"]
     assert "ep_size = 2" in msgs["ep_size"] and "topk_devices" in msgs["ep_size"]
+
+
+def test_fp8_dispatch(ranks):
+    """FP8 experts (V3 §3.3.4): the dispatch carries E4M3 rows + 1x128 tile scales, the combine stays in the
+    rows' precision. Outputs and all gradients equal the single-process FP8 MoE whose routed experts take their
+    rows rounded to E4M3 1x128 tiles (what the dispatch delivers; the experts' own quantization then reproduces
+    the same tiles) and whose shared experts run per rank (their Wgrad tiles run along each rank's tokens). The dispatched bytes are those the routing implies at D + 4 bytes per row instead of 4·D."""
+    world, results = ranks
+    _check_equivalence(results, "fp8")
+    cfg = _config("tiny-v3", {}, world)
+    El, D = cfg.n_routed_experts // world, cfg.hidden_size
+    expected = _sent_bytes_from_routing(results, "fp8", world, D, El, dispatch_row=fp8_row_bytes(D, 128))
+    assert [res["fp8"]["sent_bytes"] for res in results] == expected and sum(expected) > 0
+    assert fp8_row_bytes(D, 128) == D + 4 and fp8_row_bytes(7168, 128) == 7168 + 4 * 56  # V3's hidden size

@@ -139,18 +139,22 @@ class MicroPretraining(Experiment):
     def setting(self) -> dict:
         return setting()
 
+    def plan(self, quick: bool) -> tuple[str, Budget]:
+        """The preset the variants' overrides apply to, and the budget each trains for."""
+        return PRESET, QUICK if quick else FULL
+
     def variants(self, quick: bool) -> list[Variant]:
-        budget = QUICK if quick else FULL
+        preset, budget = self.plan(quick)
         out = []
         for name, (model, sets) in self.models.items():
-            counts = {**param_counts(model_config(**model)), "tokens": budget.tokens}
-            out.append(Variant(name, {"model": model, "sets": sets, "budget": asdict(budget)},
+            counts = {**param_counts(model_config(preset, **model)), "tokens": budget.tokens}
+            out.append(Variant(name, {"preset": preset, "model": model, "sets": sets, "budget": asdict(budget)},
                                {k: v for k, v in counts.items() if k in self.matched_keys}))
         return out
 
     def run(self, variant: Variant, seed: int, run_dir: Path, ctx: Context) -> dict:
         summary, records = pretrain_variant(run_dir, ctx, seed, Budget(**variant.spec["budget"]),
-                                            variant.spec["model"], variant.spec["sets"])
+                                            variant.spec["model"], variant.spec["sets"], variant.spec["preset"])
         metrics = {**lm_metrics(summary, records), **self.measure(variant, run_dir, ctx)}
         return {"metrics": metrics, "curves": {CURVE: val_curve(records)}}
 

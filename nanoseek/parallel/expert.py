@@ -18,9 +18,15 @@ first round(no_drop_fraction · B) sequences above the rest. With no_drop_fracti
 otherwise each rank protects its own first sequences, not the global batch's. `MoEStats.dropped_fraction`
 is then the share of the pairs THIS rank received that it dropped.
 
+With FP8 experts (`Experts.fp8`, V3 §3.3.4) the dispatch sends each row in E4M3 with its 1 x 128 tile
+scales, the same tiles the experts' first GEMMs quantize to (so the receiver's re-quantization is exact up to
+the scales' last bit), dequantized to fp32 on arrival; the combine and both backward exchanges stay in the
+rows' precision.
+
 `sent_bytes` counts the hidden-state rows a rank sends to OTHER ranks in the forward dispatch and combine
-(rows × hidden × element size); the gate values, ids, priorities and split sizes go to `sent_meta_bytes`;
-backward traffic (the same rows again, reversed) is not counted.
+(rows × hidden × element size; FP8 rows: hidden + 4 bytes per 128-channel tile's scale); the gate values,
+ids, priorities and split sizes go to `sent_meta_bytes`; backward traffic (the same rows again, reversed,
+in high precision) is not counted.
 """
 from __future__ import annotations
 
@@ -36,12 +42,17 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from nanoseek.model.moe import (
     DispatchState,
+    Experts,
     MoE,
     Routing,
     TokenDispatcher,
     TokenDrop,
     drop_priority,
     keep_within_capacity,
+)
+from nanoseek.quant.fp8 import (
+    dequantize_activation_tilewise,
+    quantize_activation_tilewise,
 )
 
 
@@ -56,11 +67,41 @@ class AllToAllState:
     dropped_fraction: torch.Tensor | None = None  # share of the pairs received here that were dropped
 
 
-class AllToAllDispatcher:
-    """`TokenDispatcher`'s interface over an EP process group; this rank's experts are the local ones."""
+class _FP8AllToAll(torch.autograd.Function):
+    """Rows [R, D] to the ranks of `group` as E4M3 bytes + their fp32 1 x block tile scales in one uint8
+    exchange, dequantized to fp32 on arrival; the gradient goes back unquantized in the rows' dtype."""
 
-    def __init__(self, n_experts: int, group: dist.ProcessGroup):
+    @staticmethod
+    def forward(ctx, x_RD: torch.Tensor, recv_splits: list[int], send_splits: list[int], group, block: int):
+        D = x_RD.shape[1]
+        q, s = quantize_activation_tilewise(x_RD, block)
+        payload = torch.cat([q.view(torch.uint8), s.view(torch.uint8)], 1)
+        recv = payload.new_empty(sum(recv_splits), payload.shape[1])
+        dist.all_to_all_single(recv, payload, recv_splits, send_splits, group=group)
+        q_recv, s_recv = recv.split([D, s.shape[1] * 4], 1)
+        ctx.splits, ctx.group, ctx.dtype = (recv_splits, send_splits), group, x_RD.dtype
+        return dequantize_activation_tilewise(q_recv.contiguous().view(q.dtype), s_recv.contiguous().view(s.dtype), block)
+
+    @staticmethod
+    def backward(ctx, grad_recv: torch.Tensor):
+        recv_splits, send_splits = ctx.splits
+        grad = grad_recv.new_empty(sum(send_splits), grad_recv.shape[1])
+        dist.all_to_all_single(grad, grad_recv.contiguous(), send_splits, recv_splits, group=ctx.group)
+        return grad.to(ctx.dtype), None, None, None, None
+
+
+def fp8_row_bytes(hidden: int, block: int) -> int:
+    """Bytes of one hidden-state row dispatched in FP8: E4M3 values + an fp32 scale per 1 x block tile."""
+    return hidden + 4 * math.ceil(hidden / block)
+
+
+class AllToAllDispatcher:
+    """`TokenDispatcher`'s interface over an EP process group; this rank's experts are the local ones (in FP8
+    when `experts.fp8` is set, which then decides the dispatch's format too)."""
+
+    def __init__(self, n_experts: int, group: dist.ProcessGroup, experts: Experts):
         self.group = group
+        self.experts = experts
         self.ep, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if n_experts % self.ep:
             raise ValueError(f"n_routed_experts = {n_experts} must be divisible by the EP size {self.ep}")
@@ -90,13 +131,20 @@ class AllToAllDispatcher:
         send_splits, recv_splits = send_R.tolist(), sizes_in[0::2].tolist()
         N_recv = sum(recv_splits)
 
-        # the rows, with the gate values of the destination's experts (0 elsewhere) as K extra columns in
-        # x's dtype (the local combine multiplies in x's precision too): one differentiable exchange
+        # the rows, with the gate values of the destination's experts (0 elsewhere) in x's dtype (the local
+        # combine multiplies in x's precision too): as K extra columns of one differentiable exchange, or
+        # beside the FP8 rows
         mine_RK = dest_TK[token] == dest[:, None]
         w_RK = torch.where(mine_RK, r.weights[token], 0.0).to(x_TD.dtype)
-        payload = torch.cat([x_TD[token], w_RK], 1)
-        recv = all_to_all_single_autograd(payload, recv_splits, send_splits, self.group)
-        x_recv, w_recv = recv.split([D, K], 1)
+        recipe = self.experts.fp8
+        if recipe is None:
+            recv = all_to_all_single_autograd(torch.cat([x_TD[token], w_RK], 1), recv_splits, send_splits, self.group)
+            x_recv, w_recv = recv.split([D, K], 1)
+            row_bytes = D * x_TD.element_size()
+        else:
+            x_recv = _FP8AllToAll.apply(x_TD[token], recv_splits, send_splits, self.group, recipe.block)
+            w_recv = all_to_all_single_autograd(w_RK, recv_splits, send_splits, self.group)
+            row_bytes = fp8_row_bytes(D, recipe.block)
 
         # metadata, no grad, int32: local expert ids (-1: not on that rank), and the dropping priorities' bits
         meta = torch.where(mine_RK, r.indices[token] % El, -1).to(torch.int32)
@@ -119,7 +167,7 @@ class AllToAllDispatcher:
 
         rows, counts, local = self.local.sort(x_recv, ids_recv, w_recv, keep)
         sent_other = len(token) - send_splits[self.rank]
-        self.sent_bytes += sent_other * D * x_TD.element_size()
+        self.sent_bytes += sent_other * row_bytes
         self.sent_meta_bytes += (sent_other * (K * x_TD.element_size() + meta.shape[1] * meta.element_size())
                                  + 2 * (ep - 1) * sizes_out.element_size())
         return rows, counts, AllToAllState(local, token, T, send_splits, recv_splits, dropped)
@@ -152,7 +200,7 @@ def shard_experts(moe: MoE, ep_mesh: DeviceMesh) -> None:
         p = getattr(experts, name)
         setattr(experts, name, nn.Parameter(distribute_tensor(p.detach(), ep_mesh, [Shard(0)]),
                                             requires_grad=p.requires_grad))
-    moe.dispatcher = AllToAllDispatcher(cfg.n_routed_experts, ep_mesh.get_group())
+    moe.dispatcher = AllToAllDispatcher(cfg.n_routed_experts, ep_mesh.get_group(), experts)
 
 
 def take_sent_bytes(model: nn.Module) -> int:
