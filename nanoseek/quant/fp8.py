@@ -176,7 +176,7 @@ def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _FP8LinearFn(torch.autograd.Function):
-    """Fprop, Dgrad and Wgrad all on E4M3 inputs (V3 Figure 6), with FP32 accumulation.
+    """Fprop, Dgrad and Wgrad all on E4M3 inputs (V3 Figure 6), accumulated by the `accumulation` model.
 
     Every GEMM operand is scaled in groups that run along that GEMM's contraction dim, as the
     hardware needs to factor scales out of each K block:
@@ -232,7 +232,7 @@ class _FP8GroupedFn(torch.autograd.Function):
     counts[e] of them), with the three GEMMs on E4M3 inputs scaled as `_FP8LinearFn` scales them: x and
     dy in 1x128 tiles along each GEMM's K, each expert's W [M, K] in 128x128 blocks, and for Wgrad
     dW_e = dy_eᵀ · x_e both operands in 128x1 tiles along the expert's own tokens (a tile never spans two
-    experts). x is cached for Wgrad in FP8 (V3 §3.3.3). Emulated: dequantize, then FP32 products."""
+    experts). x is cached for Wgrad in FP8 (V3 §3.3.3). Emulated: dequantize, then the `accumulation` model."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, counts: Tensor, block: int, accumulation: str) -> Tensor:
