@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+from importlib.metadata import version
 
 # Modules that add commands with `register(subparsers)`, in the order `--help` lists them.
 COMMAND_MODULES = (
@@ -27,6 +28,7 @@ COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek recipe on a laptop.")
+    parser.add_argument("--version", action="version", version=f"nanoseek {version('nanoseek')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

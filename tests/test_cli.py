@@ -2,12 +2,16 @@
 import json
 import subprocess
 import sys
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import torch
 
 import nanoseek
 from nanoseek.cli import main
+from nanoseek.infer.cli import use_color
 from nanoseek.interop.hf import load_pretrained, save_pretrained
 
 
@@ -40,3 +44,19 @@ def test_errors_are_one_line_exit_2(argv, needle, quick_demo_dir):
     proc = subprocess.run([sys.executable, "-m", "nanoseek.cli", *argv], capture_output=True, text=True)
     assert proc.returncode == 2
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_version_license_and_no_color(monkeypatch, capsys):
+    """`nanoseek --version` prints the installed version; LICENSE is the license pyproject declares; NO_COLOR
+    (no-color.org) turns off --color auto even on a terminal."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"nanoseek {version('nanoseek')}"
+    root = Path(__file__).resolve().parents[1]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["license"]
+    assert (root / "LICENSE").read_text().splitlines()[0] == f"{declared} License"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert use_color("auto")
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not use_color("auto") and use_color("always")

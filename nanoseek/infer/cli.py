@@ -20,8 +20,8 @@ from nanoseek.infer.server import create_app
 
 
 def use_color(choice: str) -> bool:
-    """The --color flag: "auto" colors a terminal, not a pipe or a file."""
-    return {"auto": sys.stdout.isatty(), "always": True, "never": False}[choice]
+    """The --color flag: "auto" colors a terminal, not a pipe or a file, and not when NO_COLOR is set (no-color.org)."""
+    return {"auto": sys.stdout.isatty() and not os.environ.get("NO_COLOR"), "always": True, "never": False}[choice]
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float,
