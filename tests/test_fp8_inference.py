@@ -2,9 +2,11 @@
 what the same checkpoint loaded dequantized computes, holding E4M3 weights and their scales only."""
 import pytest
 import torch
+from infer_fixtures import chat_model_dir
 from torch import nn
 
 import nanoseek
+from nanoseek.cli import build_parser, main
 from nanoseek.config import ModelConfig
 from nanoseek.interop.hf import CheckpointError, load_pretrained, save_pretrained
 from nanoseek.model import moe
@@ -77,4 +79,22 @@ def test_keep_fp8_needs_an_fp8_checkpoint_and_is_not_saved(tmp_path, fp8_dir):
         load_pretrained(tmp_path / "plain", keep_fp8=True)
     with pytest.raises(ValueError, match="holds FP8 weights .*without keep_fp8"):
         save_pretrained(load_pretrained(fp8_dir, keep_fp8=True), tmp_path / "again")
+
+
+def test_fp8_flag_of_generate_chat_and_serve(tmp_path, capsys):
+    fp8 = str(tmp_path / "fp8")
+    main(["convert", chat_model_dir(), "--out", fp8, "--dtype", "fp8"])
+    capsys.readouterr()
+    outs = []
+    for extra in ([], ["--fp8"]):
+        main(["generate", "--model", fp8, "--prompt", "What is 2+2?", "--chat", "--color", "never",
+              "--max-new-tokens", "30", "--dtype", "bfloat16", *extra])
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and len(outs[0]) > 10
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", chat_model_dir(), "--prompt", "hi", "--fp8"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not an FP8 checkpoint" in err and err.count("\n") == 1
+    for command in ("chat", "serve"):
+        assert build_parser().parse_args([command, "--model", fp8, "--fp8"]).fp8
 
