@@ -48,8 +48,17 @@ def holds_fp8(module: nn.Module) -> bool:
     return any(isinstance(m, DequantizeFP8) for m in module.modules())
 
 
-def dequantize_experts(module: nn.Module, name: str, index: Tensor) -> Tensor:
-    """`module.<name>[index]` for a stacked FP8-stored weight [E, out, in], dequantizing those experts only."""
+def dequantize_experts(module: nn.Module, name: str, index: Tensor | int) -> Tensor:
+    """`module.<name>[index]` for a stacked FP8-stored weight [E, out, in], dequantizing those experts only, one
+    at a time (the fp32 intermediates of a whole stack would take ~12 bytes per weight)."""
     stored = module.parametrizations[name]
-    deq = stored[0]
-    return dequantize_weight_blockwise(stored.original[index], deq.scale_inv[index], dtype=deq.dtype)
+    w, deq = stored.original, stored[0]
+
+    def one(e: int) -> Tensor:
+        return dequantize_weight_blockwise(w[e], deq.scale_inv[e], dtype=deq.dtype)
+    if isinstance(index, int):
+        return one(index)
+    out = torch.empty((len(index), *w.shape[1:]), dtype=deq.dtype, device=w.device)
+    for i, e in enumerate(index.tolist()):
+        out[i] = one(e)
+    return out
