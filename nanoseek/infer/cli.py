@@ -44,10 +44,10 @@ def sampling_params(args: argparse.Namespace, **more) -> SamplingParams:
 def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
     """How the commands that load a model hold its weights."""
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="precision of the weights and the computation")
+                        help="precision of the computation and of the weights (but FP8 ones with --fp8)")
     parser.add_argument("--fp8", action="store_true",
-                        help="keep an FP8 checkpoint's weights in FP8 (with their block scales), dequantizing each "
-                             "layer's as it runs: ~1 byte per quantized weight in memory, same outputs")
+                        help="keep an FP8 checkpoint's weights in FP8 with their block scales, each layer dequantizing "
+                             "its own as it runs: ~1 byte per quantized weight in memory, the same tokens, slower")
 
 
 # ---------------------------------------------------------------------- generate
