@@ -25,6 +25,8 @@ state_dict stay exactly the model's, so optimizers, checkpoints and FP8 conversi
 The cached weight copies are rebuilt when a source weight is replaced or its version changes; some
 in-place updates leave the version alone (fused AdamW, writes through `.data`), so whoever changes
 weights that way calls `clear_caches(model)` (the optimizer's step hook and the inference engine do).
+Modules holding FP8 inference weights (quant.fp8_weights) take the same paths on weights dequantized as
+they are read, and keep no copies of them: the same numbers as the model loaded dequantized.
 """
 from __future__ import annotations
 

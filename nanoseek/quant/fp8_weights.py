@@ -6,8 +6,8 @@ The mechanism is a torch parametrization: `linear.weight` (or an `Experts` modul
 `up_proj`, `down_proj`) reads as `dequantize_weight_blockwise(w_fp8, scale_inv, dtype)` — the fp32 product, then
 the cast, exactly what loading the checkpoint dequantized stores — so every path that reads a weight (nn.Linear's
 forward, MLA's absorbed attention) computes on the dequantized model's very values. The routed experts dequantize
-only the experts that received tokens (`dequantize_experts`). The decode fast paths keep copies and views of
-weights, so they leave modules that hold FP8 weights alone (`holds_fp8`).
+only the experts that received tokens (`dequantize_experts`). The decode fast paths (nanoseek.fastpath) run on
+these modules too, without keeping dequantized copies (`holds_fp8`).
 """
 from __future__ import annotations
 
