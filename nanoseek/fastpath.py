@@ -25,6 +25,8 @@ state_dict stay exactly the model's, so optimizers, checkpoints and FP8 conversi
 The cached weight copies are rebuilt when a source weight is replaced or its version changes; some
 in-place updates leave the version alone (fused AdamW, writes through `.data`), so whoever changes
 weights that way calls `clear_caches(model)` (the optimizer's step hook and the inference engine do).
+Modules holding FP8 inference weights (quant.fp8_weights) take the same paths on weights dequantized as
+they are read, and keep no copies of them: the same numbers as the model loaded dequantized.
 """
 from __future__ import annotations
 
@@ -36,9 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.linalg import vecdot
+from torch.nn.utils import parametrize
 
 from nanoseek.model.attention import MLA, RMSNorm, causal_mask
 from nanoseek.model.moe import Experts, MoE, Routing, TokenDispatcher, TokenDrop
+from nanoseek.quant.fp8_weights import dequantize_experts, holds_fp8
 
 
 def _cpu_bf16_gemm_is_slow() -> bool:
@@ -169,6 +173,9 @@ class FastMLA(MLA):
         None: when that costs no more multiplies per token (latent no wider than a head's keys and
         values, as in the small presets; not at V2/V3 shapes, where the latent is 4x wider)."""
         self._decode_cache = DecodeCache()
+        self._fp8 = holds_fp8(self)
+        """FP8-stored projections (quant.fp8_weights): the absorbed weights are built from them at every call,
+        no dequantized copies kept."""
 
     def _sdpa(self, q_BSHK, k_BTHK, v_BTHV, mask):
         dtype, pad, fp32 = q_BSHK.dtype, 0, False
@@ -223,8 +230,9 @@ class FastMLA(MLA):
 
     def _absorbed_weights(self) -> SimpleNamespace:
         """The absorbed path's weights, built from the parameters and kept until one of them is replaced or
-        its version changes (see `clear_caches`); built afresh, differentiably, when grad is on."""
-        if torch.is_grad_enabled():
+        its version changes (see `clear_caches`); built afresh, differentiably, when grad is on, and from FP8
+        weights."""
+        if torch.is_grad_enabled() or self._fp8:
             return self._build_absorbed_weights()
         # every projection's tensors, read from the module dicts (cheaper than attribute access, and a swapped
         # module or parameter shows up too)
@@ -273,13 +281,26 @@ class FastExperts(Experts):
         dtype = self._compute_dtype(t)
         return round_bf16(t) if emulate_bf16(t, dtype) and not torch.compiler.is_compiling() else cast(t, dtype)
 
-    def expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | _DequantizedExperts:
         """(gate, up, down) views of each expert, kept until a parameter changes (indexing a stacked
         parameter is a dispatched op, and one decoded token would index it 3·K times per layer). Plain
-        parameters: the per-token path runs only with the local dispatcher, never on sharded experts."""
+        parameters: the per-token path runs only with the local dispatcher, never on sharded experts. FP8-stored
+        weights: each expert dequantized whenever a token asks for it, no copies kept."""
+        if holds_fp8(self):
+            return _DequantizedExperts(self)
         params = [self._parameters[name] for name in ("gate_proj", "up_proj", "down_proj")]
         key = tuple((p.data_ptr(), p._version) for p in params)
         return self._decode_cache.get(key, lambda: list(zip(*(p.detach().unbind(0) for p in params))))
+
+
+class _DequantizedExperts:
+    """(gate, up, down) of expert e of FP8-stored experts, dequantized when indexed."""
+
+    def __init__(self, experts: Experts):
+        self.experts = experts
+
+    def __getitem__(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(dequantize_experts(self.experts, name, e) for name in ("gate_proj", "up_proj", "down_proj"))
 
 
 class FastMoE(MoE):
@@ -325,15 +346,20 @@ _FAST = {nn.Linear: FastLinear, RMSNorm: FastRMSNorm, MLA: FastMLA, Experts: Fas
 
 
 def _swap(module: nn.Module, fast: type) -> None:
-    module.__class__ = fast
+    if parametrize.is_parametrized(module):
+        type(module).__bases__ = (fast,)
+    else:
+        module.__class__ = fast
     fast._adopt(module)
 
 
 def enable(model: nn.Module) -> nn.Module:
     """Switch the fast paths on in place (idempotent); returns model. Only modules of exactly the plain
-    classes are swapped: subclasses (FP8Linear, ...) keep their own forward."""
+    classes are swapped: subclasses (FP8Linear, ...) keep their own forward. A module with parametrized
+    weights (FP8 inference weights, quant.fp8_weights) has a class of torch's making over the plain one,
+    its own: that class is rebased on the fast one."""
     for m in model.modules():
-        fast = _FAST.get(type(m))
+        fast = _FAST.get(parametrize.type_before_parametrizations(m))
         if fast is not None:
             _swap(m, fast)
     head = getattr(model, "lm_head", None)

@@ -8,7 +8,13 @@ from safetensors.torch import load_file, save_file
 
 import nanoseek
 from nanoseek.config import ModelConfig
-from nanoseek.interop.hf import CheckpointError, load_pretrained, save_pretrained, to_hf_state_dict
+from nanoseek.interop.hf import (
+    CheckpointError,
+    load_pretrained,
+    load_weights,
+    save_pretrained,
+    to_hf_state_dict,
+)
 from nanoseek.quant.fp8 import dequantize_weight_blockwise, quantize_weight_blockwise
 
 # Widths that are not multiples of 128, so ragged edge blocks are exercised.
@@ -195,3 +201,40 @@ def test_invalid_config_names_field_value_and_allowed(change, field, allowed):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'tiny-v9'.*tiny-v3"):
         ModelConfig.preset("tiny-v9")
+
+
+def test_fp8_checkpoint_errors_name_the_problem(tmp_path, seed):
+    model = nanoseek.DeepSeekForCausalLM(ModelConfig.preset("tiny-v3", **FP8_SHAPES))
+    save_pretrained(model, tmp_path / "ok", fp8=True)
+    tensors = load_file(tmp_path / "ok" / "model.safetensors")
+    key = "model.layers.0.self_attn.q_a_proj.weight"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+    for change, needle in [
+        ({key: None}, f"{key}_scale_inv has no matching {key}"),
+        ({key + "_scale_inv": None}, f"{key} is FP8 but has no weight_scale_inv"),
+        ({key + "_scale_inv": torch.ones(1, 2)}, r"has shape \(1, 2\), expected \(2, 2\) for 128x128 blocks"),
+        ({"model.layers.1.mlp.experts.5.up_proj.weight": None, "model.layers.1.mlp.experts.5.up_proj.weight_scale_inv":
+          None}, r"experts \[5\] are missing their up_proj"),
+    ]:
+        bad = {k: v for k, v in {**tensors, **change}.items() if v is not None}
+        save_file(bad, tmp_path / "bad" / "model.safetensors")
+        with pytest.raises(CheckpointError, match=needle):
+            load_pretrained(tmp_path / "bad")
+    save_file({key: tensors[key]}, tmp_path / "bad" / "model-2.safetensors")  # a key in two files
+    with pytest.raises(CheckpointError, match=f"{key} is in both .*model-2.safetensors and .*/model.safetensors"):
+        load_pretrained(tmp_path / "bad")
+
+
+def test_tied_embeddings_and_loading_into_a_model(tmp_path, seed):
+    model = nanoseek.DeepSeekForCausalLM(ModelConfig.preset("tiny-v3", tie_word_embeddings=True)).eval()
+    save_pretrained(model, tmp_path, fp8=True, max_shard_size="100KB")
+    loaded = load_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    again = nanoseek.DeepSeekForCausalLM(model.config)
+    load_weights(again, tmp_path)  # in place, into the model's own (fp32) tensors
+    for (k, a), (_, b) in zip(loaded.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    again.model.layers[0].self_attn.kv_b_proj = torch.nn.Linear(32, 3, bias=False)
+    with pytest.raises(CheckpointError, match="kv_b_proj.weight has shape .* the model implies"):
+        load_weights(again, tmp_path)

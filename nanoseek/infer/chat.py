@@ -57,14 +57,14 @@ class ReplyPrinter:
         return f"<think>\n{p.reasoning}\n</think>\n\n{p.content}" if p.opened else p.content
 
 
-def load(model_dir: str, dtype: str = "float32"):
-    """(model in eval mode, tokenizer) of a model directory; `dtype` is "float32" or "bfloat16"."""
+def load(model_dir: str, dtype: str = "float32", fp8: bool = False):
+    """(model in eval mode, tokenizer) of a model directory; `dtype` ("float32" or "bfloat16") is the compute
+    precision; `fp8` keeps an FP8 checkpoint's weights in FP8 (`load_pretrained(..., keep_fp8=True)`)."""
     if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         raise FileNotFoundError(f"{model_dir} has no tokenizer.json; a model directory needs its tokenizer")
     tok = load_tokenizer(model_dir)
-    model = load_pretrained(model_dir, dtype={"float32": torch.float32,
-                                                                  "bfloat16": torch.bfloat16}[dtype]).eval()
-    return model, tok
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    return load_pretrained(model_dir, dtype=dtype, keep_fp8=fp8), tok
 
 
 def chat_loop(engine, tokenizer, params, *, system: str | None = None, thinking: bool = False,

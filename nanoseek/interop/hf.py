@@ -3,24 +3,35 @@
 On disk every routed expert has its own keys (`mlp.experts.{e}.{gate,up,down}_proj.weight`) and MTP
 module k is `model.layers.{num_hidden_layers + k}.*` with copies of the embedding and head, as
 DeepSeek ships them; in memory experts are stacked and MTP modules live in `model.mtp`. FP8
-checkpoints (float8_e4m3fn weights + `weight_scale_inv` per 128x128 block) are dequantized on load.
+checkpoints (float8_e4m3fn weights + `weight_scale_inv` per 128x128 block) are dequantized on load, or
+kept in FP8 with `keep_fp8` (quant.fp8_weights: each weight dequantized whenever its layer runs).
+
+Loading streams: the model is built on the meta device, then each tensor is read from its file straight into
+its final place in the target dtype (a routed expert's weight into its slice of the stacked tensor), one file
+open at a time. Plain reads, not safetensors' memory map: a mapped file's touched pages count in the
+process's resident memory until the file is closed, GBs for a real checkpoint's shards. Peak memory is the
+loaded model plus one tensor in flight (and a dequantized one's fp32 product).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.rope import rope_inv_freq
 from nanoseek.model.transformer import DeepSeekForCausalLM
 from nanoseek.quant.fp8 import dequantize_weight_blockwise, quantize_weight_blockwise
+from nanoseek.quant.fp8_weights import holds_fp8, store_fp8
 from nanoseek.utils import atomic_path, atomic_write_text
 
 INDEX = "model.safetensors.index.json"
@@ -39,6 +50,9 @@ class CheckpointError(ValueError):
 def to_hf_state_dict(model, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """nanoseek parameter names -> checkpoint keys (experts split, MTP renamed, copies added), of
     `state_dict` (default: the model's own)."""
+    if state_dict is None and holds_fp8(model):
+        raise ValueError("this model holds FP8 weights (loaded with keep_fp8), which it cannot write; load its "
+                         "checkpoint without keep_fp8 to save it")
     cfg: ModelConfig = model.config
     L, out = cfg.num_hidden_layers, {}
     for name, t in (model.state_dict() if state_dict is None else state_dict).items():
@@ -62,35 +76,39 @@ def to_hf_state_dict(model, state_dict: dict[str, torch.Tensor] | None = None) -
     return out
 
 
-def from_hf_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Checkpoint keys -> nanoseek parameter names (experts stacked, MTP renamed, copies dropped)."""
-    L = cfg.num_hidden_layers
-    own_keys = {"enorm", "hnorm", "eh_proj", "shared_head"}
-    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = defaultdict(dict)
-    out = {}
-    for key, t in tensors.items():
-        m = re.match(r"^model\.layers\.(\d+)\.(.*)$", key)
-        if m and int(m.group(1)) >= L:
-            k, rest = int(m.group(1)) - L, m.group(2)
-            if rest in ("embed_tokens.weight", "shared_head.head.weight"):
-                continue  # shared with the main model (V3 §2.2)
-            key = f"mtp.{k}.{rest}" if rest.split(".")[0] in own_keys else f"mtp.{k}.block.{rest}"
-        m = _EXPERT_HF.match(key)
-        if m:
-            experts[(m.group(1), m.group(3))][int(m.group(2))] = t
-            continue
-        out[key] = t
-    for (prefix, proj), per_expert in experts.items():
-        if sorted(per_expert) != list(range(cfg.n_routed_experts)):
-            missing = sorted(set(range(cfg.n_routed_experts)) - set(per_expert))
-            raise CheckpointError(f"{prefix}: experts {missing[:8]} are missing their {proj} weights")
-        out[f"{prefix}.{proj}"] = torch.stack([per_expert[e] for e in range(cfg.n_routed_experts)])
-    if cfg.tie_word_embeddings:
-        out.pop("lm_head.weight", None)
-    return out
+def _from_hf_key(key: str, num_hidden_layers: int) -> tuple[str, int | None] | None:
+    """Checkpoint key -> (nanoseek parameter name, routed expert index or None), or None for MTP's copies of the
+    embedding and head (shared with the main model, V3 §2.2)."""
+    m = re.match(r"^model\.layers\.(\d+)\.(.*)$", key)
+    if m and int(m.group(1)) >= num_hidden_layers:
+        k, rest = int(m.group(1)) - num_hidden_layers, m.group(2)
+        if rest in ("embed_tokens.weight", "shared_head.head.weight"):
+            return None
+        own = rest.split(".")[0] in ("enorm", "hnorm", "eh_proj", "shared_head")
+        key = f"mtp.{k}.{rest}" if own else f"mtp.{k}.block.{rest}"
+    m = _EXPERT_HF.match(key)
+    if m:
+        return f"{m.group(1)}.{m.group(3)}", int(m.group(2))
+    return key, None
 
 
 # ---------------------------------------------------------------------------- reading
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_SCALE = "_scale_inv"
+
+
+@dataclass(frozen=True)
+class _StoredTensor:
+    """Where a tensor lies in a safetensors file (from the file's header)."""
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # of its first byte in the file
+    nbytes: int
+
+
 def _weight_files(path: str) -> list[str]:
     index = os.path.join(path, INDEX)
     if os.path.exists(index):
@@ -108,59 +126,219 @@ def _weight_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in files]
 
 
-def read_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory by key, FP8 weights dequantized, cast to `dtype`."""
-    path = os.fspath(path)
-    tensors: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
-    for file in _weight_files(path):
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-                    origin[key] = file
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"cannot read {file}: {e} (truncated or not a safetensors file?)") from None
-    for key in [k for k in tensors if k.endswith(".weight_scale_inv")]:
-        wkey = key[: -len("_scale_inv")]
-        if wkey not in tensors:
-            raise CheckpointError(f"{origin[key]}: {key} has no matching {wkey}")
-        w, s = tensors[wkey], tensors.pop(key)
-        expected = (-(-w.shape[0] // 128), -(-w.shape[1] // 128))
-        if tuple(s.shape) != expected:
-            raise CheckpointError(f"{origin[key]}: {key} has shape {tuple(s.shape)}, expected {expected} for "
-                                  f"128x128 blocks of a {tuple(w.shape)} weight")
-        tensors[wkey] = dequantize_weight_blockwise(w, s, dtype=torch.float32)
-    for key, t in tensors.items():
-        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            raise CheckpointError(f"{origin[key]}: {key} is FP8 but has no weight_scale_inv")
-        if dtype is not None and t.is_floating_point():
-            tensors[key] = t.to(dtype)
-    return tensors
+def _header(file: str) -> dict[str, _StoredTensor]:
+    """The tensors of a safetensors file (an 8-byte header length, a JSON header, the data), checked against
+    the file's size."""
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"a {n}-byte header in a {size}-byte file")
+            header = json.loads(f.read(n))
+        out = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if info["dtype"] not in _DTYPES:
+                raise ValueError(f"{key} has dtype {info['dtype']}, which nanoseek does not read")
+            dtype, shape, (begin, end) = _DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+            if end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= size - 8 - n:
+                raise ValueError(f"{key}'s data lies outside the file or does not fit its shape")
+            out[key] = _StoredTensor(file, dtype, shape, 8 + n + begin, end - begin)
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"cannot read {file}: {e} (truncated or not a safetensors file?)") from None
+
+
+def _read(f: BinaryIO, t: _StoredTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Tensor `t` read from its open file `f` into `out` (cast and moved as needed; default: a new CPU tensor)
+    with plain reads: the bytes go straight into a CPU tensor of the stored dtype, else through one such copy."""
+    direct = out is not None and out.dtype == t.dtype and out.device.type == "cpu" and out.is_contiguous()
+    buf = out if direct else torch.empty(t.shape, dtype=t.dtype)
+    f.seek(t.offset)
+    if f.readinto(buf.reshape(-1).view(torch.uint8).numpy()) != t.nbytes:
+        raise CheckpointError(f"cannot read {t.file}: it ends inside a tensor (truncated?)")
+    if out is None or direct:
+        return buf
+    return out.copy_(buf)
+
+
+class _Checkpoint:
+    """A checkpoint directory's tensors as its files' headers describe them (no data read yet), the FP8 ones
+    checked: every weight_scale_inv has its weight, in 128x128 blocks, and every FP8 weight its scale."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tensors: dict[str, _StoredTensor] = {}
+        for file in _weight_files(path):
+            for key, t in _header(file).items():
+                if key in self.tensors:
+                    raise CheckpointError(f"{key} is in both {self.tensors[key].file} and {file}")
+                self.tensors[key] = t
+        self.scales: dict[str, _StoredTensor] = {}
+        """FP8 weight key -> its weight_scale_inv."""
+        for key, s in self.tensors.items():
+            if not key.endswith(".weight" + _SCALE):
+                continue
+            wkey = key[: -len(_SCALE)]
+            if wkey not in self.tensors:
+                raise CheckpointError(f"{s.file}: {key} has no matching {wkey}")
+            w = self.tensors[wkey]
+            expected = tuple(-(-d // 128) for d in w.shape)
+            if len(w.shape) != 2 or s.shape != expected:
+                raise CheckpointError(f"{s.file}: {key} has shape {s.shape}, expected {expected} for 128x128 blocks "
+                                      f"of a {w.shape} weight")
+            self.scales[wkey] = s
+        for key, t in self.tensors.items():
+            if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and key not in self.scales:
+                raise CheckpointError(f"{t.file}: {key} is FP8 but has no weight_scale_inv")
+
+    def dtype(self) -> torch.dtype:
+        """The precision of its unquantized floating-point tensors (float32 when it has none)."""
+        return next((t.dtype for k, t in self.tensors.items() if t.dtype.is_floating_point and k not in self.scales
+                     and not k.endswith(_SCALE)), torch.float32)
+
+    def plan(self, cfg: ModelConfig) -> tuple[dict[str, tuple[str, int | None]], dict[str, tuple[int, ...]]]:
+        """(checkpoint key -> (parameter name, routed expert index or None), parameter name -> shape) for the
+        tensors a model of `cfg` takes from here: experts stacked (all of them, alike), MTP's copies of the
+        embedding and head and a tied head left out."""
+        targets, shapes = {}, {}
+        experts: dict[str, dict[int, str]] = defaultdict(dict)
+        for key, t in self.tensors.items():
+            target = None if key.endswith(".weight" + _SCALE) else _from_hf_key(key, cfg.num_hidden_layers)
+            if target is None or (cfg.tie_word_embeddings and target[0] == "lm_head.weight"):
+                continue
+            targets[key] = name, e = target
+            if e is None:
+                shapes[name] = t.shape
+            else:
+                experts[name][e] = key
+        E = cfg.n_routed_experts
+        for name, keys in experts.items():
+            if sorted(keys) != list(range(E)):
+                missing, extra = sorted(set(range(E)) - set(keys)), sorted(set(keys) - set(range(E)))
+                prefix, proj = name.rsplit(".", 1)
+                raise CheckpointError(f"{self.path}: {prefix}: " + (
+                    f"experts {missing[:8]} are missing their {proj} weights" if missing else
+                    f"experts {extra[:8]} are beyond its config's n_routed_experts = {E}"))
+            shape = self.tensors[keys[0]].shape
+            for key in keys.values():
+                if self.tensors[key].shape != shape:
+                    raise CheckpointError(f"{self.tensors[key].file}: {key} has shape {self.tensors[key].shape}, "
+                                          f"expert 0's has {shape}")
+            shapes[name] = (E, *shape)
+        return targets, shapes
+
+    def _by_file(self, keys) -> dict[str, list[str]]:
+        """`keys` by file, each file's in the order they lie in it."""
+        out: dict[str, list[str]] = defaultdict(list)
+        for key in sorted(keys, key=lambda k: (self.tensors[k].file, self.tensors[k].offset)):
+            out[self.tensors[key].file].append(key)
+        return out
+
+    def read_into(self, targets: dict[str, tuple[str, int | None]], dst: dict[str, torch.Tensor],
+                  kept_scales: dict[str, torch.Tensor]) -> None:
+        """Read each tensor of `targets` into its place in `dst` (its parameter, or its expert's slice of the
+        stacked one), one file at a time: an FP8 weight dequantized into dst's dtype or, for the parameters in
+        `kept_scales`, copied as it is, with its scales into kept_scales."""
+        scales = {}  # all of them first (small: one number per 128x128 block), as a weight's may be in another file
+        for file, keys in self._by_file([key + _SCALE for key in self.scales]).items():
+            with open(file, "rb") as f:
+                for key in keys:
+                    scales[key[: -len(_SCALE)]] = _read(f, self.tensors[key])
+        for file, keys in self._by_file(targets).items():
+            with open(file, "rb") as f:
+                for key in keys:
+                    name, e = targets[key]
+                    out = dst[name] if e is None else dst[name][e]
+                    if key not in scales:
+                        _read(f, self.tensors[key], out)
+                    elif name in kept_scales:
+                        _read(f, self.tensors[key], out)
+                        (kept_scales[name] if e is None else kept_scales[name][e]).copy_(scales[key])
+                    else:
+                        out.copy_(dequantize_weight_blockwise(_read(f, self.tensors[key]), scales[key], dtype=out.dtype))
+
+
+def _expected(model) -> dict[str, torch.Tensor]:
+    """The model's state dict, less a tied head (the embedding is the one stored)."""
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def _check(shapes: dict[str, tuple[int, ...]], expected: dict[str, torch.Tensor], source: str, against: str
+           ) -> list[str]:
+    """Check that a checkpoint (`source`) holding parameters of `shapes` fits a model whose state dict is
+    `expected`, strictly: any missing or unexpected key, or another shape, raises CheckpointError (`against`
+    names what the checkpoint was checked against) — except a missing routing bias: V2 and V3 before aux-free
+    training have none, and it is not written while all-zero. Returns those biases, to be zeros."""
+    zeros = [k for k in expected if k not in shapes and k.endswith("e_score_correction_bias")]
+    missing = [k for k in expected if k not in shapes and k not in zeros]
+    unexpected = [k for k in shapes if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {source} does not match {against}: missing keys {_short(missing)}; "
+                              f"unexpected keys {_short(unexpected)}")
+    for k, shape in shapes.items():
+        if tuple(shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"checkpoint {source}: {k} has shape {tuple(shape)}, {against} implies "
+                                  f"{tuple(expected[k].shape)}")
+    return zeros
+
+
+def _short(keys: list[str], n: int = 6) -> str:
+    return "[]" if not keys else f"{keys[:n]}" + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
-                    device: str | torch.device = "cpu"):
-    """A DeepSeekForCausalLM from a checkpoint directory (config.json + safetensors)."""
+                    device: str | torch.device = "cpu", keep_fp8: bool = False):
+    """A DeepSeekForCausalLM in eval mode from a checkpoint directory (config.json + safetensors), its floating-point
+    tensors in `dtype` (None: the checkpoint's). Streamed: see the module docstring.
+
+    An FP8 checkpoint's weights are dequantized (the fp32 product, then `dtype`), unless `keep_fp8`: then they
+    stay E4M3 with their block scales and are dequantized whenever their layer runs (quant.fp8_weights), to the
+    same values; the model computes in `dtype`. keep_fp8 needs an FP8 checkpoint."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    cfg = ModelConfig.from_pretrained(path)
-    cfg = cfg.replace(quantization_config=None)  # dequantized below: the model in memory is not FP8
-    tensors = read_checkpoint(path, dtype=dtype)
-    if dtype is None:  # keep the checkpoint's precision, but never compute in FP8
-        dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
-    state = from_hf_state_dict(tensors, cfg)
-    if cfg.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in state):
+    cfg = ModelConfig.from_pretrained(path).replace(quantization_config=None)  # (in memory: dequantized, or stored)
+    ckpt = _Checkpoint(path)
+    if keep_fp8 and not ckpt.scales:
+        raise CheckpointError(f"{path} is not an FP8 checkpoint (it has no weight_scale_inv tensors): keep_fp8 "
+                              "(--fp8) keeps an FP8 checkpoint's weights in FP8; load this one without it")
+    targets, shapes = ckpt.plan(cfg)
+    if cfg.num_nextn_predict_layers and not any(name.startswith("mtp.") for name in shapes):
         # transformers drops the MTP layers when it saves; the main model is complete without them.
         warnings.warn(f"{path}: config.json declares {cfg.num_nextn_predict_layers} MTP layer(s) but the checkpoint "
                       "has no MTP weights; loading without MTP")
         cfg = cfg.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = DeepSeekForCausalLM(cfg)
-    check_state_dict(state, model.state_dict(), path, against="its config.json")
-    state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    expected = _expected(model)
+    zeros = _check(shapes, expected, path, against="its config.json")
+    dtype = dtype or ckpt.dtype()
+    keys: dict[str, list[str]] = defaultdict(list)  # parameter -> its checkpoint keys (one, or one per expert)
+    for key, (name, _) in targets.items():
+        keys[name].append(key)
+    kept = {name for name, ks in keys.items() if keep_fp8 and all(k in ckpt.scales for k in ks)}
+    dst, scales = {}, {}
+    for name, shape in shapes.items():
+        first = keys[name][0]
+        if name in kept:
+            dst[name] = torch.empty(shape, dtype=ckpt.tensors[first].dtype, device=device)
+            s = ckpt.scales[first]
+            scales[name] = torch.empty((*shape[:-2], *s.shape), dtype=s.dtype, device=device)
+        else:
+            own = expected[name].dtype
+            dst[name] = torch.empty(shape, dtype=dtype if own.is_floating_point else own, device=device)
+    ckpt.read_into(targets, dst, scales)
+    dst.update({name: torch.zeros(expected[name].shape, dtype=dtype, device=device) for name in zeros})
+    model.load_state_dict({k: t for k, t in dst.items() if k not in kept}, strict=False, assign=True)
+    for name in kept:
+        module, attr = name.rsplit(".", 1)
+        store_fp8(model.get_submodule(module), attr, dst[name], scales[name], dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary.to_empty(device=device)  # non-persistent buffer: recompute it off the meta device
@@ -168,27 +346,19 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = torch.f
     return model.eval()
 
 
-def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str | os.PathLike,
-                     against: str) -> None:
-    """Make `state` (read from checkpoint `source`) fit a model whose state dict is `expected`, strictly:
-    a routing bias the checkpoint lacks is added as zeros (V2 and V3 before aux-free training have none, and
-    it is not written while all-zero); any other missing or unexpected key, or another shape, raises
-    CheckpointError (`against` names what the checkpoint was checked against)."""
-    for k in [k for k in expected if k not in state and k.endswith("e_score_correction_bias")]:
-        state[k] = torch.zeros(expected[k].shape, dtype=expected[k].dtype)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {source} does not match {against}: missing keys {_short(missing)}; "
-                              f"unexpected keys {_short(unexpected)}")
-    for k, t in state.items():
-        if t.shape != expected[k].shape:
-            raise CheckpointError(f"checkpoint {source}: {k} has shape {tuple(t.shape)}, {against} implies "
-                                  f"{tuple(expected[k].shape)}")
-
-
-def _short(keys: list[str], n: int = 6) -> str:
-    return "[]" if not keys else f"{keys[:n]}" + (f" and {len(keys) - n} more" if len(keys) > n else "")
+@torch.no_grad()
+def load_weights(model, path: str | os.PathLike) -> None:
+    """Read a checkpoint directory's weights into `model` in place, strictly (names and shapes checked against the
+    model), FP8 weights dequantized, everything cast to the model's dtypes; streamed as `load_pretrained` is."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    ckpt = _Checkpoint(path)
+    targets, shapes = ckpt.plan(model.config)
+    expected = _expected(model)
+    for name in _check(shapes, expected, path, against="the model"):
+        expected[name].zero_()
+    ckpt.read_into(targets, expected, {})
 
 
 # ---------------------------------------------------------------------------- writing
@@ -208,6 +378,49 @@ def is_fp8_eligible(key: str, t: torch.Tensor) -> bool:
             and ".eh_proj." not in key)
 
 
+def shard_layout(sizes: dict[str, int], max_shard_size: int | str = "5GB") -> dict[str, list[str]]:
+    """File name -> its keys, for tensors of `sizes` bytes (in that order): files of at most max_shard_size (a
+    larger tensor alone in one), named as transformers names them; one `model.safetensors` when all fit in one."""
+    limit = _parse_size(max_shard_size)
+    shards, current, size = [], [], 0
+    for key, nbytes in sizes.items():
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += nbytes
+    shards.append(current)
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    return dict(zip(names, shards))
+
+
+def write_checkpoint(path: str | os.PathLike, layout: dict[str, list[str]],
+                     tensors: Callable[[list[str]], dict[str, torch.Tensor]], config: ModelConfig) -> None:
+    """Write a checkpoint directory: each file of `layout` (atomically) with the tensors `tensors(keys)` gives for
+    its keys — one file's worth in memory at a time —, the index when there are several files, and config.json.
+    Shards of an earlier checkpoint in `path` are removed."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    weight_map, total = {}, 0
+    for name, keys in layout.items():
+        shard = {k: t.contiguous() for k, t in tensors(keys).items()}
+        with atomic_path(os.path.join(path, name)) as tmp:
+            save_file(shard, tmp, metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        weight_map.update(dict.fromkeys(shard, name))
+        del shard
+    stale = [f for f in os.listdir(path) if f.endswith(".safetensors") and f not in layout]
+    if len(layout) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        atomic_write_text(os.path.join(path, INDEX), json.dumps(index, indent=2) + "\n")
+    elif os.path.exists(os.path.join(path, INDEX)):
+        os.remove(os.path.join(path, INDEX))
+    for f in stale:
+        os.remove(os.path.join(path, f))
+    config.save(os.path.join(path, "config.json"))
+
+
 def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                     dtype: torch.dtype | None = None, fp8: bool = False,
                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -215,37 +428,12 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = 
     `state_dict` replaces the model's own (a sharded model's, gathered).
 
     `fp8` writes DeepSeek-V3's block-scaled FP8 layout (weight + weight_scale_inv, 128x128 blocks)."""
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    limit = _parse_size(max_shard_size)
     tensors = {}
     for k, t in to_hf_state_dict(model, state_dict).items():
         t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         if fp8 and is_fp8_eligible(k, t):
-            t, tensors[k + "_scale_inv"] = quantize_weight_blockwise(t)
-        tensors[k] = t.contiguous()
-    shards, current, size = [], {}, 0
-    for k, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > limit:
-            shards.append(current)
-            current, size = {}, 0
-        current[k] = t
-        size += nbytes
-    shards.append(current)
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        with atomic_path(os.path.join(path, name)) as tmp:
-            save_file(shard, tmp, metadata={"format": "pt"})
-    stale = [f for f in os.listdir(path) if f.endswith(".safetensors") and f not in names]
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-        atomic_write_text(os.path.join(path, INDEX), json.dumps(index, indent=2) + "\n")
-    elif os.path.exists(os.path.join(path, INDEX)):
-        os.remove(os.path.join(path, INDEX))
-    for f in stale:
-        os.remove(os.path.join(path, f))
+            t, tensors[k + _SCALE] = quantize_weight_blockwise(t)
+        tensors[k] = t
+    layout = shard_layout({k: t.numel() * t.element_size() for k, t in tensors.items()}, max_shard_size)
     cfg = model.config.replace(quantization_config=FP8_QUANTIZATION_CONFIG) if fp8 else model.config
-    cfg.save(os.path.join(path, "config.json"))
+    write_checkpoint(path, layout, lambda keys: {k: tensors[k] for k in keys}, cfg)

@@ -32,6 +32,7 @@ from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 from nanoseek.config import ModelConfig
 from nanoseek.quant.fp8 import FP8Recipe, fp8_grouped_matmul
+from nanoseek.quant.fp8_weights import dequantize_experts, holds_fp8
 
 
 class MLP(nn.Module):
@@ -193,20 +194,25 @@ class Experts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """expert_e(row) for rows sorted by expert, counts_E[e] of them for expert e (the local experts,
         when expert parallelism has sharded them)."""
-        w = self.local_weights()
+        if holds_fp8(self):  # FP8 inference weights (quant.fp8_weights): dequantize the experts with rows only
+            used = counts_E.nonzero()[:, 0]
+            w = tuple(dequantize_experts(self, name, used) for name in ("gate_proj", "up_proj", "down_proj"))
+            counts_E = counts_E[used]
+        else:
+            w = self.local_weights()
         if self.fp8 is not None:
             return self._fp8(x_ND, counts_E, *w)
-        return self._grouped(x_ND, counts_E, *w) if self._can_group(x_ND) else self._looped(x_ND, counts_E, *w)
+        return self._grouped(x_ND, counts_E, *w) if self._can_group(x_ND, w[0]) else self._looped(x_ND, counts_E, *w)
 
     def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate_proj, up_proj, down_proj) of the experts held here."""
+        """(gate_proj, up_proj, down_proj) of the experts held here (FP8-stored ones read dequantized)."""
         return local_shard(self.gate_proj), local_shard(self.up_proj), local_shard(self.down_proj)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         dev = x.device.type
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
-    def _can_group(self, x: torch.Tensor) -> bool:
+    def _can_group(self, x: torch.Tensor, gate_EID: torch.Tensor) -> bool:
         # grouped_mm kernels: fp32/bf16 on CPU, bf16 on CUDA and under torch.compile; 16-byte aligned rows.
         if _grouped_mm is None:
             return False
@@ -217,7 +223,7 @@ class Experts(nn.Module):
         if dtype not in ok:
             return False
         per16 = 128 // torch.finfo(dtype).bits  # elements per 16 bytes
-        _, I, D = self.gate_proj.shape
+        _, I, D = gate_EID.shape
         return D % per16 == 0 and I % per16 == 0
 
     def _operand(self, t: torch.Tensor) -> torch.Tensor:

@@ -44,12 +44,13 @@ import torch
 from nanoseek import fastpath
 from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer_from_texts
 from nanoseek.eval.tasks import evaluate_task
+from nanoseek.interop.hf import load_weights
 from nanoseek.model.transformer import DeepSeekForCausalLM
 from nanoseek.parallel.mesh import gather_objects
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.policy_losses import token_logprobs
 from nanoseek.quant.fp8 import FP8Recipe, convert_to_fp8
-from nanoseek.train.checkpoint import full_model_state, load_model_state
+from nanoseek.train.checkpoint import full_model_state
 from nanoseek.train.loop import Trainer, autocast
 from nanoseek.utils import atomic_write_text
 
@@ -67,7 +68,7 @@ def build_policy(cfg: PostConfig, texts: Sequence[str] | None = None, *, init_fr
     torch.manual_seed(cfg.train.seed)
     if section.init_from:
         model = DeepSeekForCausalLM(section.model_config())
-        load_model_state(model, section.init_from)
+        load_weights(model, section.init_from)
         return fastpath.enable(model), load_tokenizer(section.tokenizer or section.init_from)
     if section.tokenizer:
         tok = load_tokenizer(section.tokenizer)

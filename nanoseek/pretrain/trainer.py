@@ -28,6 +28,7 @@ from nanoseek import fastpath
 from nanoseek.data.loader import PackedLoader, ValLoader
 from nanoseek.data.shards import check_vocab, load_metadata
 from nanoseek.data.tokenizer import load_tokenizer
+from nanoseek.interop.hf import load_weights
 from nanoseek.model.transformer import DeepSeekForCausalLM
 from nanoseek.parallel.expert import take_sent_bytes
 from nanoseek.parallel.mesh import main_first
@@ -42,7 +43,7 @@ from nanoseek.pretrain.config import PretrainConfig
 from nanoseek.pretrain.dataset import resolve_dataset
 from nanoseek.pretrain.losses import lm_losses, model_inputs, total_loss
 from nanoseek.scaling.flops import training_flops_per_token
-from nanoseek.train.checkpoint import full_model_state, load_model_state
+from nanoseek.train.checkpoint import full_model_state
 from nanoseek.train.loop import Trainer, TrainingError  # noqa: F401  (TrainingError: raised by run())
 from nanoseek.train.metrics import load_summary, max_violation, measure_matmul_peak
 
@@ -95,7 +96,7 @@ class Pretrainer(Trainer):
         torch.manual_seed(t.seed)
         self.model = DeepSeekForCausalLM(self.model_cfg)
         if cfg.model.init_from:
-            load_model_state(self.model, cfg.model.init_from)
+            load_weights(self.model, cfg.model.init_from)
         configure_token_dropping(self.model, cfg.balance.capacity_factor, cfg.balance.no_drop_fraction)
         self.moe_rows = moe_rows(self.model)  # (rows of the expert load, kept for pipeline ranks' pruned models)
         if self.dims.pp > 1:

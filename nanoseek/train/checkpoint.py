@@ -38,13 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from nanoseek.interop.hf import (
-    CheckpointError,
-    check_state_dict,
-    from_hf_state_dict,
-    read_checkpoint,
-    save_pretrained,
-)
+from nanoseek.interop.hf import CheckpointError, save_pretrained
 from nanoseek.parallel.mesh import barrier, gather_objects, rank
 
 FORMAT = "nanoseek-train-checkpoint"
@@ -147,17 +141,6 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
             shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     return final
-
-
-def load_model_state(model: nn.Module, model_dir: str | os.PathLike) -> None:
-    """Load an HF-layout checkpoint into an existing model in place (strict, names checked)."""
-    tensors = read_checkpoint(model_dir, dtype=None)
-    state = from_hf_state_dict(tensors, model.config)
-    expected = model.state_dict()
-    check_state_dict(state, expected, model_dir, against="the model")
-    with torch.no_grad():
-        for k, t in expected.items():
-            t.copy_(state[k])
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
