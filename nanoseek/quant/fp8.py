@@ -93,8 +93,10 @@ def dequantize_weight_blockwise(
             f"scale_inv shape {tuple(scale_inv.shape)} does not match weight shape {tuple(w_fp8.shape)} "
             f"with block ({bo}, {bi}); expected {expected}"
         )
-    s = scale_inv.float().repeat_interleave(bo, dim=-2).repeat_interleave(bi, dim=-1)[..., :rows, :cols]
-    return (w_fp8.float() * s).to(dtype)
+    nr, nc = expected[-2:]
+    w = F.pad(w_fp8.float(), (0, nc * bi - cols, 0, nr * bo - rows))  # whole blocks; the padding is cut after
+    w = w.view(*lead, nr, bo, nc, bi) * scale_inv.float()[..., :, None, :, None]  # scales broadcast, not tiled
+    return w.view(*lead, nr * bo, nc * bi)[..., :rows, :cols].to(dtype)
 
 
 def quantize_activation_tilewise(x: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
@@ -123,8 +125,9 @@ def dequantize_activation_tilewise(
             f"scale_inv shape {tuple(scale_inv.shape)} does not match activation shape {tuple(x_fp8.shape)} "
             f"with block {b}; expected {expected}"
         )
-    s = scale_inv.float().repeat_interleave(b, dim=-1)[..., :k]
-    return (x_fp8.float() * s).to(dtype)
+    n = expected[-1]
+    x = F.pad(x_fp8.float(), (0, n * b - k)).view(*x_fp8.shape[:-1], n, b) * scale_inv.float()[..., None]
+    return x.view(*x_fp8.shape[:-1], n * b)[..., :k].to(dtype)
 
 
 def fp8_matmul(
