@@ -76,6 +76,7 @@ def test_fp8_save_roundtrip(tmp_path, seed):
     raw = load_file(tmp_path / "model.safetensors")
     assert raw["model.layers.0.self_attn.q_a_proj.weight"].dtype == torch.float8_e4m3fn
     assert raw["model.layers.0.self_attn.q_a_proj.weight_scale_inv"].shape == (2, 2)
+    assert raw["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"].dtype == torch.float8_e4m3fn  # as V3 ships it
     assert raw["model.embed_tokens.weight"].dtype == torch.float32
     assert raw["model.layers.1.mlp.gate.weight"].dtype == torch.float32
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
@@ -84,7 +85,7 @@ def test_fp8_save_roundtrip(tmp_path, seed):
     with torch.no_grad():
         a, b = model(ids).logits, loaded(ids).logits
     assert (a - b).abs().max() > 0  # E4M3 rounding is there ...
-    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99  # ... and small
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.98  # ... and small (random weights)
     w = model.model.layers[0].self_attn.q_a_proj.weight
     w_loaded = loaded.model.layers[0].self_attn.q_a_proj.weight
     assert torch.equal(w_loaded, dequantize_weight_blockwise(*quantize_weight_blockwise(w)))

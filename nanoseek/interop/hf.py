@@ -372,9 +372,9 @@ def _parse_size(size: int | str) -> int:
 
 
 def is_fp8_eligible(key: str, t: torch.Tensor) -> bool:
-    """DeepSeek-V3's FP8 checkpoints quantize the decoder's linear weights, but not embeddings, heads,
-    norms, the router or MTP's eh_proj."""
-    return (t.dim() == 2 and key.startswith("model.layers.") and key.endswith("_proj.weight")
+    """DeepSeek-V3's FP8 checkpoints quantize the decoder's linear weights (MLA's kv_a_proj_with_mqa too), but
+    not embeddings, heads, norms, the router or MTP's eh_proj."""
+    return (t.dim() == 2 and key.startswith("model.layers.") and key.endswith(("_proj.weight", "_proj_with_mqa.weight"))
             and ".eh_proj." not in key)
 
 
