@@ -320,6 +320,8 @@ class ModelConfig:
             raise FileNotFoundError(f"config file not found: {path}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a model config must be a JSON object, not {type(data).__name__}")
         return cls(**data)
 
     @classmethod

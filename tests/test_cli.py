@@ -11,6 +11,7 @@ import torch
 
 import nanoseek
 from nanoseek.cli import main
+from nanoseek.config import ModelConfig
 from nanoseek.infer.cli import use_color
 from nanoseek.interop.hf import load_pretrained, save_pretrained
 
@@ -37,7 +38,7 @@ def quick_demo_dir(tmp_path):
 @pytest.mark.parametrize("argv,needle", [
     (["convert", "/no/such/dir", "--out", "/tmp/x"], "not found"),
     (["demo", "--out", "{quick_demo_dir}"], "holds a demo run with mode='quick'"),
-    (["generate", "--model", "/no/such/dir", "--prompt", "hi"], "tokenizer.json"),
+    (["generate", "--model", "/no/such/dir", "--prompt", "hi"], "model directory not found: /no/such/dir"),
 ])
 def test_errors_are_one_line_exit_2(argv, needle, quick_demo_dir):
     argv = [a.format(quick_demo_dir=quick_demo_dir) for a in argv]
@@ -60,3 +61,9 @@ def test_version_license_and_no_color(monkeypatch, capsys):
     assert use_color("auto")
     monkeypatch.setenv("NO_COLOR", "1")
     assert not use_color("auto") and use_color("always")
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must be a JSON object, not list"):
+        ModelConfig.from_pretrained(tmp_path)

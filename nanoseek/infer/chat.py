@@ -60,6 +60,8 @@ class ReplyPrinter:
 def load(model_dir: str, dtype: str = "float32", fp8: bool = False):
     """(model in eval mode, tokenizer) of a model directory; `dtype` ("float32" or "bfloat16") is the compute
     precision; `fp8` keeps an FP8 checkpoint's weights in FP8 (`load_pretrained(..., keep_fp8=True)`)."""
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
     if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         raise FileNotFoundError(f"{model_dir} has no tokenizer.json; a model directory needs its tokenizer")
     tok = load_tokenizer(model_dir)
