@@ -10,6 +10,7 @@ At runtime nanoseek only needs `tokenizers`; the chat format lives in `nanoseek.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -56,7 +57,8 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` plus DeepSeek's special-token ids and chat format.
 
     `encode` never adds special tokens on its own (pass add_bos/add_eos), but special-token strings in
-    the text are recognised, which is what lets rendered chats encode to their special ids.
+    the text are recognised (raw prompts may spell the chat format); `encode_text` never recognises them,
+    and the chat methods encode system and user content with it.
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None):
@@ -106,6 +108,19 @@ class Tokenizer:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
 
+    @functools.cached_property
+    def _text_backend(self) -> tokenizers.Tokenizer:
+        # `tokenizers` matches added tokens in any text it encodes, special or not (`encode_special_tokens`
+        # covers only the special ones), so plain text goes through a copy without the added vocabulary:
+        # normalizer, pre-tokenizer and model unchanged, and merges never build a control token.
+        spec = json.loads(self.backend.to_str())
+        spec["added_tokens"] = []
+        return tokenizers.Tokenizer.from_str(json.dumps(spec))
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of `text` as plain text: a special-token string in it is encoded as its characters."""
+        return self._text_backend.encode(text, add_special_tokens=False).ids
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts at once (the Rust backend spreads them over all cores)."""
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
@@ -120,16 +135,19 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True, *,
                             thinking: bool = False, strip_thinking: bool = False) -> list[int]:
         """Token ids of the rendered conversation (starts with BOS; no other tokens are added)."""
-        return self.encode(render_chat(messages, add_generation_prompt, thinking=thinking, strip_thinking=strip_thinking))
+        return self.encode_chat(messages, add_generation_prompt, thinking=thinking, strip_thinking=strip_thinking)[0]
 
     def encode_chat(self, messages: Sequence[Mapping], add_generation_prompt: bool = False, *,
                     thinking: bool = False, strip_thinking: bool = False) -> tuple[list[int], list[int]]:
-        """(ids, assistant_mask): the ids equal `apply_chat_template`'s; mask is 1 on the tokens an SFT
-        loss trains on (each assistant reply and its closing EOS) and 0 on prompts and role markers."""
+        """(ids, assistant_mask): control tokens come only from the template (see `chat_segments`); mask is
+        1 on the tokens an SFT loss trains on (each assistant reply and its closing EOS) and 0 on prompts
+        and role markers."""
         ids: list[int] = []
         mask: list[int] = []
-        for text, is_target in chat_segments(messages, add_generation_prompt, thinking, strip_thinking):
-            piece = self.encode(text)
+        for text, is_control, is_target in chat_segments(messages, add_generation_prompt, thinking, strip_thinking):
+            control_id = self.token_to_id(text) if is_control else None
+            # a control token this vocabulary lacks (<think> in a V3 base tokenizer) is written out as text
+            piece = [control_id] if control_id is not None else self.encode_text(text)
             ids += piece
             mask += [int(is_target)] * len(piece)
         return ids, mask
