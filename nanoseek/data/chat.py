@@ -92,6 +92,16 @@ def chat_segments(
     return [s for s in segments if s[0]]
 
 
+class RenderedChat(str):
+    """A conversation rendered as one text (a corpus document) that keeps its messages, so a tokenizer
+    encodes it with control tokens only where the template put them (`Tokenizer.encode_batch`)."""
+
+    def __new__(cls, messages: Sequence[Mapping]):
+        chat = super().__new__(cls, render_chat(messages, add_generation_prompt=False))
+        chat.messages = messages
+        return chat
+
+
 def render_chat(
     messages: Sequence[Mapping],
     add_generation_prompt: bool = True,

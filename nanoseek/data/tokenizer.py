@@ -20,7 +20,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from nanoseek.data.chat import (
-    ASSISTANT, BOS, CHAT_TEMPLATE, END_THINK, EOS, PAD, SPECIAL_TOKENS, SPECIAL_TOKENS_RE, THINK, USER,
+    ASSISTANT, BOS, CHAT_TEMPLATE, END_THINK, EOS, PAD, SPECIAL_TOKENS, SPECIAL_TOKENS_RE, THINK, USER, RenderedChat,
     chat_segments, render_chat,
 )
 from nanoseek.data.corpus import iter_documents
@@ -122,8 +122,12 @@ class Tokenizer:
         return self._text_backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encode many texts at once (the Rust backend spreads them over all cores)."""
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        """Encode many texts at once (the Rust backend spreads them over all cores); a `RenderedChat`
+        (a chat record of a corpus) is encoded from its messages, as `encode_chat` does."""
+        plain = self.backend.encode_batch([t for t in texts if not isinstance(t, RenderedChat)],
+                                          add_special_tokens=False)
+        plain_ids = (e.ids for e in plain)
+        return [self.encode_chat(t.messages)[0] if isinstance(t, RenderedChat) else next(plain_ids) for t in texts]
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
