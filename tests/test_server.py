@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import nanoseek
+from nanoseek.cli import main as cli_main
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.interop.hf import load_pretrained
 from infer_fixtures import ANSWER, QUESTIONS, REASONING, REPLY, chat_model_dir
@@ -290,6 +291,12 @@ def test_serve_options_are_validated(kwargs, needle):
     path = chat_model_dir()
     with pytest.raises(ValueError, match=needle):
         create_app(load_pretrained(path), nanoseek.load_tokenizer(path), **kwargs)
+
+
+def test_serve_command_refuses_bad_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["serve", "--model", chat_model_dir(), "--max-batch-size", "0"])
+    assert e.value.code == 2 and "--max-batch-size" in capsys.readouterr().err
 
 
 @pytest.fixture
