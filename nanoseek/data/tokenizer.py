@@ -105,7 +105,7 @@ class Tokenizer:
         return self.backend.id_to_token(token_id)
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        ids = _encode_one(self.backend, text)
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
 
     @functools.cached_property
@@ -119,7 +119,7 @@ class Tokenizer:
 
     def encode_text(self, text: str) -> list[int]:
         """Ids of `text` as plain text: a special-token string in it is encoded as its characters."""
-        return self._text_backend.encode(text, add_special_tokens=False).ids
+        return _encode_one(self._text_backend, text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts at once (the Rust backend spreads them over all cores); a `RenderedChat`
@@ -173,6 +173,12 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})"
+
+
+def _encode_one(backend: tokenizers.Tokenizer, text: str) -> list[int]:
+    # encode_batch releases the GIL (encode holds it throughout): a long text tokenized on a worker thread
+    # (the server's) then does not stall every other Python thread, the event loop included
+    return backend.encode_batch([text], add_special_tokens=False)[0].ids
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
