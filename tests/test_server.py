@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import nanoseek
+from nanoseek.cli import main as cli_main
+from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.interop.hf import load_pretrained
 from infer_fixtures import ANSWER, QUESTIONS, REASONING, REPLY, chat_model_dir
 
@@ -26,14 +28,14 @@ TIMEOUT = 30
 
 
 @contextlib.contextmanager
-def running_server(step_delay: float = 0.0, **kwargs):
+def running_server(step_delay: float = 0.0, tokenizer=None, **kwargs):
     """create_app + uvicorn in a thread, on a port the OS picked; stopped (and joined) afterwards.
     `step_delay` slows every forward down, so that requests are still running when a test looks."""
     path = chat_model_dir()
     model = load_pretrained(path).eval()
     if step_delay:
         model.register_forward_pre_hook(lambda *_: time.sleep(step_delay))
-    app = create_app(model, nanoseek.load_tokenizer(path), "tiny", **kwargs)
+    app = create_app(model, tokenizer or nanoseek.load_tokenizer(path), "tiny", **kwargs)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
@@ -161,6 +163,12 @@ def test_concurrent_clients_are_batched(client, server):
     ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 400}]}, 400, "messages", "context"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}, 400, "max_tokens",
      "context"),
+    # issue 18.4: odd inputs get OpenAI-style 4xx, not plain-text 500s
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "seed": 2**70}, 400, "seed", "'seed'"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "messages", "surrogate"),
+    (b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None, "nested"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": ["\ud800"]}, 400, "stop", "surrogate"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400, "stream", "stream"),
 ])
 def test_malformed_requests_get_openai_errors(server, body, status, param, needle):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -182,6 +190,113 @@ def test_other_errors(server):
     assert r.status_code == 400
     r = httpx.get(url + "/v1/models/other", timeout=TIMEOUT)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(url + "/v1/completions", content=b'{"model": "tiny", "prompt": "a\\udfffb"}', timeout=TIMEOUT)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_more_rows_than_the_batch_are_refused_at_once(server, client):
+    """Issue 18.1: 2 prompts x n=16 could never join a 16-row batch; it used to wait forever, blocking
+    every request behind it while the scheduler spun."""
+    url, app = server
+    before = app.state.scheduler.snapshot()["requests"]
+    r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": ["a", "b"], "n": 16, "max_tokens": 2},
+                   timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "32" in r.json()["error"]["message"]
+    assert app.state.scheduler.snapshot()["requests"] == before
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "ok"}], temperature=0,
+                                       max_tokens=40, n=16)  # a full batch is fine
+    assert [c.message.content for c in r.choices] == [ANSWER] * 16
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"stream": True, "stream_options": "yes"}, "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
+    ({"stream": 1}, "stream"),
+])
+def test_invalid_requests_are_never_scheduled(server, extra, param):
+    """Issue 18.3: a request answered 400 must not be generating anyway."""
+    url, app = server
+    before = app.state.scheduler.snapshot()["requests"]
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+                       ("/v1/completions", {"prompt": "x"})):
+        r = httpx.post(url + path, json={"model": "tiny", "max_tokens": 50, **body, **extra}, timeout=TIMEOUT)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert app.state.scheduler.snapshot()["requests"] == before
+
+
+class GatedTokenizer(Tokenizer):
+    """Records the longest text it was asked to encode, and holds any text containing GATE until released."""
+
+    GATE = "hold-the-tokenizer"
+
+    def __init__(self, path):
+        tok = nanoseek.load_tokenizer(path)
+        super().__init__(tok.backend, tok.config)
+        self.longest, self.entered, self.release = 0, threading.Event(), threading.Event()
+
+    def _seen(self, text):
+        self.longest = max(self.longest, len(text))
+        if self.GATE in text:
+            self.entered.set()
+            self.release.wait(TIMEOUT)
+
+    def encode(self, text, **kw):
+        self._seen(text)
+        return super().encode(text, **kw)
+
+    def encode_text(self, text):
+        self._seen(text)
+        return super().encode_text(text)
+
+
+def test_big_bodies_are_bounded_and_never_stall_the_event_loop():
+    """Issue 18.2: bodies past the limit get 413, a prompt surely past the context is refused before it is
+    tokenized, and tokenizing runs off the event loop (/health answers meanwhile)."""
+    tok = GatedTokenizer(chat_model_dir())
+    with running_server(tokenizer=tok, max_body_bytes=64_000) as (url, app):
+        chat = {"model": "tiny", "max_tokens": 5}
+        big = json.dumps({**chat, "messages": [{"role": "user", "content": "x" * 70_000}]}).encode()
+        r = httpx.post(url + "/v1/chat/completions", content=big, timeout=TIMEOUT)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = httpx.post(url + "/v1/chat/completions", content=iter([big[:40_000], big[40_000:]]), timeout=TIMEOUT)
+        assert r.status_code == 413  # chunked, no content-length: counted as it arrives
+        context = app.state.scheduler.engine.model.config.max_position_embeddings
+        too_long = context * max(map(len, tok.backend.get_vocab())) + 1
+        assert too_long < 60_000
+        r = httpx.post(url + "/v1/chat/completions", timeout=TIMEOUT,
+                       json={**chat, "messages": [{"role": "user", "content": "x" * too_long}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert tok.longest < too_long  # refused without tokenizing it
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(httpx.post, url + "/v1/chat/completions", timeout=TIMEOUT,
+                               json={**chat, "messages": [{"role": "user", "content": tok.GATE}]})
+            try:
+                assert tok.entered.wait(TIMEOUT)
+                assert httpx.get(url + "/health", timeout=5).status_code == 200  # while the tokenizer is busy
+            finally:
+                tok.release.set()
+            assert held.result().status_code == 200
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"max_batch_size": 0}, "max_batch_size"),
+    ({"max_queue": 0}, "max_queue"),
+    ({"max_model_len": -1}, "max_model_len"),
+    ({"max_model_len": 10**6}, "max_position_embeddings"),
+    ({"default_max_tokens": -5}, "default_max_tokens"),
+])
+def test_serve_options_are_validated(kwargs, needle):
+    """Issue 18.4: options that would hang every request (batch 0), refuse all (queue 0) or overrun the
+    model's positions fail at start-up, naming the option."""
+    path = chat_model_dir()
+    with pytest.raises(ValueError, match=needle):
+        create_app(load_pretrained(path), nanoseek.load_tokenizer(path), **kwargs)
+
+
+def test_serve_command_refuses_bad_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["serve", "--model", chat_model_dir(), "--max-batch-size", "0"])
+    assert e.value.code == 2 and "--max-batch-size" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -229,6 +344,7 @@ def test_full_queue_answers_429(slow_server):
                 _wait_health(url, lambda h: h["running"] == 1 and h["waiting"] == 1)
                 r = httpx.post(url + "/v1/completions", json={**LONG, "stream": False}, timeout=TIMEOUT)
                 assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+                assert r.headers["retry-after"] == "1"
                 assert rb.status_code == 200
                 client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
                 with pytest.raises(openai.RateLimitError):
@@ -247,19 +363,22 @@ def test_serve_command_with_api_key(tmp_path):
                              str(port), "--api-key", "sekret", "--model-name", "tiny", "--speculative"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
+    key = {"authorization": "Bearer sekret"}
     try:
         deadline = time.time() + 60
         while True:
             assert proc.poll() is None, proc.stdout.read().decode()
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                if httpx.get(url + "/health", headers=key, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert time.time() < deadline, "server did not come up"
             time.sleep(0.2)
-        r = httpx.get(url + "/v1/models", timeout=TIMEOUT)
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        for path in ("/v1/models", "/health", "/docs", "/openapi.json"):  # issue 18.4: nothing without the key
+            r = httpx.get(url + path, timeout=TIMEOUT)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+        assert httpx.get(url + "/openapi.json", headers=key, timeout=TIMEOUT).status_code == 200
         bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0, timeout=TIMEOUT)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()

@@ -19,6 +19,7 @@ END_THINK = "</think>"
 # Order fixes the ids: bos 0, eos 1, pad 2, User 3, Assistant 4, <think> 5, </think> 6.
 SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK)
 SPECIAL_TOKENS_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+_THINK_RE = re.compile(f"({re.escape(THINK)}|{re.escape(END_THINK)})")
 _ROLES = ("system", "user", "assistant")
 
 # DeepSeek-R1's template reduced to system/user/assistant: every system message is gathered in front
@@ -57,9 +58,12 @@ CHAT_TEMPLATE = (
 
 def chat_segments(
     messages: Sequence[Mapping], add_generation_prompt: bool, thinking: bool, strip_thinking: bool
-) -> list[tuple[str, bool]]:
-    """The rendered chat as (text, is_assistant_target) pieces; every boundary touches a special token,
-    so encoding the pieces one by one gives the same ids as encoding their concatenation."""
+) -> list[tuple[str, bool, bool]]:
+    """The rendered chat as (text, is_control, is_assistant_target) pieces. Only the template's own
+    control tokens (and <think>/</think> inside assistant replies, which the model writes itself) are
+    control pieces; system and user content is text even when it spells a special token, so a user
+    cannot forge turns. Every text piece sits between control pieces, so encoding benign pieces one by
+    one gives the ids of encoding their concatenation."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError(f"chat messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
     for i, m in enumerate(messages):
@@ -70,19 +74,32 @@ def chat_segments(
         if not isinstance(m["content"], str):
             raise ValueError(f"chat message {i} content must be a string, got {type(m['content']).__name__}")
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    segments = [(BOS + system, False)]
+    segments = [(BOS, True, False), (system, False, False)]
     for m in messages:
         if m["role"] == "user":
-            segments.append((USER + m["content"], False))
+            segments += [(USER, True, False), (m["content"], False, False)]
         elif m["role"] == "assistant":
             content = m["content"]
             if strip_thinking and END_THINK in content:
                 content = content.split(END_THINK)[-1]
-            segments.append((ASSISTANT, False))
-            segments.append((content + EOS, True))
+            segments.append((ASSISTANT, True, False))
+            segments += [(piece, piece in (THINK, END_THINK), True) for piece in _THINK_RE.split(content)]
+            segments.append((EOS, True, True))
     if add_generation_prompt:
-        segments.append((ASSISTANT + (THINK + "\n" if thinking else ""), False))
-    return segments
+        segments.append((ASSISTANT, True, False))
+        if thinking:
+            segments += [(THINK, True, False), ("\n", False, False)]
+    return [s for s in segments if s[0]]
+
+
+class RenderedChat(str):
+    """A conversation rendered as one text (a corpus document) that keeps its messages, so a tokenizer
+    encodes it with control tokens only where the template put them (`Tokenizer.encode_batch`)."""
+
+    def __new__(cls, messages: Sequence[Mapping]):
+        chat = super().__new__(cls, render_chat(messages, add_generation_prompt=False))
+        chat.messages = messages
+        return chat
 
 
 def render_chat(
@@ -93,4 +110,4 @@ def render_chat(
     strip_thinking: bool = False,
 ) -> str:
     """Render a conversation exactly as `CHAT_TEMPLATE` does, without transformers or Jinja."""
-    return "".join(text for text, _ in chat_segments(messages, add_generation_prompt, thinking, strip_thinking))
+    return "".join(text for text, _, _ in chat_segments(messages, add_generation_prompt, thinking, strip_thinking))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanoseek.data.chat import render_chat
+from nanoseek.data.chat import RenderedChat
 from nanoseek.utils import iter_jsonl
 
 STDLIB = "stdlib"
@@ -72,7 +72,7 @@ def _record_text(record, where: str) -> str:
         return record["text"]
     if isinstance(record, dict) and record.get("messages") is not None:
         try:
-            return render_chat(record["messages"], add_generation_prompt=False)
+            return RenderedChat(record["messages"])
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
     raise ValueError(f"{where}: expected a 'text' string or a 'messages' list, got {str(record)[:80]!r}")

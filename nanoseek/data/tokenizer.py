@@ -10,6 +10,7 @@ At runtime nanoseek only needs `tokenizers`; the chat format lives in `nanoseek.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -19,7 +20,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from nanoseek.data.chat import (
-    ASSISTANT, BOS, CHAT_TEMPLATE, END_THINK, EOS, PAD, SPECIAL_TOKENS, SPECIAL_TOKENS_RE, THINK, USER,
+    ASSISTANT, BOS, CHAT_TEMPLATE, END_THINK, EOS, PAD, SPECIAL_TOKENS, SPECIAL_TOKENS_RE, THINK, USER, RenderedChat,
     chat_segments, render_chat,
 )
 from nanoseek.data.corpus import iter_documents
@@ -56,7 +57,8 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` plus DeepSeek's special-token ids and chat format.
 
     `encode` never adds special tokens on its own (pass add_bos/add_eos), but special-token strings in
-    the text are recognised, which is what lets rendered chats encode to their special ids.
+    the text are recognised (raw prompts may spell the chat format); `encode_text` never recognises them,
+    and the chat methods encode system and user content with it.
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None):
@@ -103,12 +105,29 @@ class Tokenizer:
         return self.backend.id_to_token(token_id)
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        ids = _encode_one(self.backend, text)
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
 
+    @functools.cached_property
+    def _text_backend(self) -> tokenizers.Tokenizer:
+        # `tokenizers` matches added tokens in any text it encodes, special or not (`encode_special_tokens`
+        # covers only the special ones), so plain text goes through a copy without the added vocabulary:
+        # normalizer, pre-tokenizer and model unchanged, and merges never build a control token.
+        spec = json.loads(self.backend.to_str())
+        spec["added_tokens"] = []
+        return tokenizers.Tokenizer.from_str(json.dumps(spec))
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of `text` as plain text: a special-token string in it is encoded as its characters."""
+        return _encode_one(self._text_backend, text)
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encode many texts at once (the Rust backend spreads them over all cores)."""
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        """Encode many texts at once (the Rust backend spreads them over all cores); a `RenderedChat`
+        (a chat record of a corpus) is encoded from its messages, as `encode_chat` does."""
+        plain = self.backend.encode_batch([t for t in texts if not isinstance(t, RenderedChat)],
+                                          add_special_tokens=False)
+        plain_ids = (e.ids for e in plain)
+        return [self.encode_chat(t.messages)[0] if isinstance(t, RenderedChat) else next(plain_ids) for t in texts]
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -120,16 +139,19 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True, *,
                             thinking: bool = False, strip_thinking: bool = False) -> list[int]:
         """Token ids of the rendered conversation (starts with BOS; no other tokens are added)."""
-        return self.encode(render_chat(messages, add_generation_prompt, thinking=thinking, strip_thinking=strip_thinking))
+        return self.encode_chat(messages, add_generation_prompt, thinking=thinking, strip_thinking=strip_thinking)[0]
 
     def encode_chat(self, messages: Sequence[Mapping], add_generation_prompt: bool = False, *,
                     thinking: bool = False, strip_thinking: bool = False) -> tuple[list[int], list[int]]:
-        """(ids, assistant_mask): the ids equal `apply_chat_template`'s; mask is 1 on the tokens an SFT
-        loss trains on (each assistant reply and its closing EOS) and 0 on prompts and role markers."""
+        """(ids, assistant_mask): control tokens come only from the template (see `chat_segments`); mask is
+        1 on the tokens an SFT loss trains on (each assistant reply and its closing EOS) and 0 on prompts
+        and role markers."""
         ids: list[int] = []
         mask: list[int] = []
-        for text, is_target in chat_segments(messages, add_generation_prompt, thinking, strip_thinking):
-            piece = self.encode(text)
+        for text, is_control, is_target in chat_segments(messages, add_generation_prompt, thinking, strip_thinking):
+            control_id = self.token_to_id(text) if is_control else None
+            # a control token this vocabulary lacks (<think> in a V3 base tokenizer) is written out as text
+            piece = [control_id] if control_id is not None else self.encode_text(text)
             ids += piece
             mask += [int(is_target)] * len(piece)
         return ids, mask
@@ -151,6 +173,12 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})"
+
+
+def _encode_one(backend: tokenizers.Tokenizer, text: str) -> list[int]:
+    # encode_batch releases the GIL (encode holds it throughout): a long text tokenized on a worker thread
+    # (the server's) then does not stall every other Python thread, the event loop included
+    return backend.encode_batch([text], add_special_tokens=False)[0].ids
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:

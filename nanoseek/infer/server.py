@@ -8,7 +8,11 @@ One scheduler thread owns the model and runs a continuous batch: waiting request
 batch between decode steps (one prefill for all that joined), finished ones leave at once, and a
 request whose client went away (a dropped stream, or a closed connection while waiting for a
 non-streamed reply) is removed before the next step, freeing its slot. At most `max_queue` requests
-wait to join; more get 429. Errors use OpenAI's body: {"error": {"message", "type", "param", "code"}}.
+wait to join; more get 429 (with Retry-After). A request with more rows (prompts x n) than the batch
+holds gets 400 at once. Bodies are read up to `max_body_bytes` (413 past it), then parsed, validated
+and tokenized on a worker thread, all before anything is scheduled; a prompt whose length in characters
+already proves it longer than the context is refused before tokenizing. With an API key every path
+(/health and the docs too) needs it. Errors use OpenAI's body: {"error": {"message", "type", "param", "code"}}.
 Extensions beyond OpenAI's parameters (as vLLM names them): top_k, repetition_penalty, ignore_eos,
 chat_template_kwargs.thinking (open the reply with <think>, R1 style).
 """
@@ -16,11 +20,11 @@ chat_template_kwargs.thinking (open the reply with <think>, R1 style).
 import asyncio
 import collections
 import functools
+import hmac
 import itertools
 import json
 import threading
 import time
-import hmac
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -34,9 +38,10 @@ from nanoseek.infer.text import ReasoningParser
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -94,11 +99,14 @@ class Scheduler:
             self.thread.join(timeout=10)
 
     def submit(self, job: Job) -> None:
+        if len(job.prompts) > self.max_batch_size:  # it could never join the batch, and would block the queue
+            raise APIError(400, f"this request asks for {len(job.prompts)} sequences (prompts x n); this server "
+                                f"decodes at most {self.max_batch_size} at once", param="n")
         with self.cond:
             if len(self.waiting) >= self.max_queue:
                 self.stats["rejected"] += 1
                 raise APIError(429, f"server busy: {len(self.waiting)} requests already waiting; retry later",
-                               "rate_limit_error", code="rate_limit_exceeded")
+                               "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
             self.waiting.append(job)
             self.stats["requests"] += 1
             self.cond.notify_all()
@@ -186,8 +194,17 @@ class Scheduler:
 # ---------------------------------------------------------------------- the HTTP layer
 def create_app(model, tokenizer, model_name: str = "nanoseek", *, api_key: str | None = None,
                max_batch_size: int = 16, max_queue: int = 64, max_model_len: int | None = None,
-               default_max_tokens: int = 256, speculative: bool = False, thinking: bool = False):
+               default_max_tokens: int = 256, speculative: bool = False, thinking: bool = False,
+               max_body_bytes: int = 8 << 20):
     """The FastAPI app; its lifespan starts and stops the scheduler (`app.state.scheduler`)."""
+    positions = model.config.max_position_embeddings
+    limits = {"max_batch_size": max_batch_size, "max_queue": max_queue, "default_max_tokens": default_max_tokens,
+              "max_body_bytes": max_body_bytes, "max_model_len": positions if max_model_len is None else max_model_len}
+    for name, value in limits.items():
+        hi = positions if name == "max_model_len" else None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (hi and value > hi):
+            bound = f" and <= {hi} (the model's max_position_embeddings)" if hi else ""
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= 1{bound}, got {value!r}")
     # FastAPI and Starlette are the optional `serve` extra: imported when an app is built, not with the module
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -196,7 +213,10 @@ def create_app(model, tokenizer, model_name: str = "nanoseek", *, api_key: str |
 
     engine = Engine(model, tokenizer, speculative=speculative)
     scheduler = Scheduler(engine, max_batch_size=max_batch_size, max_queue=max_queue)
-    context = max_model_len or model.config.max_position_embeddings
+    context = max_model_len or positions
+    # no token spells more characters than the longest vocabulary entry (byte-level: one char per byte),
+    # so a prompt longer than this surely exceeds the context, and is refused without tokenizing it
+    max_prompt_chars = context * max(map(len, tokenizer.backend.get_vocab()))
     device = next(model.parameters()).device
     created = int(time.time())
 
@@ -212,11 +232,19 @@ def create_app(model, tokenizer, model_name: str = "nanoseek", *, api_key: str |
     app.state.scheduler = scheduler
 
     def error_response(e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    if api_key is not None:
+        app.add_middleware(_RequireKey, key=api_key, reject=error_response(APIError(
+            401, "invalid or missing API key (expected 'Authorization: Bearer KEY')", code="invalid_api_key")))
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
         return error_response(e)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, e: Exception):  # still OpenAI's body, never a plain-text 500
+        return error_response(APIError(500, f"internal error: {type(e).__name__}", "server_error"))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, e: RequestValidationError):
@@ -229,59 +257,90 @@ def create_app(model, tokenizer, model_name: str = "nanoseek", *, api_key: str |
     async def _http_error(request, e):
         return error_response(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
 
-    def check_key(request: Request) -> None:
-        if api_key is not None and not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
-            raise APIError(401, "invalid or missing API key (expected 'Authorization: Bearer KEY')",
-                           code="invalid_api_key")
+    async def parsed(request: Request, parse):
+        """The body read up to max_body_bytes, then `parse(raw)` on a worker thread: JSON decoding,
+        validation and tokenization of a big body never stall the event loop."""
+        too_big = APIError(413, f"request body is larger than {max_body_bytes} bytes", code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
+        return await asyncio.to_thread(parse, b"".join(chunks))
 
-    async def body_of(request: Request) -> dict:
-        check_key(request)
+    def body_of(raw: bytes) -> dict:
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise APIError(400, "request body is not valid JSON: nested too deeply") from None
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object")
         model_arg = body.get("model")
         if not isinstance(model_arg, str):
             raise APIError(400, "'model' is required and must be a string", param="model")
         if model_arg != model_name:
-            raise APIError(404, f"the model '{model_arg}' does not exist; this server has '{model_name}'",
+            raise APIError(404, f"the model {model_arg!r} does not exist; this server has '{model_name}'",
                            param="model", code="model_not_found")
         return body
+
+    def check_prompt_chars(chars: int, param: str) -> None:
+        if chars > max_prompt_chars:
+            raise APIError(400, f"the prompt has {chars} characters, more than this model's context of {context} "
+                                "tokens can hold", param=param, code="context_length_exceeded")
+
+    def parse_chat(raw: bytes):
+        body = body_of(raw)
+        messages = _messages(body.get("messages"))
+        check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        think = _chat_thinking(body, thinking)
+        n = _int(body, "n", 1, 1, 16)
+        stream, usage = _stream(body)
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=think)
+        params, gen = _sampling(body, len(prompt), context, default_max_tokens, chat=True, device=device)
+        return prompt, n, params, gen, think, stream, usage
+
+    def parse_completion(raw: bytes):
+        body = body_of(raw)
+        prompts = _prompts(body.get("prompt"), tokenizer, model.config.vocab_size, check_prompt_chars)
+        n = _int(body, "n", 1, 1, 16)
+        if body.get("echo"):
+            raise APIError(400, "echo is not supported", param="echo")
+        if body.get("suffix"):
+            raise APIError(400, "suffix is not supported", param="suffix")
+        stream, usage = _stream(body)
+        params, gen = _sampling(body, max(map(len, prompts)), context, default_max_tokens, chat=False,
+                                device=device)
+        return prompts, n, params, gen, stream, usage
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, **scheduler.snapshot()}
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        check_key(request)
+    async def models():
         return {"object": "list", "data": [_model_card(model_name, created)]}
 
     @app.get("/v1/models/{name}")
-    async def model_card(name: str, request: Request):
-        check_key(request)
+    async def model_card(name: str):
         if name != model_name:
             raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
         return _model_card(model_name, created)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await body_of(request)
-        messages = _messages(body.get("messages"))
-        think = _chat_thinking(body, thinking)
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=think)
-        n = _int(body, "n", 1, 1, 16)
-        params, gen = _sampling(body, len(prompt), context, default_max_tokens, chat=True, device=device)
+        prompt, n, params, gen, think, stream, usage = await parsed(request, parse_chat)
         job = Job([prompt] * n, [params] * n, asyncio.get_running_loop(), asyncio.Queue(), gen)
         scheduler.submit(job)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         parsers = [ReasoningParser(think) for _ in range(n)]
         want_lp = params.logprobs
-        if body.get("stream"):
-            usage = _include_usage(body)
-
+        if stream:
             def chunk(choices, **extra):
                 return _sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
                              "choices": choices, **extra})
@@ -318,24 +377,14 @@ def create_app(model, tokenizer, model_name: str = "nanoseek", *, api_key: str |
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await body_of(request)
-        prompts = _prompts(body.get("prompt"), tokenizer, model.config.vocab_size)
-        n = _int(body, "n", 1, 1, 16)
-        if body.get("echo"):
-            raise APIError(400, "echo is not supported", param="echo")
-        if body.get("suffix"):
-            raise APIError(400, "suffix is not supported", param="suffix")
-        params, gen = _sampling(body, max(map(len, prompts)), context, default_max_tokens, chat=False,
-                                device=device)
+        prompts, n, params, gen, stream, usage = await parsed(request, parse_completion)
         rows = [p for p in prompts for _ in range(n)]
         job = Job(rows, [params] * len(rows), asyncio.get_running_loop(), asyncio.Queue(), gen)
         scheduler.submit(job)
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         prompt_tokens = sum(map(len, prompts))
         want_lp = params.logprobs
-        if body.get("stream"):
-            usage = _include_usage(body)
-
+        if stream:
             async def events():
                 completion_tokens = 0
                 async for d in _deltas(job, request, scheduler):
@@ -359,6 +408,22 @@ def create_app(model, tokenizer, model_name: str = "nanoseek", *, api_key: str |
                 "usage": _usage(prompt_tokens, sum(len(r[0]) for r in results))}
 
     return app
+
+
+class _RequireKey:
+    """ASGI middleware: every HTTP request (/health, /docs and /openapi.json included) needs the key.
+    Plain ASGI, not BaseHTTPMiddleware, so streams and disconnect notices pass through untouched."""
+
+    def __init__(self, app, key: str, reject):
+        self.app, self.expected, self.reject = app, f"Bearer {key}".encode(), reject
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                await self.reject(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 @functools.lru_cache(maxsize=None)
@@ -510,9 +575,9 @@ def _sampling(body: dict, prompt_len: int, context: int, default_max_tokens: int
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or
                              not all(isinstance(s, str) and s for s in stop)):
         raise APIError(400, "'stop' must be a non-empty string or a list of at most 4 of them", param="stop")
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise APIError(400, f"'seed' must be an integer, got {seed!r}", param="seed")
+    for s in stop or ():
+        _check_unicode(s, "stop")
+    seed = _int(body, "seed", None, -(1 << 63), (1 << 64) - 1)  # what a torch generator takes
     if chat:
         logprobs = body.get("logprobs") or False
         if not isinstance(logprobs, bool):
@@ -536,11 +601,26 @@ def _sampling(body: dict, prompt_len: int, context: int, default_max_tokens: int
     return params, gen
 
 
-def _include_usage(body: dict) -> bool:
+def _stream(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage)."""
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise APIError(400, "'stream' must be a boolean", param="stream")
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise APIError(400, "'stream_options' must be an object", param="stream_options")
-    return bool((opts or {}).get("include_usage"))
+    usage = (opts or {}).get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise APIError(400, "'stream_options.include_usage' must be a boolean", param="stream_options")
+    return stream, usage
+
+
+def _check_unicode(text: str, param: str) -> None:
+    # JSON may carry lone surrogates ("\ud800"), which no tokenizer or UTF-8 reply can hold
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise APIError(400, f"'{param}' is not valid Unicode (it holds a lone surrogate)", param=param) from None
 
 
 def _chat_thinking(body: dict, default: bool) -> bool:
@@ -570,11 +650,12 @@ def _messages(messages) -> list[dict]:
             content = ""
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string", param="messages")
+        _check_unicode(content, "messages")
         out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     return out
 
 
-def _prompts(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
+def _prompts(prompt, tokenizer, vocab_size: int, check_chars) -> list[list[int]]:
     def bad():
         return APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists",
                         param="prompt")
@@ -584,9 +665,13 @@ def _prompts(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
         raise bad()
     if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         prompt = [prompt]
+    if len(prompt) > 64:
+        raise APIError(400, "at most 64 prompts per request", param="prompt")
     out = []
     for p in prompt:
         if isinstance(p, str):
+            _check_unicode(p, "prompt")
+            check_chars(len(p), "prompt")
             out.append(tokenizer.encode(p, add_bos=True))
         elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             if any(not 0 <= t < vocab_size for t in p):
@@ -594,8 +679,6 @@ def _prompts(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
             out.append(p)
         else:
             raise bad()
-    if len(out) > 64:
-        raise APIError(400, "at most 64 prompts per request", param="prompt")
     return out
 
 
