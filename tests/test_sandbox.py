@@ -63,6 +63,15 @@ def test_honest_programs_get_the_share_of_tests_passed():
     assert check("x = 1", []).reward == 0.0
 
 
+def test_a_sandbox_that_cannot_start_is_reported():
+    broken = Limits(processes=-5)  # setrlimit refuses it before the program would run
+    result = check("x = 1", ["assert x == 1"], broken)
+    assert result.reward == 0.0 and result.status.startswith("error: sandbox setup: ValueError"), result
+    with pytest.raises(RuntimeError, match="the code sandbox does not work here"):
+        sandbox.check_sandbox(broken)
+    sandbox.check_sandbox(LIMITS)
+
+
 @root_only
 def test_limits_are_in_force():
     """Harmless probes: each limit the bombs below rely on is set, and fork stops at the process limit."""

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from nanoseek.tasks import rewards as R
 from nanoseek.tasks.base import SPLITS, Example, Task
-from nanoseek.tasks.sandbox import Limits, run_tests
+from nanoseek.tasks.sandbox import Limits, check_sandbox, run_tests
 from nanoseek.tasks.verifiers import VERIFIERS, equal, last_boxed
 from nanoseek.utils import read_jsonl
 
@@ -127,6 +127,8 @@ class FileTask(Task):
             raise ValueError(f"verifier={verifier!r} does not fit format {format!r}: code tasks use 'code'")
         self.format, self.verifier, self.path, self.test_path = format, verifier, str(path), test_path
         self.limits = Limits(**dict(limits or {}))
+        if verifier == "code":
+            check_sandbox(self.limits)
         self.names = {role: (fields[role],) if role in fields else names.get(role, ()) for role in ROLES}
         self.rows = {"train": [self._example(r, f"{path} row {i}") for i, r in enumerate(train_rows)]}
         if test_path is not None:

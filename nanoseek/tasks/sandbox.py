@@ -92,45 +92,51 @@ def main():
         job = json.load(f)
     os.remove(path)
     nonce, lim, uid = job["nonce"], job["limits"], job["uid"]
-    if uid is not None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        def check(rc, what):
-            if rc != 0:
-                raise OSError(ctypes.get_errno(), what)
-        check(libc.unshare(0x40000000 | 0x00020000), "unshare(CLONE_NEWNET | CLONE_NEWNS)")
-        check(libc.mount(None, b"/", None, 0x4000 | 0x40000, None), "mount --make-rprivate /")
-        with open("/proc/self/mountinfo") as f:
-            points = [line.split()[4] for line in f]
-        for point in points:  # MS_REMOUNT | MS_BIND | MS_RDONLY: read-only in this namespace only
-            libc.mount(None, point.encode(), None, 0x20 | 0x1000 | 0x1, None)
-        # The interpreter may live under a private dir (pyenv in /root): bind it back, read-only.
-        prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-        keep = {p: os.open(p, os.O_PATH) for p in prefixes if any(p.startswith(d + "/") for d in job["private_dirs"])}
-        opts = f"size={lim['file_mb']}m,mode=1777".encode()
-        for d in job["private_dirs"]:  # MS_NOSUID | MS_NODEV
-            check(libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0x2 | 0x4, opts), "mount tmpfs " + d)
-        for p, pfd in keep.items():  # MS_BIND | MS_REC, then MS_REMOUNT | MS_BIND | MS_RDONLY
-            os.makedirs(p, exist_ok=True)
-            check(libc.mount(f"/proc/self/fd/{pfd}".encode(), p.encode(), None, 0x1000 | 0x4000, None), "bind " + p)
-            check(libc.mount(None, p.encode(), None, 0x20 | 0x1000 | 0x1, None), "remount " + p)
-            os.close(pfd)
-        work = "/tmp/work"
-        os.mkdir(work, 0o700)
-        os.chown(work, uid, uid)
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-    else:
-        work = job["work"]
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.unshare(0x10000000 | 0x40000000)  # CLONE_NEWUSER | CLONE_NEWNET where allowed
-    for res, value in ((resource.RLIMIT_CPU, lim["cpu_seconds"]), (resource.RLIMIT_AS, lim["memory_mb"] << 20),
-                       (resource.RLIMIT_FSIZE, lim["file_mb"] << 20), (resource.RLIMIT_NOFILE, lim["open_files"]),
-                       (resource.RLIMIT_NPROC, lim["processes"]), (resource.RLIMIT_CORE, 0)):
-        resource.setrlimit(res, (value, value))
-    os.chdir(work)
-    os.environ.clear()
-    os.environ.update(HOME=work, TMPDIR=work, PATH="/usr/bin:/bin", LANG="C.UTF-8")
+    def isolate():  # namespaces, uid, limits, working directory
+        if uid is not None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            def check(rc, what):
+                if rc != 0:
+                    raise OSError(ctypes.get_errno(), what)
+            check(libc.unshare(0x40000000 | 0x00020000), "unshare(CLONE_NEWNET | CLONE_NEWNS)")
+            check(libc.mount(None, b"/", None, 0x4000 | 0x40000, None), "mount --make-rprivate /")
+            with open("/proc/self/mountinfo") as f:
+                points = [line.split()[4] for line in f]
+            for point in points:  # MS_REMOUNT | MS_BIND | MS_RDONLY: read-only in this namespace only
+                libc.mount(None, point.encode(), None, 0x20 | 0x1000 | 0x1, None)
+            # The interpreter may live under a private dir (pyenv in /root): bind it back, read-only.
+            prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+            keep = {p: os.open(p, os.O_PATH) for p in prefixes if any(p.startswith(d + "/") for d in job["private_dirs"])}
+            opts = f"size={lim['file_mb']}m,mode=1777".encode()
+            for d in job["private_dirs"]:  # MS_NOSUID | MS_NODEV
+                check(libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0x2 | 0x4, opts), "mount tmpfs " + d)
+            for p, pfd in keep.items():  # MS_BIND | MS_REC, then MS_REMOUNT | MS_BIND | MS_RDONLY
+                os.makedirs(p, exist_ok=True)
+                check(libc.mount(f"/proc/self/fd/{pfd}".encode(), p.encode(), None, 0x1000 | 0x4000, None), "bind " + p)
+                check(libc.mount(None, p.encode(), None, 0x20 | 0x1000 | 0x1, None), "remount " + p)
+                os.close(pfd)
+            work = "/tmp/work"
+            os.mkdir(work, 0o700)
+            os.chown(work, uid, uid)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        else:
+            work = job["work"]
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.unshare(0x10000000 | 0x40000000)  # CLONE_NEWUSER | CLONE_NEWNET where allowed
+        for res, value in ((resource.RLIMIT_CPU, lim["cpu_seconds"]), (resource.RLIMIT_AS, lim["memory_mb"] << 20),
+                           (resource.RLIMIT_FSIZE, lim["file_mb"] << 20), (resource.RLIMIT_NOFILE, lim["open_files"]),
+                           (resource.RLIMIT_NPROC, lim["processes"]), (resource.RLIMIT_CORE, 0)):
+            resource.setrlimit(res, (value, value))
+        os.chdir(work)
+        os.environ.clear()
+        os.environ.update(HOME=work, TMPDIR=work, PATH="/usr/bin:/bin", LANG="C.UTF-8")
+    try:
+        isolate()
+    except BaseException as e:  # reported, so a host that cannot sandbox fails loudly, not with 0 rewards
+        os.write(fd, f"{nonce} error {type(e).__name__}: {e}".replace("\n", " ").encode() + b"\n")
+        return
     write, encode, run, BaseExc = os.write, str.encode, builtins.exec, BaseException
     ns = {"__name__": "__main__", "__builtins__": builtins}
     write(fd, encode(f"{nonce} ready\n"))
@@ -215,7 +221,8 @@ def run_tests(program: str, tests: Sequence[str], limits: Limits = Limits()) -> 
         records = {tail for head, _, tail in (line.partition(" ") for line in report.decode(
             "utf-8", errors="replace").splitlines()) if head == nonce}
         if "ready" not in records:
-            return CheckResult(0, len(tests), "timeout" if timed_out else "error: the sandbox did not start")
+            error = next((r for r in records if r.startswith("error ")), "error the harness did not start")
+            return CheckResult(0, len(tests), "timeout" if timed_out else "error: sandbox setup: " + error[6:])
         passed = sum(str(i) in records for i in range(len(tests)))
         return CheckResult(passed, len(tests), "timeout" if timed_out else "ok")
     except Exception as e:  # noqa: BLE001 - an OS failure starting the harness: no credit, no raise
@@ -237,3 +244,11 @@ def run_tests(program: str, tests: Sequence[str], limits: Limits = Limits()) -> 
                 os.close(fd)
         shutil.rmtree(tmp, ignore_errors=True)
         _slots.put(slot)
+
+
+def check_sandbox(limits: Limits = Limits()) -> None:
+    """Raise if this host cannot run the sandbox (e.g. root without CAP_SYS_ADMIN, as in Docker's default
+    profile), so a code task fails at its start instead of training on rewards that are all 0."""
+    result = run_tests("x = 1", ["assert x == 1"], limits)
+    if result.reward != 1.0:
+        raise RuntimeError(f"the code sandbox does not work here ({result.status}); see nanoseek/tasks/sandbox.py")
