@@ -93,6 +93,17 @@ def test_choices_field_names_and_parquet(tmp_path):
     e = all_rows(task)[0]
     assert task.is_correct(e, "1234 apples") and not task.is_correct(e, "1234 or 1235")
 
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text(json.dumps({"q": "How many?", "a": "2 + 2 = 4\n#### 4"}) + "\n")
+    task = make_task("file", path=str(renamed), fields={"question": "q", "answer": "a"}, test_fraction=0.5)
+    assert (task.format, all_rows(task)[0].answer) == ("gsm8k", "4")
+    renamed.write_text(json.dumps({"task": "Add.", "checks": ["assert add(1, 1) == 2"], "ref": "def add(a, b):\n"
+                                   "    return a + b"}) + "\n")
+    task = make_task("file", path=str(renamed), fields={"question": "task", "tests": "checks", "solution": "ref"},
+                     test_fraction=0.5)
+    e = all_rows(task)[0]
+    assert task.format == "mbpp" and task.score(e, task.sft_example(e, "bare"))["accuracy"] == 1.0
+
 
 def test_splits_and_examples(tmp_path):
     rows = [{"question": f"What is {i} plus 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(40)]

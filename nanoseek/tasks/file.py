@@ -51,6 +51,8 @@ FORMATS: dict[str, tuple[dict[str, tuple[str, ...]], str]] = {
     "qa": ({"question": ("question",), "answer": ("answer",), "choices": ("choices",)}, "exact"),
 }
 ROLES = ("question", "answer", "solution", "tests", "entry_point", "setup", "choices")
+DETECTED_AS = {"question": "question", "answer": "answer", "solution": "solution", "tests": "test_list",
+               "entry_point": "entry_point", "setup": "test_setup_code", "choices": "choices"}
 LETTERS = "ABCDEFGHIJ"
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
@@ -80,11 +82,11 @@ def read_rows(path: str | Path) -> list[dict]:
 
 def detect_format(row: Mapping) -> str:
     """The format whose fields the row has (see the module doc)."""
+    if "entry_point" in row and ("test" in row or "test_list" in row):
+        return "humaneval"
     if "test_list" in row:
         return "mbpp"
-    if "test" in row and "entry_point" in row:
-        return "humaneval"
-    if "problem" in row and ("solution" in row or "answer" in row):
+    if "problem" in row or ("solution" in row and "answer" not in row):
         return "math"
     if "question" in row and "answer" in row:
         return "gsm8k" if "####" in str(row["answer"]) else "qa"
@@ -114,8 +116,9 @@ class FileTask(Task):
             if role not in ROLES:
                 raise ValueError(f"fields[{role!r}]: unknown role; allowed: {list(ROLES)}")
         train_rows = read_rows(path)
-        if format == "auto":
-            format = detect_format({**train_rows[0], **{f: None for f in fields.values()}})
+        if format == "auto":  # renamed fields count under the names detection knows
+            format = detect_format({**train_rows[0], **{DETECTED_AS[role]: train_rows[0].get(name)
+                                                         for role, name in fields.items()}})
         if format not in FORMATS:
             raise ValueError(f"format={format!r}: expected 'auto' or one of {sorted(FORMATS)}")
         names, default_verifier = FORMATS[format]
