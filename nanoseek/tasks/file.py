@@ -160,6 +160,8 @@ class FileTask(Task):
             if "####" not in text:
                 raise ValueError(f"{where}: a GSM8K answer must end in '#### <number>', got {text[-60:]!r}")
             body, _, answer = text.rpartition("####")
+            if not answer.strip():
+                raise ValueError(f"{where}: nothing after '####' in the GSM8K answer")
             solution = _CALCULATOR.sub("", body).strip()
         elif self.format == "math":
             solution = self._field(row, "solution", where, required=False)
