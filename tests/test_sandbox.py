@@ -25,17 +25,7 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and the uid
 
 def sandbox_processes() -> list[int]:
     """Live (non-zombie) processes of any sandbox uid of this test process."""
-    lo, hi = sandbox._UID_BASE, sandbox._UID_BASE + sandbox.MAX_SLOTS
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            status = (entry / "status").read_text()
-        except (OSError, ValueError):
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if lo <= int(fields["Uid"].split()[0]) < hi and not fields["State"].strip().startswith("Z"):
-            found.append(int(entry.name))
-    return found
+    return sandbox.live_processes(range(sandbox._UID_BASE, sandbox._UID_BASE + sandbox.MAX_SLOTS))
 
 
 def sandbox_dirs() -> set[str]:

@@ -171,6 +171,31 @@ def _kill_uid(uid: int) -> None:
                    stderr=subprocess.DEVNULL, timeout=30, check=False)
 
 
+def live_processes(uids: range) -> list[int]:
+    """Pids of the live (not zombie) processes whose uid is in ``uids`` (Linux /proc)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        try:
+            if entry.name.isdigit() and entry.stat().st_uid in uids:
+                with open(os.path.join(entry.path, "stat"), "rb") as f:
+                    if f.read().rpartition(b")")[2].split()[0] != b"Z":
+                        found.append(int(entry.name))
+        except (OSError, IndexError):  # the process ended while we looked
+            continue
+    return found
+
+
+def _kill_uid_and_wait(uid: int, patience_s: float = 5.0) -> None:
+    """Kill every process of ``uid`` and wait until none runs (SIGKILL lands asynchronously)."""
+    deadline = time.monotonic() + patience_s
+    _kill_uid(uid)
+    while live_processes(range(uid, uid + 1)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes of sandbox uid {uid} survived SIGKILL")
+        time.sleep(0.01)
+        _kill_uid(uid)
+
+
 def _read_report(proc: subprocess.Popen, fd: int, deadline: float, cap: int) -> tuple[bytes, bool]:
     """Bytes from the report pipe (first ``cap`` kept) until the harness exits or the deadline; and
     whether the deadline passed. Reading stops at the harness's exit even if descendants hold the pipe."""
@@ -236,7 +261,7 @@ def run_tests(program: str, tests: Sequence[str], limits: Limits = Limits()) -> 
                     pass
                 proc.wait()
             if uid is not None:
-                _kill_uid(uid)
+                _kill_uid_and_wait(uid)
         except Exception as e:  # noqa: BLE001 - never into the trainer, but said: a survivor may hold the uid
             warnings.warn(f"sandbox cleanup failed for uid {uid}: {e}", RuntimeWarning, stacklevel=2)
         for fd in (read_fd, write_fd):
