@@ -11,6 +11,7 @@ import shutil
 import socket
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,11 @@ def test_exiting_before_the_tests_run(program):
 def test_redefining_the_harness(program):
     result = check(program, ["assert add(1, 1) == 2", "def check(c):\n    assert c(2, 2) == 4\ncheck(add)"])
     assert result.reward == 0.0
+
+
+def test_concurrent_checks_share_the_slots():
+    programs = [f"def f():\n    return {i}" for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda p: run_tests(p, ["assert f() == 3", "assert f() >= 0"], LIMITS), programs))
+    assert [r.passed for r in results] == [1, 1, 1, 2, 1, 1]
+    assert sandbox._slots.qsize() == sandbox.MAX_SLOTS and sandbox_processes() == []

@@ -1,4 +1,6 @@
 """Answer verifiers of data-file tasks against a known-answer table (issue 17: >= 40 equal and unequal pairs)."""
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from nanoseek.tasks.verifiers import equal, last_boxed
@@ -85,3 +87,10 @@ def test_verifier_limits():
     assert equal("math", "1" * 10_000, "1" * 10_000) is False  # over MAX_ANSWER_CHARS: wrong, and fast
     with pytest.raises(ValueError, match="verifier='fuzzy'"):
         equal("fuzzy", "1", "1")
+
+
+def test_math_verifier_off_the_main_thread():
+    # math-verify's SIGALRM timeouts only work on the main thread; elsewhere it must still decide
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda case: equal("math", case[0], case[1]), MATH_TABLE))
+    assert got == [expected for _, _, expected in MATH_TABLE]
