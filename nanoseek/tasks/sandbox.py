@@ -13,16 +13,17 @@ and sets CPU-time, address-space, file-size, open-file and process-count limits 
 binds non-root users, hence the uid drop). The parent kills the whole process group at the wall-clock
 deadline and then every process of the slot's uid, so daemons that left the group die too; the
 private mounts vanish with the namespace. Not root: the same limits apply under the caller's own
-uid, the network is cut with a user + network namespace where the kernel allows unprivileged ones
+uid (RLIMIT_NPROC then counts all of that user's processes), the network is cut with a user + network namespace where the kernel allows unprivileged ones
 and left on where it does not, nothing else is isolated, and the caller's other processes can be
 signalled: run untrusted code as root (or in a container) for the full sandbox.
 
 Cheats score 0: the harness writes one record per test that passed, prefixed by a random nonce the
-program never sees on disk, argv or environment, to a pipe the parent reads with a byte cap;
+program never sees on disk (the harness deletes its job file first), argv or environment, to a pipe the parent reads with a byte cap;
 exiting early, killing the harness, printing fake results or raising ``SystemExit`` therefore earn
 nothing for the tests that did not run. The limit: the nonce lives in the harness's memory, so a
 program that searches the interpreter's frames for it could still forge records (RL policies are not
-known to find this; the process limits hold regardless).
+known to find this; the process limits hold regardless), and a test ``assert f(x) == y`` passes a
+result whose ``__eq__`` always returns True.
 """
 from __future__ import annotations
 
