@@ -50,6 +50,7 @@ def test_honest_programs_get_the_share_of_tests_passed():
                              "assert add(0, 0) == 1"])
     assert (result.passed, result.total, result.status, result.reward) == (2, 4, "ok", 0.5)
     assert check("syntax error(", ["assert True"]).reward == 0.0
+    assert check("x = 1", ["assert x ==", "assert x == 1"]).passed == 1  # a broken test fails alone
     assert check("import json, fractions\nx = json.dumps([1])", ["assert x == '[1]'"]).reward == 1.0
     assert check("x = 1", []).reward == 0.0
 
@@ -200,9 +201,17 @@ def test_exiting_before_the_tests_run(program):
     "def add(a, b):\n    return a - b",
     # a check() defined ahead of the test's own is replaced by it
     "def check(candidate):\n    pass\ndef add(a, b):\n    return a - b",
+    # "always equal": a result that equals anything
+    "class Same:\n    def __eq__(self, other):\n        return True\n    def __ne__(self, other):\n        return False\n"
+    "def add(a, b):\n    return Same()",
+    "class Same(int):\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Same(0)",
+    "class Same(list):\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Same()",
+    # rebinding the comparison from inside the function the test calls
+    "def add(a, b):\n    globals()['__strict_eq__'] = lambda x, y: True\n    return None",
 ])
 def test_redefining_the_harness(program):
-    result = check(program, ["assert add(1, 1) == 2", "def check(c):\n    assert c(2, 2) == 4\ncheck(add)"])
+    result = check(program, ["assert add(1, 1) == 2", "def check(c):\n    assert c(2, 2) == 4\n    assert c(0, 0) == 0\n"
+                             "check(add)", "assert [add(1, 1)] == [2]", "assert not add(1, 2) != 3"])
     assert result.reward == 0.0
 
 
@@ -212,3 +221,13 @@ def test_concurrent_checks_share_the_slots():
         results = list(pool.map(lambda p: run_tests(p, ["assert f() == 3", "assert f() >= 0"], LIMITS), programs))
     assert [r.passed for r in results] == [1, 1, 1, 2, 1, 1]
     assert sandbox._slots.qsize() == sandbox.MAX_SLOTS and sandbox_processes() == []
+
+
+def test_strict_equality_keeps_honest_results():
+    program = "from fractions import Fraction\ndef f(x):\n    return x\ndef half():\n    return Fraction(1, 2)"
+    tests = ["assert f(3) == 3.0", "assert half() == 0.5", "assert f([1, (2, 'a')]) == [1, (2, 'a')]",
+             "assert f({'k': [1.5]}) == {'k': [1.5]}", "assert f(None) == None", "assert f(2) != 3",
+             "assert f(True) == 1", "assert f('a') == 'a' and f(b'a') == b'a'", "assert f([1]) != (1,)",
+             "assert f((1, 2)) == [1, 2]"]
+    result = check(program, tests)
+    assert result.passed == len(tests) - 1  # only the last fails, as it does in plain Python

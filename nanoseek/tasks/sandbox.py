@@ -22,8 +22,11 @@ program never sees on disk (the harness deletes its job file first), argv or env
 exiting early, killing the harness, printing fake results or raising ``SystemExit`` therefore earn
 nothing for the tests that did not run. The limit: the nonce lives in the harness's memory, so a
 program that searches the interpreter's frames for it could still forge records (RL policies are not
-known to find this; the process limits hold regardless), and a test ``assert f(x) == y`` passes a
-result whose ``__eq__`` always returns True.
+known to find this; the process limits hold regardless). ``==`` and ``!=`` in the tests are compared
+strictly (``strict_eq`` in the harness): against a plain expected value (number, string, bytes, None,
+list / tuple / dict of them) the result must be a plain value too, so an object whose ``__eq__``
+always returns True (the "always equal" hack) fails; each test runs in its own copy of the program's
+globals, which the program's functions cannot rebind.
 """
 from __future__ import annotations
 
@@ -86,7 +89,7 @@ class CheckResult:
 # The trusted harness, run as `python -I -c _HARNESS JOB_FILE REPORT_FD`. Everything it needs is bound
 # before the program runs, in locals of main(), so the program cannot patch it through __main__.
 _HARNESS = r"""
-import builtins, ctypes, json, os, resource, sys
+import ast, builtins, ctypes, json, numbers, os, resource, sys
 def main():
     path, fd = sys.argv[1], int(sys.argv[2])
     with open(path) as f:
@@ -139,18 +142,49 @@ def main():
         os.write(fd, f"{nonce} error {type(e).__name__}: {e}".replace("\n", " ").encode() + b"\n")
         return
     write, encode, run, BaseExc = os.write, str.encode, builtins.exec, BaseException
+    _type, _isinstance, _len, _zip, _all, _complex, _dict = type, isinstance, len, zip, all, complex, dict
+    Number, plain_numbers, plain_values = numbers.Number, (bool, int, float, complex), (str, bytes, type(None))
+    def strict_eq(a, b):  # `==` in tests: a plain expected value is compared as a plain value, so a
+        for x, y in ((a, b), (b, a)):  # result whose __eq__ always says True cannot pass
+            t = _type(y)
+            if t in plain_numbers:
+                return _isinstance(x, Number) and (x if _type(x) in plain_numbers else _complex(x)) == y
+            if t in plain_values:
+                return _type(x) is t and x == y
+            if t in (list, tuple, _dict):
+                if _type(x) is not t or _len(x) != _len(y):
+                    return False
+                if t is _dict:
+                    return _all(k in x and strict_eq(x[k], y[k]) for k in y)
+                return _all(strict_eq(p, q) for p, q in _zip(x, y))
+        return a == b
+    def prepare(i, test):  # a test that does not compile fails alone
+        try:
+            return compile(ast.fix_missing_locations(Strict().visit(ast.parse(test))), f"<test {i}>", "exec")
+        except BaseExc:
+            return None
+    tests = [prepare(i, test) for i, test in enumerate(job["tests"])]
     ns = {"__name__": "__main__", "__builtins__": builtins}
     write(fd, encode(f"{nonce} ready\n"))
     try:
         run(compile(job["program"], "<program>", "exec"), ns)
     except BaseExc:
         return
-    for i, test in enumerate(job["tests"]):
-        try:
-            run(compile(test, f"<test {i}>", "exec"), ns)
+    for i, test in enumerate(tests):
+        if test is None:
+            continue
+        try:  # each test in its own copy of the globals, out of reach of the program's functions
+            run(test, _dict(ns, __strict_eq__=strict_eq))
         except BaseExc:
             continue
         write(fd, encode(f"{nonce} {i}\n"))
+class Strict(ast.NodeTransformer):
+    def visit_Compare(self, node):
+        self.generic_visit(node)
+        if len(node.ops) != 1 or not isinstance(node.ops[0], (ast.Eq, ast.NotEq)):
+            return node
+        call = ast.Call(ast.Name("__strict_eq__", ast.Load()), [node.left, node.comparators[0]], [])
+        return ast.copy_location(call if isinstance(node.ops[0], ast.Eq) else ast.UnaryOp(ast.Not(), call), node)
 main()
 """
 
