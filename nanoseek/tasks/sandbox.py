@@ -18,15 +18,15 @@ and left on where it does not, nothing else is isolated, and the caller's other 
 signalled: run untrusted code as root (or in a container) for the full sandbox.
 
 Cheats score 0: the harness writes one record per test that passed, prefixed by a random nonce the
-program never sees on disk (the harness deletes its job file first), argv or environment, to a pipe the parent reads with a byte cap;
-exiting early, killing the harness, printing fake results or raising ``SystemExit`` therefore earn
-nothing for the tests that did not run. The limit: the nonce lives in the harness's memory, so a
-program that searches the interpreter's frames for it (or for a test's globals) could still forge results (RL policies are not
-known to find this; the process limits hold regardless). ``==`` and ``!=`` in the tests are compared
-strictly (``strict_eq`` in the harness): against a plain expected value (number, string, bytes, None,
-list / tuple / dict of them) the result must be a plain value too, so an object whose ``__eq__``
-always returns True (the "always equal" hack) fails; each test runs in its own copy of the program's
-globals, which the program's functions cannot rebind.
+program never sees on disk (the harness deletes its job file first), argv or environment, to a pipe the
+parent reads with a byte cap; exiting early, killing the harness, printing fake results or raising
+``SystemExit`` therefore earn nothing for the tests that did not run. The limit: the nonce lives in the
+harness's memory, so a program that searches the interpreter's frames for it (or for a test's globals)
+could still forge results (RL policies are not known to find this; the process limits hold regardless).
+``==`` and ``!=`` in the tests are compared strictly (``strict_eq`` in the harness): against a plain
+expected value (number, string, bytes, None, list / tuple / dict of them) the result must be a plain
+value too, so an object whose ``__eq__`` always returns True (the "always equal" hack) fails; each test
+runs in its own copy of the program's globals, which the program's functions cannot rebind.
 """
 from __future__ import annotations
 
