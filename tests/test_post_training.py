@@ -2,6 +2,7 @@
 (R1-Zero at micro scale), DPO on on-policy pairs does too, rejection sampling feeds distillation,
 and `nanoseek pipeline r1` runs end to end reporting accuracy and language consistency per stage."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from nanoseek.train.metrics import read_metrics
 # The session's bimodal base (tests/post_fixtures.py): 30% <think> traces, 70% tagged dropped-carry answers.
 BASE_STEPS, BASE_BATCH = 800, 64
 QUIET = ["train.threads=1", "log.progress=false"]
+DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="session")
@@ -93,6 +95,20 @@ def test_grpo_raises_heldout_accuracy_from_bimodal_base(base, tmp_path):
     assert steps[-1]["reward_mean"] > steps[0]["reward_mean"]
     assert steps[-1]["response_length"] > steps[0]["response_length"]
 
+
+
+def test_grpo_on_a_gsm8k_format_file_raises_heldout_accuracy(base, tmp_path):
+    """The data-file task in GRPO: tests/data/gsm8k_sums.jsonl holds 300 two-digit sums written as GSM8K rows
+    (question "76+63=", answer "<column trace>\n#### 139"; 98 held out by the hash split), rewarded by the
+    math verifier. Measured: 18% -> 80% greedy in 12 steps (5 s)."""
+    from nanoseek.posttrain.grpo import grpo
+
+    out = grpo(_cfg(f"model.init_from={json.dumps(str(base / 'model'))}", "task.name=file",
+                    f'task.options={{path={json.dumps(str(DATA / "gsm8k_sums.jsonl"))}, test_fraction=0.3}}',
+                    "optim.lr=3e-4", "optim.beta2=0.99", "train.steps=12", "eval.examples=100",
+                    "eval.max_new_tokens=48"), tmp_path / "grpo")
+    start, end = out["start_eval"], out["eval"]
+    assert end["greedy_accuracy"] >= start["greedy_accuracy"] + 0.30, (start, end)
 
 def test_grpo_kl_reference_mu_and_resume(base, tmp_path):
     from nanoseek.posttrain.grpo import grpo

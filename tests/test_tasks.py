@@ -320,6 +320,6 @@ def test_configuration_errors_are_clear():
 
 
 def test_registry():
-    assert set(TASKS) == {"arithmetic", "countdown", "bilingual"}
+    assert set(TASKS) == {"arithmetic", "countdown", "bilingual", "file"}
     task = make_task("arithmetic", digits=3, template="r1zero")
     assert isinstance(task, ArithmeticTask) and task.digits == 3 and task.template == "r1zero"

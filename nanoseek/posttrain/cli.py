@@ -119,7 +119,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             epilog=f"Run `nanoseek {command} --keys` for every config key it reads, with its meaning and default.")
         add_common_args(p, f"runs/{command}")
         p.add_argument("--model", metavar="DIR", help="starting model directory (model.init_from)")
-        p.add_argument("--task", help="verifiable task: arithmetic, countdown, bilingual (task.name)")
+        p.add_argument("--task", help="verifiable task: arithmetic, countdown, bilingual, file (task.name; a file: --set task.options.path=F)")
         if command in ("sft", "dpo", "distill"):
             p.add_argument("--data", metavar="FILE", help="training data jsonl (data.train)")
         if command != "rejection-sample":

@@ -36,7 +36,8 @@ class TaskSection:
     """The verifiable task: generated data, rollout prompts, rule-based rewards, evaluation."""
 
     name: str = "arithmetic"
-    """arithmetic | countdown | bilingual ("" = no task: file data only, no task evaluation)."""
+    """arithmetic | countdown | bilingual | file (a data file: options path, format, verifier, fields, test_path, limits)
+    ("" = no task: file data only, no task evaluation)."""
     options: dict = field(default_factory=dict)
     """Task constructor options, e.g. {digits = 2, ops = ["+"]}, {languages = ["en", "xx"]}, {template = "r1zero"}."""
     weights: dict = field(default_factory=dict)

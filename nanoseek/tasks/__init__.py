@@ -5,14 +5,16 @@
     task.reward(ex, "<think>…</think><answer>91</answer>")   # weighted rule-based reward
     task.score(ex, completion)                   # {"accuracy", "format", "tag_count", "tinyzero", "answered", ...}
     task.sft_example(ex, "think")                # a correct target completion for SFT / cold start
+    make_task("file", path="gsm8k.jsonl")        # rows of a data file (GSM8K, MATH, MBPP, HumanEval, QA)
 """
 from nanoseek.tasks import rewards
 from nanoseek.tasks.arithmetic import ArithmeticTask
 from nanoseek.tasks.base import R1_ZERO_TEMPLATE, TEMPLATES, Example, Task
 from nanoseek.tasks.bilingual import BilingualTask
 from nanoseek.tasks.countdown import CountdownTask
+from nanoseek.tasks.file import FileTask
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ArithmeticTask, CountdownTask, BilingualTask)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ArithmeticTask, CountdownTask, BilingualTask, FileTask)}
 
 
 def make_task(name: str, **kwargs) -> Task:
@@ -23,6 +25,6 @@ def make_task(name: str, **kwargs) -> Task:
 
 
 __all__ = [
-    "ArithmeticTask", "BilingualTask", "CountdownTask", "Example", "R1_ZERO_TEMPLATE", "TASKS", "TEMPLATES",
+    "ArithmeticTask", "BilingualTask", "CountdownTask", "Example", "FileTask", "R1_ZERO_TEMPLATE", "TASKS", "TEMPLATES",
     "Task", "make_task", "rewards",
 ]

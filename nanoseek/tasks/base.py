@@ -108,8 +108,9 @@ class Task:
         """One random problem: (question, reference answer, meta)."""
         raise NotImplementedError
 
-    def _check(self, example: Example, answer: str) -> bool:
-        """Whether an extracted answer string solves the example. Must not raise."""
+    def _check(self, example: Example, answer: str) -> bool | float:
+        """Whether an extracted answer string solves the example (or the share of it solved, in [0, 1],
+        e.g. of a program's tests). Must not raise."""
         raise NotImplementedError
 
     def _solution(self, example: Example, style: str) -> tuple[str | None, str]:
@@ -163,9 +164,10 @@ class Task:
     def score(self, example: Example, completion: object) -> dict[str, float]:
         """Every reward component of one completion (for logging, eval and ``reward``)."""
         answer = self.extract_answer(completion)
-        correct = answer is not None and self._check(example, answer)
+        accuracy = float(self._check(example, answer)) if answer is not None else 0.0
+        correct = accuracy == 1.0
         return {
-            "accuracy": float(correct),
+            "accuracy": accuracy,
             "format": R.format_reward(completion, prefix=self.prefix),
             "tag_count": R.tag_count_reward(completion, prefix=self.prefix),
             "tinyzero": R.tinyzero_reward(answer is not None, correct),
