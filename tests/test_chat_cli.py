@@ -1,5 +1,7 @@
 """`nanoseek chat` and `nanoseek generate`: streamed replies with the thinking shown apart."""
 import io
+import json
+import shutil
 
 import pytest
 import torch
@@ -71,3 +73,19 @@ def test_generate_command_raw_prompt(capsys):
     prompt = tok.render_chat([{"role": "user", "content": "hello"}])[len("<｜begin▁of▁sentence｜>"):]
     main(["generate", "--model", chat_model_dir(), "--prompt", prompt, "--stream"])
     assert capsys.readouterr().out == REPLY + "\n"
+
+
+def test_generate_caps_new_tokens_at_the_context(capsys, tmp_path):
+    """A reply cannot run past the model's positions: --max-new-tokens is cut to what the context leaves (with a
+    note), and a prompt that fills the context is a one-line error."""
+    model_dir = shutil.copytree(chat_model_dir(), tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 40}))
+    main(["generate", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "1000", "--ignore-eos",
+          "--stats"])
+    err = capsys.readouterr().err
+    room = 40 - len(nanoseek.load_tokenizer(model_dir).encode("hi", add_bos=True))
+    assert f"capped at {room}" in err and f"\n{room} tokens in" in err
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(model_dir), "--prompt", "hi " * 60])
+    assert "this model's context is 40" in capsys.readouterr().err

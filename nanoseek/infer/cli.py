@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -62,6 +63,13 @@ def _generate(args: argparse.Namespace) -> None:
         ids = tok.encode(args.prompt, add_bos=True)
     params = sampling_params(args, seed=args.seed, stop_tokens=[] if args.ignore_eos else None,
                              stop_strings=tuple(args.stop))
+    context = model.config.max_position_embeddings
+    if len(ids) >= context:
+        raise ValueError(f"the prompt is {len(ids)} tokens; this model's context is {context}")
+    if params.max_new_tokens > context - len(ids):
+        print(f"note: --max-new-tokens capped at {context - len(ids)}: the prompt's {len(ids)} tokens and the "
+              f"reply must fit this model's context of {context}", file=sys.stderr)
+        params = dataclasses.replace(params, max_new_tokens=context - len(ids))
     engine = Engine(model, tok, speculative=args.speculative)
     color = use_color(args.color)
     t0, n = time.perf_counter(), 0
