@@ -140,10 +140,18 @@ def test_checkpoint_errors_name_the_problem(tmp_path, seed):
         load_pretrained(tmp_path / "missing")
 
 
-def test_atomic_save_leaves_no_temp_files(tmp_path, seed):
+def test_atomic_save_leaves_no_temp_files_and_follows_the_umask(tmp_path, seed):
+    """No temp file is left, and the files get the umask's permissions (not the temp files' 0600), so another
+    user or a serving container can read a saved model."""
     model = nanoseek.DeepSeekForCausalLM(ModelConfig.preset("tiny-dense"))
-    save_pretrained(model, tmp_path)
+    old = os.umask(0o022)
+    try:
+        save_pretrained(model, tmp_path)
+    finally:
+        os.umask(old)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
+        p.name: "0o644" for p in tmp_path.iterdir()}
 
 
 # ---------------------------------------------------------------- config.json compatibility
