@@ -140,6 +140,37 @@ def test_checkpoint_errors_name_the_problem(tmp_path, seed):
         load_pretrained(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("case", ["outside", "absolute", "fifo", "no_weight_map", "not_json"])
+def test_unsafe_shard_indexes_are_refused(tmp_path, seed, case):
+    """A shard index may only name regular files inside its directory (not ../x, not /abs, not a FIFO, which
+    would block the reader), and must have a weight_map: each refused with an error naming it."""
+    model = nanoseek.DeepSeekForCausalLM(ModelConfig.preset("tiny-v3"))
+    save_pretrained(model, tmp_path / "m", max_shard_size="200KB")
+    index_path = tmp_path / "m" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key, first = next(iter(index["weight_map"].items()))
+    if case == "outside":
+        (tmp_path / "x.safetensors").write_bytes((tmp_path / "m" / first).read_bytes())
+        index["weight_map"][key] = "../x.safetensors"
+        expected = "'../x.safetensors', which is not a file name in"
+    elif case == "absolute":
+        index["weight_map"][key] = str(tmp_path / "m" / first)
+        expected = "which is not a file name in"
+    elif case == "fifo":
+        os.mkfifo(tmp_path / "m" / "pipe.safetensors")
+        index["weight_map"][key] = "pipe.safetensors"
+        expected = "pipe.safetensors is not a regular file"
+    elif case == "no_weight_map":
+        index = {"metadata": {}}
+        expected = "not a safetensors index with a weight_map"
+    else:
+        index = None
+        expected = "not a safetensors index"
+    index_path.write_text("{oops" if index is None else json.dumps(index))
+    with pytest.raises(CheckpointError, match=expected):
+        load_pretrained(tmp_path / "m")
+
+
 def test_atomic_save_leaves_no_temp_files_and_follows_the_umask(tmp_path, seed):
     """No temp file is left, and the files get the umask's permissions (not the temp files' 0600), so another
     user or a serving container can read a saved model."""

@@ -112,18 +112,29 @@ class _StoredTensor:
 def _weight_files(path: str) -> list[str]:
     index = os.path.join(path, INDEX)
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({type(e).__name__}: {e})") from None
         for name in files:
+            # an index names files inside its own directory: not "../x", not an absolute path, not a FIFO
+            if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+                raise CheckpointError(f"{index} lists {name!r}, which is not a file name in {path}")
             if not os.path.exists(os.path.join(path, name)):
                 raise CheckpointError(f"{index} lists {name}, which does not exist")
-        return [os.path.join(path, name) for name in files]
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        files = [os.path.join(path, name) for name in files]
+    else:
+        files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+    for file in files:
+        if not os.path.isfile(file):  # a FIFO or device would block or never end
+            raise CheckpointError(f"{file} is not a regular file")
     if not files:
         extra = " (PyTorch .bin checkpoints are pickles; convert them to safetensors)" if any(
             f.endswith(".bin") for f in os.listdir(path)) else ""
         raise CheckpointError(f"no *.safetensors files in {path}{extra}")
-    return [os.path.join(path, f) for f in files]
+    return files
 
 
 def _header(file: str) -> dict[str, _StoredTensor]:
