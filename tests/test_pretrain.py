@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +117,56 @@ def test_resume_after_sigkill_gives_bit_identical_losses(dataset, tmp_path, mome
     from safetensors.torch import load_file
     wa, wb = load_file(reference / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_damaged_checkpoints_are_skipped_for_the_newest_intact_one(dataset, tmp_path):
+    """Each checkpoint records the SHA-256 of its files and of its trainer state; resuming verifies them and
+    skips damaged checkpoints (a changed byte in the weights, an edited step, a truncated RNG file) with a
+    warning naming each, resumes from the newest intact one and trains to the same losses. Temporary
+    directories a kill left behind are removed; a damaged trainer state is a one-line error naming the file."""
+    from nanoseek.interop.hf import CheckpointError
+    from nanoseek.train.checkpoint import verify_checkpoint
+
+    sets = ["train.steps=10", "checkpoint.every=2", "checkpoint.keep=5", "eval.every=0", "train.dtype=fp32",
+            "schedule.warmup_steps=1"]
+    run = tmp_path / "run"
+    pretrain(tiny(dataset, *sets), run)
+    losses = [r["loss"] for r in steps(run)]
+    ckpts = run / "checkpoints"
+    shutil.copytree(ckpts / "step-00000004", tmp_path / "spare")
+    weights = max((ckpts / "step-00000010" / "state").iterdir(), key=lambda f: f.stat().st_size)
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    state_file = ckpts / "step-00000008" / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "step": 9}))
+    rng = ckpts / "step-00000006" / "rng-00000.safetensors"
+    rng.write_bytes(rng.read_bytes()[:100])
+    leftovers = [ckpts / ".tmp-step-00000012", run / ".model.tmp-999", run / ".model.old-999"]
+    for d in leftovers:
+        (d / "part").mkdir(parents=True)
+
+    with pytest.warns(UserWarning) as caught:
+        pretrain(tiny(dataset, *sets), run, resume=True)
+    said = "\n".join(str(w.message) for w in caught)
+    assert f"step-00000010: {weights}: checksum mismatch" in said
+    assert "step-00000008" in said and "content does not match its checksum" in said
+    assert f"step-00000006: {rng}: checksum mismatch" in said and "resumed from step-00000004" in said
+    assert [r["loss"] for r in steps(run)] == losses  # bit-identical from step 5 on
+    assert not any(d.exists() for d in leftovers)
+
+    spare = tmp_path / "spare" / "trainer_state.json"
+    good = json.loads(spare.read_text())
+    spare.write_text(json.dumps({k: v for k, v in good.items() if k != "step"}))
+    with pytest.raises(CheckpointError, match=r"trainer_state.json: missing step"):
+        verify_checkpoint(spare.parent)
+    spare.write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"trainer_state.json: not valid JSON"):
+        verify_checkpoint(spare.parent)
+    for ckpt in ckpts.iterdir():
+        (ckpt / "trainer_state.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no intact checkpoint"), pytest.warns(UserWarning, match="missing format"):
+        pretrain(tiny(dataset, *sets), run, resume=True)
 
 
 def test_resume_refuses_a_changed_config_and_fresh_runs_refuse_old_checkpoints(dataset, tmp_path):

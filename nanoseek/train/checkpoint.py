@@ -7,17 +7,21 @@
                                so a checkpoint saved on 4 ranks loads on 2, on 1, or in a plain process
         rng-00000.safetensors  each rank's torch RNG states
         trainer_state.json     step, tokens seen, data-loader position, LR-schedule position, loss
-                               statistics, parameter names, the layout, the resolved run config
+                               statistics, parameter names, the layout, the resolved run config, and the
+                               SHA-256 of every other file of the checkpoint and of its own content
     DIR/model/                 the latest model + tokenizer, gathered to rank 0 in the HF layout:
                                `from_pretrained` and transformers load it
 
 Each checkpoint is built in a temporary directory beside its final name and renamed into place by rank 0
 once every rank has written, so a run killed at any moment leaves only whole checkpoints; `keep_last`
-prunes the oldest.
+prunes the oldest, and the next start removes the temporary directories a kill left behind. Resuming
+verifies the checksums first and falls back to the newest intact checkpoint, with a warning naming what is
+wrong with the newer ones (`resume_latest`).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -42,7 +46,8 @@ from nanoseek.interop.hf import CheckpointError, save_pretrained
 from nanoseek.parallel.mesh import barrier, gather_objects, rank
 
 FORMAT = "nanoseek-train-checkpoint"
-VERSION = 2  # 1: HF model/ + optimizer.pt, one process
+VERSION = 3  # 1: HF model/ + optimizer.pt, one process; 2: no checksums (still read, unverified)
+REQUIRED = ("format", "version", "step", "param_names")
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -73,6 +78,10 @@ def open_run_dir(out_dir: str | os.PathLike, resume: bool) -> tuple[Path, Path |
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    if rank() == 0:  # what a killed save or export left behind (their pids are gone with them)
+        for leftover in [*out.glob(".*.tmp-*"), *out.glob(".*.old-*"), *checkpoint_dir(out).glob(".tmp-step-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+    barrier()
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not resume:
         raise ValueError(f"{out} already holds checkpoints ({ckpt.name}); pass --resume to continue that run "
@@ -128,7 +137,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
         if main:
             meta = {"format": FORMAT, "version": VERSION, "step": step,
                     "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                    "param_names": names, **state}
+                    "param_names": names, **state, "files": _file_digests(tmp)}
+            meta["content_sha256"] = _content_digest(meta)
             with open(tmp / "trainer_state.json", "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=1)
                 f.flush()
@@ -143,19 +153,84 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     return final
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restore model, optimizer and RNG from a checkpoint directory, whatever the layout it was saved
-    with (every rank calls); returns its trainer state."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_digests(root: Path) -> dict[str, str]:
+    """SHA-256 of every file below root but trainer_state.json, by path relative to root."""
+    return {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "trainer_state.json"}
+
+
+def _content_digest(state: dict) -> str:
+    return hashlib.sha256(json.dumps({k: v for k, v in state.items() if k != "content_sha256"},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """The trainer state of a checkpoint directory after checking it whole: its fields, and the checksums of its
+    own content and of every file (a CheckpointError names the file and what is wrong)."""
     path = Path(path)
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
         raise CheckpointError(f"{state_file} not found: {path} is not a complete training checkpoint")
-    state = json.loads(state_file.read_text(encoding="utf-8"))
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"{state_file}: format {state.get('format')!r}, expected {FORMAT!r}")
-    if state.get("version") != VERSION:
-        raise CheckpointError(f"{state_file}: checkpoint version {state.get('version')}, this nanoseek reads "
-                              f"version {VERSION}; start a new run from its weights with model.init_from")
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{state_file}: not valid JSON ({e})") from None
+    missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{state_file}: missing {', '.join(missing)}")
+    if state["format"] != FORMAT:
+        raise CheckpointError(f"{state_file}: format {state['format']!r}, expected {FORMAT!r}")
+    if state["version"] not in (2, VERSION):
+        raise CheckpointError(f"{state_file}: checkpoint version {state['version']}, this nanoseek reads "
+                              f"versions 2 and {VERSION}; start a new run from its weights with model.init_from")
+    if state["version"] == 2:
+        warnings.warn(f"{path}: a version-2 checkpoint has no checksums; loading it unverified")
+        return state
+    if state.get("content_sha256") != _content_digest(state):
+        raise CheckpointError(f"{state_file}: its content does not match its checksum (edited or damaged)")
+    found = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {"trainer_state.json"}
+    for name in sorted(set(state["files"]) | found):
+        if name not in found:
+            raise CheckpointError(f"{path / name}: missing")
+        if name not in state["files"]:
+            raise CheckpointError(f"{path / name}: not part of the checkpoint as written")
+        if _sha256(path / name) != state["files"][name]:
+            raise CheckpointError(f"{path / name}: checksum mismatch (the file changed or is damaged)")
+    return state
+
+
+def resume_latest(run_dir: str | os.PathLike, load) -> Path:
+    """Call `load(checkpoint)` on the newest checkpoint of run_dir that loads, newest first; each damaged one is
+    skipped with a warning naming what is wrong. Raises CheckpointError when none is intact."""
+    problems = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            load(ckpt)
+        except CheckpointError as e:
+            problems.append(f"{ckpt.name}: {e}")
+            warnings.warn(f"skipping damaged checkpoint {ckpt.name}: {e}", stacklevel=2)
+            continue
+        if problems:
+            warnings.warn(f"resumed from {ckpt.name}, the newest intact checkpoint", stacklevel=2)
+        return ckpt
+    raise CheckpointError(f"no intact checkpoint in {checkpoint_dir(run_dir)}" +
+                          (": " + "; ".join(problems) if problems else ""))
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Restore model, optimizer and RNG from a checkpoint directory, whatever the layout it was saved
+    with (every rank calls), after `verify_checkpoint`; returns its trainer state."""
+    path = Path(path)
+    state_file = path / "trainer_state.json"
+    state = verify_checkpoint(path)
     names = _all_param_names(model)
     if sorted(state["param_names"]) != sorted(names):
         missing = sorted(set(names) - set(state["param_names"]))

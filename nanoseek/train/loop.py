@@ -55,6 +55,7 @@ from nanoseek.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     open_run_dir,
+    resume_latest,
     save_checkpoint,
 )
 from nanoseek.train.config import RunConfig
@@ -330,7 +331,7 @@ class Trainer:
             raise TrainingError(f"{self.bad_streak} bad steps in a row at step {self.step} after "
                                 f"{self.rollbacks} rollbacks (train.max_rollbacks); stopping")
         data, failed_at = self.data_state(), self.step
-        self.load_checkpoint(ckpt)
+        ckpt = resume_latest(self.out, self.load_checkpoint)
         self.load_data_state(data)  # the data moves on past the batches that failed
         self.rollbacks += 1
         self.bad_streak = 0
@@ -356,7 +357,7 @@ class Trainer:
         cfg = self.cfg
         try:
             if self._resume_from is not None:
-                self.load_checkpoint(self._resume_from)
+                resume_latest(self.out, self.load_checkpoint)
                 if self.main:
                     truncate_metrics(self.out, self.step)
             elif self.main:
