@@ -1,4 +1,5 @@
 """Checkpoint I/O: FP8 (official layout), sharding, clear errors; config.json compatibility."""
+import errno
 import json
 import os
 
@@ -278,3 +279,19 @@ def test_tied_embeddings_and_loading_into_a_model(tmp_path, seed):
     again.model.layers[0].self_attn.kv_b_proj = torch.nn.Linear(32, 3, bias=False)
     with pytest.raises(CheckpointError, match="kv_b_proj.weight has shape .* the model implies"):
         load_weights(again, tmp_path)
+
+
+def test_a_full_disk_while_saving_is_a_clear_error_and_loses_nothing(tmp_path, seed, monkeypatch):
+    from nanoseek.train import checkpoint as ckpt
+
+    model = nanoseek.DeepSeekForCausalLM(ModelConfig.preset("tiny-dense"))
+    opt = torch.optim.AdamW(model.parameters())
+    first = ckpt.save_checkpoint(tmp_path, 1, model, opt, {})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[1]))
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*step-00000002: No space left on device"):
+        ckpt.save_checkpoint(tmp_path, 2, model, opt, {})
+    assert ckpt.list_checkpoints(tmp_path) == [first] and ckpt.verify_checkpoint(first)["step"] == 1
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [first.name]

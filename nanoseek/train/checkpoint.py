@@ -146,6 +146,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
             _replace_dir(tmp, final)
             for old in list_checkpoints(run_dir)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # a full disk, a lost mount: the checkpoints already written stay whole
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e} ({e.filename or tmp}); "
+                              "the earlier checkpoints are intact") from None
     finally:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
