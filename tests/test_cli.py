@@ -39,9 +39,12 @@ def quick_demo_dir(tmp_path):
     (["convert", "/no/such/dir", "--out", "/tmp/x"], "not found"),
     (["demo", "--out", "{quick_demo_dir}"], "holds a demo run with mode='quick'"),
     (["generate", "--model", "/no/such/dir", "--prompt", "hi"], "model directory not found: /no/such/dir"),
+    (["serve", "--model", "/no/such/dir", "--port", "99999"], "--port 99999 is not a TCP port"),
+    (["generate", "--model", "{garbage_tokenizer_dir}", "--prompt", "hi"], "tokenizer.json is not a valid tokenizer"),
 ])
-def test_errors_are_one_line_exit_2(argv, needle, quick_demo_dir):
-    argv = [a.format(quick_demo_dir=quick_demo_dir) for a in argv]
+def test_errors_are_one_line_exit_2(argv, needle, quick_demo_dir, tmp_path):
+    (tmp_path / "tokenizer.json").write_text("garbage{")
+    argv = [a.format(quick_demo_dir=quick_demo_dir, garbage_tokenizer_dir=tmp_path) for a in argv]
     proc = subprocess.run([sys.executable, "-m", "nanoseek.cli", *argv], capture_output=True, text=True)
     assert proc.returncode == 2
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

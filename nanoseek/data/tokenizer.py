@@ -189,9 +189,15 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     path = directory / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {directory} (expected {path})")
-    backend = tokenizers.Tokenizer.from_file(str(path))
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises a bare Exception for any file it cannot parse
+        raise ValueError(f"{path} is not a valid tokenizer file ({e})") from None
     config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
     return Tokenizer(backend, config)
 
 

@@ -157,6 +157,8 @@ def _serve(args: argparse.Namespace) -> None:
     except ImportError:
         raise ValueError("serving needs FastAPI and uvicorn: pip install 'nanoseek[serve]'") from None
 
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is not a TCP port (0-65535)")
     torch.manual_seed(args.seed)
     model, tok = load(args.model, args.dtype, args.fp8)
     name = args.model_name or os.path.basename(os.path.normpath(args.model))
