@@ -323,3 +323,11 @@ def test_cli_end_to_end_and_user_errors(tmp_path, capsys):
             args.func(args)
         err = capsys.readouterr().err
         assert exit.value.code == 2 and err.count("\n") == 1 and ("missing" in err or "nothing" in err)
+
+
+def test_one_document_cannot_be_split_and_the_error_says_what_to_do(tok_dir, tmp_path):
+    (tmp_path / "one.txt").write_text("a single document\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"the input has 1: give more documents .*--val-fraction 0"):
+        prepare(tmp_path / "one.txt", tok_dir, tmp_path / "ds", val_fraction=0.1, progress=False)
+    meta = prepare(tmp_path / "one.txt", tok_dir, tmp_path / "ds", val_fraction=0.0, progress=False)
+    assert meta["splits"]["train"]["docs"] == 1

@@ -132,7 +132,9 @@ def prepare(
         raise ValueError(f"input {', '.join(map(str, sources))} is empty: it holds no documents")
     n_val = 0 if val_fraction == 0 else max(1, round(val_fraction * n_docs))
     if n_val >= n_docs:
-        raise ValueError(f"a held-out split needs at least 2 documents, the input has {n_docs}; use val_fraction=0")
+        raise ValueError(f"a held-out split needs at least 2 documents, the input has {n_docs}: give more documents "
+                         "(pretraining evaluates on held-out ones), or prepare without a held-out split "
+                         "(`nanoseek data prepare --val-fraction 0`)")
     is_val = np.zeros(n_docs, dtype=bool)
     is_val[np.random.default_rng(seed).choice(n_docs, n_val, replace=False)] = True
 
