@@ -286,6 +286,10 @@ def test_bad_inputs_fail_before_training(dataset, tmp_path):
         Pretrainer(tiny(dataset, "data.seq_len=200"), tmp_path / "e")
     with pytest.raises(ValueError, match=r"\[schedule\].*warmup_steps"):
         tiny(dataset, "train.steps=10", "schedule.warmup_steps=50")
+    # a model far too big for this machine is refused before its tokenizer or weights are built
+    with pytest.raises(ValueError, match=r"vocab_size 1,000,000,000.*more than the .* GiB available"):
+        Pretrainer(PretrainConfig.load(TINY, ["model.overrides.vocab_size=1000000000", "log.progress=false"]),
+                   tmp_path / "f")
     assert not (tmp_path / "d" / "metrics.jsonl").exists()
 
 

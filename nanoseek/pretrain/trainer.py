@@ -42,13 +42,26 @@ from nanoseek.pretrain.balance import (
 from nanoseek.pretrain.config import PretrainConfig
 from nanoseek.pretrain.dataset import resolve_dataset
 from nanoseek.pretrain.losses import lm_losses, model_inputs, total_loss
-from nanoseek.scaling.flops import training_flops_per_token
+from nanoseek.scaling.flops import count_params, training_flops_per_token
 from nanoseek.train.checkpoint import full_model_state
 from nanoseek.train.loop import Trainer, TrainingError  # noqa: F401  (TrainingError: raised by run())
 from nanoseek.train.metrics import load_summary, max_violation, measure_matmul_peak
+from nanoseek.utils import available_memory
 
 LossHook = Callable[[int, int, torch.Tensor], torch.Tensor]
 """hook(step, micro_batch, loss) -> loss, applied before backward (tests use it to inject NaNs)."""
+
+
+def check_training_memory(model_cfg, moments_dtype: str) -> None:
+    """Refuse, before anything is built, a model whose weights, gradients and AdamW state alone (fp32, fp32,
+    and the moments) exceed the memory available: a huge vocab_size would otherwise end in an allocator abort."""
+    params = count_params(**model_cfg.to_dict()).total
+    need = params * (4 + 4 + (4 if moments_dtype == "bf16" else 8))
+    available = available_memory()
+    if available is not None and need > available:
+        raise ValueError(f"the model has {params:,} parameters (vocab_size {model_cfg.vocab_size:,}, hidden_size "
+                         f"{model_cfg.hidden_size:,}): training needs at least {need / 2**30:.1f} GiB for its weights, "
+                         f"gradients and AdamW state, more than the {available / 2**30:.1f} GiB available")
 
 
 class Pretrainer(Trainer):
@@ -70,6 +83,8 @@ class Pretrainer(Trainer):
 
     def setup(self) -> None:
         cfg, t = self.cfg, self.cfg.train
+        if self.world_size == 1:
+            check_training_memory(cfg.model.model_config(), cfg.optim.moments(t.fp8))
         # Data and tokenizer first: the model's vocabulary and special ids come from them.
         base_vocab = cfg.model.model_config().vocab_size
         self.dataset = main_first(lambda: resolve_dataset(cfg.data, cfg.model.tokenizer, self.out, base_vocab,
