@@ -234,20 +234,24 @@ def _kill_uid_and_wait(uid: int, patience_s: float = 5.0) -> None:
 def _read_report(proc: subprocess.Popen, fd: int, deadline: float, cap: int) -> tuple[bytes, bool]:
     """Bytes from the report pipe (first ``cap`` kept) until the harness exits or the deadline; and
     whether the deadline passed. Reading stops at the harness's exit even if descendants hold the pipe."""
-    data, timed_out = bytearray(), False
+    data, timed_out, exited = bytearray(), False, False
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             timed_out = True
             break
-        ready, _, _ = select.select([fd], [], [], min(left, 0.05))
+        # Once the harness has exited, drain what it wrote without waiting: its last records may have
+        # landed between a select that timed out and the poll that saw the exit.
+        ready, _, _ = select.select([fd], [], [], 0 if exited else min(left, 0.05))
         if ready:
             chunk = os.read(fd, 65536)
             if not chunk:
                 break
             data += chunk[: max(0, cap - len(data))]
-        elif proc.poll() is not None:
+        elif exited:
             break
+        else:
+            exited = proc.poll() is not None
     return bytes(data), timed_out
 
 
