@@ -113,6 +113,47 @@ def test_logprobs_are_the_models(tiny):
         assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_top_logprobs_logit_bias_and_prompt_scores(speculative):
+    """Against full forwards of the whole sequence; the speculative path on a model whose drafts are
+    accepted, so both of its tokens per step are checked."""
+    model, cycle, _ = infer_fixtures.pattern_model()
+    prompts = [cycle[i:i + 3].tolist() for i in (0, 10)]
+    engine = Engine(model, speculative=speculative)
+    out = engine.generate(prompts, max_new_tokens=8, stop_tokens=[], logprobs=True, top_logprobs=3)
+    for prompt, c in zip(prompts, out):
+        seq = prompt + c.tokens
+        with torch.no_grad():
+            logp = model(torch.tensor([seq])).logits[0].float().log_softmax(-1)
+        values, ids = logp[len(prompt) - 1:-1].topk(3)
+        assert [[t for t, _ in top] for top in c.top_logprobs] == ids.tolist()
+        assert torch.allclose(torch.tensor([[v for _, v in top] for top in c.top_logprobs]), values, atol=1e-4)
+        scores, tops = engine.score(seq, top=2)
+        assert scores[0] is None and tops[0] is None
+        assert torch.allclose(torch.tensor(scores[1:]), logp[:-1].gather(1, torch.tensor(seq[1:])[:, None])[:, 0],
+                              atol=1e-4)
+        assert [[t for t, _ in top] for top in tops[1:]] == logp[:-1].topk(2).indices.tolist()
+    if speculative:
+        assert engine.stats.accepted > 0
+    # logit_bias: ban each row's greedy continuation's first token and favour another one
+    banned, favoured = out[0].tokens[0], 7
+    bias = {banned: -100.0, favoured: 3.0}
+    got = engine.generate(prompts, max_new_tokens=6, stop_tokens=[], logit_bias=bias)
+    for prompt, c in zip(prompts, got):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                logits = model(torch.tensor([seq])).logits[0, -1]
+                logits[banned] -= 100
+                logits[favoured] += 3
+                seq.append(int(logits.argmax()))
+        assert c.tokens == seq[len(prompt):] and banned not in c.tokens
+    with pytest.raises(ValueError, match="logit_bias"):
+        engine.generate(prompts, logit_bias={10**9: 1.0})
+    with pytest.raises(ValueError, match="top_logprobs"):
+        engine.generate(prompts, top_logprobs=2)
+
+
 @pytest.mark.parametrize("preset", ["tiny-v3", "tiny-dense"])  # latent cache; K/V cache (GQA)
 def test_continuous_batching_join_and_leave(tiny, preset):
     """Rows joining a running batch, and rows removed from it, leave every other row's tokens unchanged."""

@@ -129,6 +129,134 @@ def test_completions_plain_and_streaming(client, server):
     assert text == REPLY
 
 
+def _reference_logprobs(ids):
+    """log p of each token given the ones before it, from one forward of the saved model."""
+    model = load_pretrained(chat_model_dir()).eval()
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return logp
+
+
+def test_echo_returns_the_prompt_tokens_log_probabilities(client):
+    """Issue 17.3: what loglikelihood evaluation (lm-eval local-completions) sends: token ids, echo,
+    logprobs=k, max_tokens 0 or 1; checked against a forward pass of the same model."""
+    tok = nanoseek.load_tokenizer(chat_model_dir())
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
+    logp = _reference_logprobs(ids)
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=3)
+    c = r.choices[0]
+    assert c.text == tok.decode(ids) and c.finish_reason == "length" and r.usage.completion_tokens == 0
+    assert c.logprobs.tokens == [tok.decode([t]) for t in ids]
+    assert c.logprobs.token_logprobs[0] is None and c.logprobs.top_logprobs[0] is None
+    want = [logp[i - 1, t].item() for i, t in enumerate(ids) if i]
+    assert c.logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    for i, top in enumerate(c.logprobs.top_logprobs[1:]):
+        values, best = logp[i].topk(3)
+        assert len(top) == 3 and sorted(top.values(), reverse=True) == pytest.approx(values.tolist(), abs=1e-4)
+        assert top[tok.decode([best[0].item()])] == pytest.approx(values[0].item(), abs=1e-4)
+    assert c.logprobs.text_offset[:2] == [0, len(tok.decode(ids[:1]))]
+    # with generation: the echoed prompt, then the greedy reply with the logprobs a plain request gets
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=4, echo=True, logprobs=1, temperature=0)
+    plain = client.completions.create(model="tiny", prompt=ids, max_tokens=4, logprobs=1, temperature=0)
+    c, p = r.choices[0], plain.choices[0]
+    assert c.text == tok.decode(ids) + p.text and c.logprobs.tokens[len(ids):] == p.logprobs.tokens
+    assert c.logprobs.token_logprobs[len(ids):] == pytest.approx(p.logprobs.token_logprobs, abs=1e-5)
+    assert all(max(top.values()) == pytest.approx(lp, abs=1e-5)  # greedy: each chosen token is the top one
+               for top, lp in zip(p.logprobs.top_logprobs, p.logprobs.token_logprobs))
+    # a text prompt: the BOS the server adds is not echoed, so the first word gets its log p too
+    text = "def f"
+    r = client.completions.create(model="tiny", prompt=text, max_tokens=0, echo=True, logprobs=0)
+    with_bos = tok.encode(text, add_bos=True)
+    logp = _reference_logprobs(with_bos)
+    assert r.choices[0].text == text and r.choices[0].logprobs.top_logprobs is None
+    assert r.choices[0].logprobs.token_logprobs == pytest.approx(
+        [logp[i, t].item() for i, t in enumerate(with_bos[1:])], abs=1e-4)
+    # streamed: the echo comes first, then the reply
+    chunks = [ch.choices[0] for ch in client.completions.create(
+        model="tiny", prompt=ids, max_tokens=4, echo=True, logprobs=1, temperature=0, stream=True) if ch.choices]
+    assert "".join(ch.text for ch in chunks) == tok.decode(ids) + p.text
+    assert sum((ch.logprobs.token_logprobs for ch in chunks), [])[1:] == pytest.approx(
+        c.logprobs.token_logprobs[1:], abs=1e-5)
+
+
+def test_top_logprobs_and_logit_bias(client):
+    tok = nanoseek.load_tokenizer(chat_model_dir())
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=True,
+                                       top_logprobs=4)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5
+    for t in content:  # greedy: the chosen token heads its top list, which is sorted
+        assert len(t.top_logprobs) == 4 and (t.top_logprobs[0].token, t.top_logprobs[0].logprob) == (t.token, t.logprob)
+        assert [x.logprob for x in t.top_logprobs] == sorted((x.logprob for x in t.top_logprobs), reverse=True)
+    first = tok.encode(content[0].token)  # "<think>": a control token
+    assert len(first) == 1
+    # banning the greedy first token changes the first token; forcing one makes it every token
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0, logprobs=True,
+                                       logit_bias={str(first[0]): -100})
+    assert r.choices[0].logprobs.content[0].token != content[0].token
+    forced = tok.encode_text("x")[0]
+    r = client.completions.create(model="tiny", prompt="hello", max_tokens=3, temperature=0.7, seed=3,
+                                  logit_bias={str(forced): 100})
+    assert r.choices[0].text == "xxx"
+
+
+# One value per parameter of the openai client's chat / completions requests, different from its default.
+# A new parameter in the client fails the walk below until it gets a value here and a decision in the server.
+PARAM_VALUES = {
+    "audio": {"voice": "alloy", "format": "wav"}, "frequency_penalty": 0.5, "function_call": "auto",
+    "functions": [{"name": "f", "parameters": {}}], "logit_bias": {"5": 1}, "logprobs": True,
+    "max_completion_tokens": 2, "max_tokens": 2, "metadata": {"team": "nano"}, "modalities": ["text", "audio"],
+    "moderation": {"model": "omni-moderation-latest"}, "n": 2, "parallel_tool_calls": True,
+    "prediction": {"type": "content", "content": "x"}, "presence_penalty": 0.5, "prompt_cache_key": "k",
+    "prompt_cache_options": {"mode": "auto"}, "prompt_cache_retention": "24h", "reasoning_effort": "low",
+    "response_format": {"type": "json_object"}, "safety_identifier": "s", "seed": 1, "service_tier": "flex",
+    "stop": ["zz"], "store": True, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.5,
+    "tool_choice": "auto", "tools": [{"type": "function", "function": {"name": "f"}}], "top_logprobs": 2,
+    "top_p": 0.5, "user": "u", "verbosity": "low", "web_search_options": {},
+    "best_of": 3, "echo": True, "suffix": "end",
+}
+# what each needs beside it to be well formed (OpenAI's own rules)
+PARAM_NEEDS = {"top_logprobs": {"logprobs": True}, "stream_options": {"stream": True}}
+HONOURED = {
+    "chat": {"logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "metadata", "n", "prompt_cache_key",
+             "safety_identifier", "seed", "stop", "stream", "stream_options", "temperature", "top_logprobs", "top_p",
+             "user"},
+    "completions": {"echo", "logit_bias", "logprobs", "max_tokens", "n", "seed", "stop", "stream", "stream_options",
+                    "temperature", "top_p", "user"},
+}
+
+
+@pytest.mark.parametrize("api", ["chat", "completions"])
+def test_every_openai_parameter_is_honoured_or_refused_by_name(server, api):
+    """Issue 17.3: nothing is silently ignored. The parameter list is the official client's."""
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_create_params
+
+    module = chat_create_params if api == "chat" else completion_create_params
+    names = set(module.CompletionCreateParamsBase.__annotations__) | {"stream"}
+    base = {"model": "tiny", "max_tokens": 2, **({"messages": [{"role": "user", "content": "hi"}]} if api == "chat"
+                                                  else {"prompt": "hi"})}
+    path = "/v1/chat/completions" if api == "chat" else "/v1/completions"
+    values = {**PARAM_VALUES, **({"logprobs": 2} if api == "completions" else {})}  # completions: a count
+    outcome = {}
+    for name in sorted(names - {"model", "messages", "prompt"}):
+        assert name in values, f"no test value for the client's parameter {name!r}"
+        body = {**base, **PARAM_NEEDS.get(name, {}), name: values[name]}
+        r = httpx.post(server[0] + path, json=body, timeout=TIMEOUT)
+        if r.status_code == 400:
+            assert r.json()["error"]["param"] == name and name in r.json()["error"]["message"], (name, r.text)
+        else:
+            assert r.status_code == 200, (name, r.text)
+        outcome[name] = r.status_code
+    assert {n for n, status in outcome.items() if status == 200} == HONOURED[api]
+    r = httpx.post(server[0] + path, json={**base, "frobnicate": 1}, timeout=TIMEOUT)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "frobnicate"
+    defaults = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "store": False}
+    if api == "chat":  # the values that ask for what the server does anyway are accepted
+        assert httpx.post(server[0] + path, json={**base, **defaults}, timeout=TIMEOUT).status_code == 200
+
+
 def test_concurrent_clients_are_batched(client, server):
     url, app = server
     before = app.state.scheduler.snapshot()["max_batch"]

@@ -45,6 +45,8 @@ class Delta:
     """New text (needs a tokenizer); stop tokens are not rendered, stop strings are cut."""
     logprobs: list[float] | None = None
     """log p of each new token, when the row asked for them."""
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    """Per new token, the row's top_logprobs most likely (token, log p), most likely first."""
     finish_reason: str | None = None
     """None while running; then "stop" (stop token or string) or "length"."""
 
@@ -56,6 +58,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -112,7 +115,7 @@ class Batch:
 
     def _clear(self):
         self.cache: KVCache | None = None
-        self.mask = self.pos = self.last = self.draft = self.q = self.seen = None
+        self.mask = self.pos = self.last = self.draft = self.q = self.seen = self._bias = None
         self._dense = True
         self._params = None
 
@@ -147,6 +150,8 @@ class Batch:
                 raise ValueError("every prompt needs at least one token")
             if any(not 0 <= t < self.vocab_size for t in ids):
                 raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+            if any(t >= self.vocab_size for t in p.logit_bias or ()):
+                raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
             if p.stop_strings and self.tokenizer is None:
                 raise ValueError("stop strings need a tokenizer (Engine(model, tokenizer))")
             if generators is not None:
@@ -158,7 +163,8 @@ class Batch:
             row = _Row(key, ids, p, gen, stop, text)
             if p.max_new_tokens == 0:
                 row.finish_reason = "length"
-                self._pending.append(Delta(key, [], "", [] if p.logprobs else None, "length"))
+                self._pending.append(Delta(key, [], "", [] if p.logprobs else None,
+                                           [] if p.top_logprobs else None, "length"))
             else:
                 new.append(row)
         if new:
@@ -275,22 +281,32 @@ class Batch:
 
     # ------------------------------------------------------------------ sampling helpers
     def _param_tensors(self):
+        """(temperature, top_k, top_p, penalty) per row, whether any row changes its logits before
+        selection (penalty or bias: then plain argmax is not greedy), any row wants logprobs, all are greedy."""
         if self._params is None:
             dev, ps = self.device, [r.params for r in self.rows]
+            self._bias = None
+            if any(p.logit_bias for p in ps):
+                self._bias = torch.zeros(len(ps), self.vocab_size, device=dev)
+                for b, p in enumerate(ps):
+                    for t, v in (p.logit_bias or {}).items():
+                        self._bias[b, t] = v
             self._params = (torch.tensor([p.temperature for p in ps], device=dev),
                             torch.tensor([p.top_k for p in ps], device=dev),
                             torch.tensor([p.top_p for p in ps], device=dev),
                             torch.tensor([p.repetition_penalty for p in ps], device=dev),
-                            any(p.repetition_penalty != 1 for p in ps), any(p.logprobs for p in ps),
-                            all(p.temperature == 0 for p in ps))
+                            any(p.repetition_penalty != 1 for p in ps) or self._bias is not None,
+                            any(p.logprobs for p in ps), all(p.temperature == 0 for p in ps))
         return self._params
 
     def _distributions(self, logits_BV, rows, seen=None):
-        temp, top_k, top_p, penalty, any_penalty, _, _ = self._param_tensors()
+        temp, top_k, top_p, penalty, *_ = self._param_tensors()
         rows = torch.as_tensor(list(rows), device=self.device)
-        if any_penalty:
+        if self.seen is not None:  # some row has a repetition penalty (1 leaves the others as they are)
             seen = self.seen[rows] if seen is None else seen
             logits_BV = penalize(logits_BV, seen, penalty[rows])
+        if self._bias is not None:
+            logits_BV = logits_BV.float() + self._bias[rows]
         return distributions(logits_BV, temp[rows], top_k[rows], top_p[rows])
 
     def _draw(self, probs_BV, rows) -> torch.Tensor:
@@ -307,10 +323,16 @@ class Batch:
         for b, r in enumerate(self.rows):
             self.seen[b, torch.tensor(r.prompt + r.tokens, device=self.device)] = True
 
-    def _logprobs(self, logits_BV, tokens_B) -> torch.Tensor:
+    def _logprobs(self, logits_BV, tokens_B) -> tuple[list[float], list[list[tuple[int, float]]] | None]:
+        """log p of each row's token under the model at its temperature, and the rows' top_logprobs."""
         temp = self._param_tensors()[0]
-        scaled = logits_BV.float() / torch.where(temp == 0, 1.0, temp)[:, None]
-        return scaled.log_softmax(-1).gather(1, tokens_B[:, None])[:, 0]
+        logp = (logits_BV.float() / torch.where(temp == 0, 1.0, temp)[:, None]).log_softmax(-1)
+        chosen = logp.gather(1, tokens_B[:, None])[:, 0].tolist()
+        k = max(r.params.top_logprobs for r in self.rows)
+        if not k:
+            return chosen, None
+        values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        return chosen, [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
     # ------------------------------------------------------------------ decoding
     @torch.inference_mode()
@@ -339,10 +361,10 @@ class Batch:
             tok = logits.argmax(-1)
         else:
             tok = self._draw(self._distributions(logits, range(B)), range(B))
-        lp = self._logprobs(logits, tok).tolist() if any_logprobs else None
+        lp, top = self._logprobs(logits, tok) if any_logprobs else (None, None)
         self.pos, self.last = self.pos + 1, tok
         toks = tok.tolist()
-        deltas += [self._emit(b, [toks[b]], lp and [lp[b]]) for b in range(B)]
+        deltas += [self._emit(b, [toks[b]], lp and [lp[b]], top and [top[b]]) for b in range(B)]
         self._finish_rows()
         self._trim()
         return deltas
@@ -372,13 +394,14 @@ class Batch:
                 seen1 = self.seen.clone()
                 seen1[torch.arange(B, device=dev), self.draft] = True
             second = self._draw(self._distributions(l1, rows, seen1), rows)
-        lp0 = self._logprobs(l0, first).tolist() if any_logprobs else None
-        lp1 = self._logprobs(l1, second).tolist() if any_logprobs else None
+        lp0, top0 = self._logprobs(l0, first) if any_logprobs else (None, None)
+        lp1, top1 = self._logprobs(l1, second) if any_logprobs else (None, None)
         self.stats.drafted += B
         self.stats.accepted += int(accept.sum())
         acc, f, s = accept.tolist(), first.tolist(), second.tolist()
-        deltas = [self._emit(b, [f[b], s[b]] if acc[b] else [f[b]],
-                             (lp0 and [lp0[b], lp1[b]] if acc[b] else lp0 and [lp0[b]])) for b in range(B)]
+        n = [2 if a else 1 for a in acc]
+        deltas = [self._emit(b, [f[b], s[b]][:n[b]], lp0 and [lp0[b], lp1[b]][:n[b]],
+                             top0 and [top0[b], top1[b]][:n[b]]) for b in range(B)]
         pos0 = self.pos
         self.pos = self.pos + 1 + accept.long()
         self.last = torch.where(accept, second, first)
@@ -409,7 +432,7 @@ class Batch:
             self.draft = self._draw(self.q, range(len(self.rows)))
         return deltas
 
-    def _emit(self, b: int, tokens: list[int], logprobs: list[float] | None) -> Delta:
+    def _emit(self, b: int, tokens: list[int], logprobs: list[float] | None, top: list | None = None) -> Delta:
         row, kept = self.rows[b], []
         for t in tokens:
             kept.append(t)
@@ -426,13 +449,15 @@ class Batch:
             self.seen[b, torch.tensor(kept, device=self.device)] = True
         if not row.params.logprobs:
             logprobs = None
+        top = [t[:row.params.top_logprobs] for t in top[:len(kept)]] if top and row.params.top_logprobs else None
         self.stats.tokens += len(kept)
         text = ""
         if row.text is not None:
             if row.finish_reason:
                 row.text.flush()
             text = row.text.release(final=row.finish_reason is not None)
-        return Delta(row.key, kept, text, logprobs[:len(kept)] if logprobs is not None else None, row.finish_reason)
+        return Delta(row.key, kept, text, logprobs[:len(kept)] if logprobs is not None else None, top,
+                     row.finish_reason)
 
     def _finish_rows(self, extra=None):
         """Drop finished rows (and the same rows of `extra` tensors); returns the kept `extra`."""
@@ -493,10 +518,30 @@ class Engine:
             self.stats = batch.stats
             self.model.train(was_training)
 
+    @torch.inference_mode()
+    def score(self, prompt: Sequence[int], top: int = 0) -> tuple[list[float | None], list[list[tuple[int, float]]] | None]:
+        """The log-probability of each prompt token given the ones before it (None for the first, which
+        has no context), and with `top` the `top` most likely tokens and their log p at each position
+        (None first): what OpenAI's `echo` with `logprobs` returns, and loglikelihood evaluation needs."""
+        if not prompt:
+            raise ValueError("scoring needs at least one token")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            ids = torch.tensor([list(prompt)], device=next(self.model.parameters()).device)
+            logp = self.model(ids).logits[0, :-1].float().log_softmax(-1)
+        finally:
+            self.model.train(was_training)
+        chosen = [None, *logp.gather(1, ids[0, 1:, None])[:, 0].tolist()]
+        if not top:
+            return chosen, None
+        values, idx = logp.topk(min(top, logp.shape[-1]), dim=-1)
+        return chosen, [None, *(list(zip(i, v)) for i, v in zip(idx.tolist(), values.tolist()))]
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
                  **kwargs) -> list[Completion]:
         tokens: list[list[int]] = [[] for _ in prompts]
-        texts, logprobs = [""] * len(prompts), [None] * len(prompts)
+        texts, logprobs, tops = [""] * len(prompts), [None] * len(prompts), [None] * len(prompts)
         finish = ["length"] * len(prompts)
         for deltas in self.stream(prompts, params, **kwargs):
             for d in deltas:
@@ -504,6 +549,8 @@ class Engine:
                 texts[d.key] += d.text
                 if d.logprobs is not None:
                     logprobs[d.key] = (logprobs[d.key] or []) + d.logprobs
+                if d.top_logprobs is not None:
+                    tops[d.key] = (tops[d.key] or []) + d.top_logprobs
                 if d.finish_reason:
                     finish[d.key] = d.finish_reason
-        return [Completion(t, s, f, len(p), lp) for t, s, f, p, lp in zip(tokens, texts, finish, prompts, logprobs)]
+        return [Completion(*c) for c in zip(tokens, texts, finish, map(len, prompts), logprobs, tops)]

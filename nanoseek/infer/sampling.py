@@ -7,7 +7,7 @@ probabilities), ordinary decoding just draws from them.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +34,11 @@ class SamplingParams:
     seed: int | None = None
     """Seeds this row's own random generator (None = torch's global generator)."""
     logprobs: bool = False
-    """Also return log p(token) under the model at this temperature (before top-k/top-p and penalty)."""
+    """Also return log p(token) under the model at this temperature (before top-k/top-p, penalty and bias)."""
+    top_logprobs: int = 0
+    """With logprobs, also return the k most likely tokens and their log p at each step."""
+    logit_bias: Mapping[int, float] | None = None
+    """Token id -> value added to its logit before selection (OpenAI's logit_bias; -100 bans, +100 forces)."""
 
     def validate(self) -> "SamplingParams":
         checks = [
@@ -44,6 +48,11 @@ class SamplingParams:
             ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
             ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0, "> 0"),
             ("stop_strings", all(isinstance(s, str) and s for s in self.stop_strings), "non-empty strings"),
+            ("top_logprobs", isinstance(self.top_logprobs, int) and self.top_logprobs >= 0
+             and (self.logprobs or not self.top_logprobs), "an integer >= 0, and > 0 only with logprobs"),
+            ("logit_bias", self.logit_bias is None or all(
+                isinstance(t, int) and t >= 0 and _finite(v) for t, v in self.logit_bias.items()),
+             "a mapping of token ids to finite numbers"),
         ]
         for name, ok, allowed in checks:
             if not ok:

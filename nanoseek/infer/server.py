@@ -14,7 +14,12 @@ and tokenized on a worker thread, all before anything is scheduled; a prompt who
 already proves it longer than the context is refused before tokenizing. With an API key every path
 (/health and the docs too) needs it. Errors use OpenAI's body: {"error": {"message", "type", "param", "code"}}.
 Extensions beyond OpenAI's parameters (as vLLM names them): top_k, repetition_penalty, ignore_eos,
-chat_template_kwargs.thinking (open the reply with <think>, R1 style).
+chat_template_kwargs.thinking (open the reply with <think>, R1 style). Every other parameter is either
+honoured or refused with a 400 that names it (`CHAT_PARAMS`, `COMPLETION_PARAMS`), never ignored.
+
+For evaluation harnesses (lm-evaluation-harness `local-completions`): /v1/completions takes `echo` with
+`logprobs` (the prompt tokens' log-probabilities, `max_tokens: 0` allowed) and `logprobs: k` up to 20
+(the k most likely tokens at each position); chat takes `top_logprobs` up to 20; both take `logit_bias`.
 """
 
 import asyncio
@@ -50,6 +55,16 @@ class APIError(Exception):
 _DONE = object()
 
 
+@dataclass
+class PromptScores:
+    """Row `row`'s prompt tokens from `start` on, with their log p (and top tokens): sent before its deltas."""
+
+    row: int
+    tokens: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list | None
+
+
 @dataclass(eq=False)  # identity: `job in waiting` must not compare queues and loops
 class Job:
     """One HTTP request: n rows (choices) of the same prompt, or one row per prompt (completions)."""
@@ -59,6 +74,8 @@ class Job:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     generator: torch.Generator | None = None
+    echo_from: list[int] | None = None
+    """Score each row's prompt from this token on (echo with logprobs); None = do not score."""
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False
     open_rows: int = 0
@@ -172,6 +189,11 @@ class Scheduler:
         for job in jobs:
             job.open_rows = len(job.prompts)
             self.jobs[job.id] = job
+            for row, (prompt, p) in enumerate(zip(job.prompts, job.params)):
+                if job.echo_from is not None:
+                    start = job.echo_from[row]
+                    lps, tops = self.engine.score(prompt, p.top_logprobs) if p.logprobs else (None, None)
+                    job.send(PromptScores(row, prompt[start:], lps and lps[start:], tops and tops[start:]))
             prompts += job.prompts
             params += job.params
             keys += job.keys
@@ -296,27 +318,29 @@ def create_app(model, tokenizer, model_name: str = "nanoseek", *, api_key: str |
 
     def parse_chat(raw: bytes):
         body = body_of(raw)
+        _check_params(body, CHAT_PARAMS)
         messages = _messages(body.get("messages"))
         check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         think = _chat_thinking(body, thinking)
         n = _int(body, "n", 1, 1, 16)
         stream, usage = _stream(body)
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=think)
-        params, gen = _sampling(body, len(prompt), context, default_max_tokens, chat=True, device=device)
+        params, gen = _sampling(body, len(prompt), context, default_max_tokens, chat=True,
+                                vocab_size=model.config.vocab_size, device=device)
         return prompt, n, params, gen, think, stream, usage
 
     def parse_completion(raw: bytes):
         body = body_of(raw)
-        prompts = _prompts(body.get("prompt"), tokenizer, model.config.vocab_size, check_prompt_chars)
+        _check_params(body, COMPLETION_PARAMS)
+        prompts, added_bos = _prompts(body.get("prompt"), tokenizer, model.config.vocab_size, check_prompt_chars)
         n = _int(body, "n", 1, 1, 16)
-        if body.get("echo"):
-            raise APIError(400, "echo is not supported", param="echo")
-        if body.get("suffix"):
-            raise APIError(400, "suffix is not supported", param="suffix")
+        echo = _bool(body, "echo")
         stream, usage = _stream(body)
         params, gen = _sampling(body, max(map(len, prompts)), context, default_max_tokens, chat=False,
-                                device=device)
-        return prompts, n, params, gen, stream, usage
+                                vocab_size=model.config.vocab_size, echo=echo, device=device)
+        # the echo leaves out the BOS the server added: every token the client sent gets its log p
+        echo_from = [int(b) for b in added_bos for _ in range(n)] if echo else None
+        return prompts, n, params, gen, stream, usage, echo_from
 
     @app.get("/health")
     async def health():
@@ -355,7 +379,7 @@ def create_app(model, tokenizer, model_name: str = "nanoseek", *, api_key: str |
                     completion_tokens += len(d.tokens)
                     r, c = parsers[i].feed(d.text, final=d.finish_reason is not None)
                     delta = {**({"reasoning_content": r} if r else {}), **({"content": c} if c else {})}
-                    lp = {"content": _chat_logprobs(tokenizer, d.tokens, d.logprobs)} if want_lp else None
+                    lp = {"content": _chat_logprobs(tokenizer, d.tokens, d.logprobs, d.top_logprobs)} if want_lp else None
                     if delta or d.finish_reason or (lp and lp["content"]):
                         yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}])
                 if usage:
@@ -365,35 +389,41 @@ def create_app(model, tokenizer, model_name: str = "nanoseek", *, api_key: str |
             return _event_stream(_guard(events()))
         results = await _collect(job, request, scheduler)
         choices, completion_tokens = [], 0
-        for i, (tokens, text, lps, finish) in enumerate(results):
-            completion_tokens += len(tokens)
-            parsers[i].feed(text, final=True)
+        for i, r in enumerate(results):
+            completion_tokens += len(r.tokens)
+            parsers[i].feed(r.text, final=True)
             message = {"role": "assistant", "content": parsers[i].content,
                        "reasoning_content": parsers[i].reasoning if parsers[i].opened else None}
-            choices.append({"index": i, "message": message, "finish_reason": finish,
-                            "logprobs": {"content": _chat_logprobs(tokenizer, tokens, lps)} if want_lp else None})
+            choices.append({"index": i, "message": message, "finish_reason": r.finish_reason, "logprobs": {
+                "content": _chat_logprobs(tokenizer, r.tokens, r.logprobs, r.top_logprobs)} if want_lp else None})
         return {"id": rid, "object": "chat.completion", "created": now, "model": model_name, "choices": choices,
                 "usage": _usage(len(prompt), completion_tokens)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        prompts, n, params, gen, stream, usage = await parsed(request, parse_completion)
+        prompts, n, params, gen, stream, usage, echo_from = await parsed(request, parse_completion)
         rows = [p for p in prompts for _ in range(n)]
-        job = Job(rows, [params] * len(rows), asyncio.get_running_loop(), asyncio.Queue(), gen)
+        job = Job(rows, [params] * len(rows), asyncio.get_running_loop(), asyncio.Queue(), gen, echo_from)
         scheduler.submit(job)
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         prompt_tokens = sum(map(len, prompts))
         want_lp = params.logprobs
         if stream:
             async def events():
-                completion_tokens = 0
+                completion_tokens, offsets = 0, [0] * len(rows)
                 async for d in _deltas(job, request, scheduler):
-                    completion_tokens += len(d.tokens)
-                    if d.text or d.finish_reason:
-                        yield _sse({"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                                    "choices": [{"index": d.key[1], "text": d.text, "finish_reason": d.finish_reason,
-                                                 "logprobs": _completion_logprobs(tokenizer, d.tokens, d.logprobs)
-                                                 if want_lp else None}]})
+                    if isinstance(d, PromptScores):
+                        i, text, tokens, lps, tops = d.row, tokenizer.decode(d.tokens), d.tokens, d.logprobs, d.top_logprobs
+                    else:
+                        i, text, tokens, lps, tops = d.key[1], d.text, d.tokens, d.logprobs, d.top_logprobs
+                        completion_tokens += len(tokens)
+                        if not (text or d.finish_reason):
+                            continue
+                    lp = _completion_logprobs(tokenizer, tokens, lps, tops, offsets[i]) if want_lp else None
+                    offsets[i] += len(text)
+                    yield _sse({"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                                "choices": [{"index": i, "text": text, "logprobs": lp,
+                                             "finish_reason": getattr(d, "finish_reason", None)}]})
                 if usage:
                     yield _sse({"id": rid, "object": "text_completion", "created": now, "model": model_name,
                                 "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
@@ -401,11 +431,16 @@ def create_app(model, tokenizer, model_name: str = "nanoseek", *, api_key: str |
 
             return _event_stream(_guard(events()))
         results = await _collect(job, request, scheduler)
-        choices = [{"index": i, "text": text, "finish_reason": finish,
-                    "logprobs": _completion_logprobs(tokenizer, tokens, lps) if want_lp else None}
-                   for i, (tokens, text, lps, finish) in enumerate(results)]
+        choices = []
+        for i, r in enumerate(results):
+            echo = r.echo or PromptScores(i, [], [] if want_lp else None, [] if params.top_logprobs else None)
+            choices.append({"index": i, "text": tokenizer.decode(echo.tokens) + r.text, "finish_reason": r.finish_reason,
+                            "logprobs": _completion_logprobs(
+                                tokenizer, echo.tokens + r.tokens, echo.logprobs + (r.logprobs or []),
+                                echo.top_logprobs + (r.top_logprobs or []) if params.top_logprobs else None)
+                            if want_lp else None})
         return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
-                "usage": _usage(prompt_tokens, sum(len(r[0]) for r in results))}
+                "usage": _usage(prompt_tokens, sum(len(r.tokens) for r in results))}
 
     return app
 
@@ -499,10 +534,19 @@ async def _deltas(job: Job, request, scheduler: Scheduler):
         scheduler.cancel(job)
 
 
-async def _collect(job: Job, request, scheduler: Scheduler) -> list[tuple[list[int], str, list[float] | None, str]]:
+@dataclass
+class _Choice:
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] | None = None
+    top_logprobs: list | None = None
+    finish_reason: str = "length"
+    echo: PromptScores | None = None
+
+
+async def _collect(job: Job, request, scheduler: Scheduler) -> list[_Choice]:
     """Wait for a whole job, polling for a client that went away (then the job is cancelled)."""
-    n = len(job.prompts)
-    tokens, texts, lps, finish = [[] for _ in range(n)], [""] * n, [None] * n, ["length"] * n
+    choices = [_Choice() for _ in job.prompts]
     gen = _deltas(job, request, scheduler)
     nxt, next_check = None, time.monotonic() + 0.5
     try:
@@ -518,23 +562,70 @@ async def _collect(job: Job, request, scheduler: Scheduler) -> list[tuple[list[i
             if not done:
                 continue
             try:
-                d: Delta = nxt.result()
+                d: Delta | PromptScores = nxt.result()
             except StopAsyncIteration:
                 break
             nxt = None
-            i = d.key[1]
-            tokens[i] += d.tokens
-            texts[i] += d.text
+            if isinstance(d, PromptScores):
+                choices[d.row].echo = d
+                continue
+            c = choices[d.key[1]]
+            c.tokens += d.tokens
+            c.text += d.text
             if d.logprobs is not None:
-                lps[i] = (lps[i] or []) + d.logprobs
+                c.logprobs = (c.logprobs or []) + d.logprobs
+            if d.top_logprobs is not None:
+                c.top_logprobs = (c.top_logprobs or []) + d.top_logprobs
             if d.finish_reason:
-                finish[i] = d.finish_reason
+                c.finish_reason = d.finish_reason
     finally:
         await gen.aclose()
-    return list(zip(tokens, texts, lps, finish))
+    return choices
 
 
 # ---------------------------------------------------------------------- request parsing
+# The parameters each endpoint honours: OpenAI's (openai-python's lists; tests/test_server.py walks them)
+# and the extensions; anything else is refused with a 400 naming it, as OpenAI refuses unknown ones.
+_SHARED_PARAMS = {"model", "n", "seed", "stop", "stream", "stream_options", "temperature", "top_p", "logit_bias",
+                  "logprobs", "max_tokens", "frequency_penalty", "presence_penalty", "user",
+                  "top_k", "repetition_penalty", "ignore_eos"}
+COMPLETION_PARAMS = _SHARED_PARAMS | {"prompt", "echo", "suffix", "best_of"}
+CHAT_PARAMS = _SHARED_PARAMS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs",
+                                "metadata", "store", "modalities", "response_format", "tools", "tool_choice",
+                                "service_tier", "prompt_cache_key", "safety_identifier"}
+# Accepted only at values that ask for what the server does anyway (null always): no tool calls, plain
+# text, nothing stored, no suffix, one candidate per choice.
+_ONLY = {"store": [False], "modalities": [["text"]], "response_format": [{"type": "text"}], "tools": [[]],
+         "tool_choice": ["none"], "service_tier": ["auto", "default"], "suffix": [""], "best_of": [1]}
+# Identifiers and annotations, which change nothing in a reply: strings (metadata: a map of strings).
+_LABELS = ("user", "prompt_cache_key", "safety_identifier")
+
+
+def _check_params(body: dict, allowed: set[str]) -> None:
+    for name, value in body.items():
+        if name not in allowed and value is not None:  # null asks for nothing
+            raise APIError(400, f"'{name}' is not supported by this server", param=name)
+    for name, values in _ONLY.items():
+        if body.get(name) is not None and body[name] not in values:
+            raise APIError(400, f"'{name}' is supported only as {' or '.join(map(json.dumps, values))} (no tool calls, "
+                                "structured output, storage, suffix or best_of here)", param=name)
+    for name in _LABELS:
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise APIError(400, f"'{name}' must be a string", param=name)
+    meta = body.get("metadata")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise APIError(400, "'metadata' must be an object of strings", param="metadata")
+
+
+def _bool(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise APIError(400, f"'{name}' must be a boolean", param=name)
+    return v
+
+
 def _int(body: dict, name: str, default, lo: int, hi: int | None = None):
     v = body.get(name)
     if v is None:
@@ -554,13 +645,14 @@ def _float(body: dict, name: str, default: float, lo: float, hi: float, lo_open:
     return float(v)
 
 
-def _sampling(body: dict, prompt_len: int, context: int, default_max_tokens: int, chat: bool, device="cpu"):
+def _sampling(body: dict, prompt_len: int, context: int, default_max_tokens: int, chat: bool, vocab_size: int,
+              echo: bool = False, device="cpu"):
     room = context - prompt_len
-    if room < 1:
+    if room < (0 if echo else 1):
         raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {context} tokens",
                        param="messages" if chat else "prompt", code="context_length_exceeded")
     name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _int(body, name, None, 1)
+    max_tokens = _int(body, name, None, 0 if echo else 1)  # 0: only the prompt's log-probabilities
     if max_tokens is None:
         max_tokens = min(default_max_tokens, room)
     elif prompt_len + max_tokens > context:
@@ -579,33 +671,44 @@ def _sampling(body: dict, prompt_len: int, context: int, default_max_tokens: int
         _check_unicode(s, "stop")
     seed = _int(body, "seed", None, -(1 << 63), (1 << 64) - 1)  # what a torch generator takes
     if chat:
-        logprobs = body.get("logprobs") or False
-        if not isinstance(logprobs, bool):
-            raise APIError(400, "'logprobs' must be a boolean", param="logprobs")
-        if _int(body, "top_logprobs", 0, 0, 20):
-            raise APIError(400, "'top_logprobs' is not supported", param="top_logprobs")
-    else:
-        logprobs = _int(body, "logprobs", None, 0, 5)
-        if logprobs:
-            raise APIError(400, "only logprobs=0 (the chosen tokens' log-probabilities) is supported", param="logprobs")
-        logprobs = logprobs is not None
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise APIError(400, "'ignore_eos' must be a boolean", param="ignore_eos")
+        logprobs, top = _bool(body, "logprobs"), _int(body, "top_logprobs", 0, 0, 20)
+        if top and not logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    else:  # the chosen tokens' log p, and that many most likely tokens beside them
+        top = _int(body, "logprobs", None, 0, 20)
+        logprobs, top = top is not None, top or 0
+    ignore_eos = _bool(body, "ignore_eos")
     params = SamplingParams(
         max_new_tokens=max_tokens, temperature=_float(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), top_k=_int(body, "top_k", 0, 0),
         repetition_penalty=_float(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
-        stop_strings=tuple(stop or ()), stop_tokens=[] if ignore_eos else None, logprobs=logprobs)
+        stop_strings=tuple(stop or ()), stop_tokens=[] if ignore_eos else None, logprobs=logprobs, top_logprobs=top,
+        logit_bias=_logit_bias(body.get("logit_bias"), vocab_size))
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     return params, gen
 
 
+def _logit_bias(bias, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise APIError(400, "'logit_bias' must be an object mapping token ids to numbers", param="logit_bias")
+    out = {}
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.isdigit() else -1
+        if not 0 <= token < vocab_size:
+            raise APIError(400, f"logit_bias: {key!r} is not a token id in [0, {vocab_size})", param="logit_bias")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias[{key!r}] must be a number in [-100, 100], got {value!r}",
+                           param="logit_bias")
+        out[token] = float(value)
+    return out
+
+
 def _stream(body: dict) -> tuple[bool, bool]:
     """(stream, include_usage)."""
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise APIError(400, "'stream' must be a boolean", param="stream")
+    stream = _bool(body, "stream")
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise APIError(400, "'stream_options' must be an object", param="stream_options")
@@ -655,7 +758,8 @@ def _messages(messages) -> list[dict]:
     return out
 
 
-def _prompts(prompt, tokenizer, vocab_size: int, check_chars) -> list[list[int]]:
+def _prompts(prompt, tokenizer, vocab_size: int, check_chars) -> tuple[list[list[int]], list[bool]]:
+    """The prompts' token ids, and for each whether the server put BOS in front (a text prompt)."""
     def bad():
         return APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists",
                         param="prompt")
@@ -667,7 +771,7 @@ def _prompts(prompt, tokenizer, vocab_size: int, check_chars) -> list[list[int]]
         prompt = [prompt]
     if len(prompt) > 64:
         raise APIError(400, "at most 64 prompts per request", param="prompt")
-    out = []
+    out, added_bos = [], []
     for p in prompt:
         if isinstance(p, str):
             _check_unicode(p, "prompt")
@@ -679,19 +783,25 @@ def _prompts(prompt, tokenizer, vocab_size: int, check_chars) -> list[list[int]]
             out.append(p)
         else:
             raise bad()
-    return out
+        added_bos.append(isinstance(p, str))
+    return out, added_bos
 
 
 def _token_text(tokenizer, t: int) -> str:
     return tokenizer.decode([t])
 
 
-def _chat_logprobs(tokenizer, tokens, logprobs) -> list[dict]:
-    return [{"token": (s := _token_text(tokenizer, t)), "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
-            for t, lp in zip(tokens, logprobs or [])]
+def _chat_logprobs(tokenizer, tokens, logprobs, tops=None) -> list[dict]:
+    def entry(t, lp):
+        s = _token_text(tokenizer, t)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+    return [{**entry(t, lp), "top_logprobs": [entry(*x) for x in top] if top else []}
+            for t, lp, top in zip(tokens, logprobs or [], tops or itertools.repeat(None))]
 
 
-def _completion_logprobs(tokenizer, tokens, logprobs) -> dict:
+def _completion_logprobs(tokenizer, tokens, logprobs, tops=None, offset: int = 0) -> dict:
     texts = [_token_text(tokenizer, t) for t in tokens]
-    offsets = list(itertools.accumulate([0] + [len(s) for s in texts[:-1]])) if texts else []
-    return {"tokens": texts, "token_logprobs": list(logprobs or []), "top_logprobs": None, "text_offset": offsets}
+    offsets = list(itertools.accumulate([offset] + [len(s) for s in texts[:-1]])) if texts else []
+    return {"tokens": texts, "token_logprobs": list(logprobs or []), "text_offset": offsets,
+            "top_logprobs": None if tops is None else [None if top is None else {
+                _token_text(tokenizer, t): lp for t, lp in top} for top in tops]}
