@@ -308,8 +308,12 @@ class ModelConfig:
                 d["head_dim"] = self.qk_rope_head_dim
         return d
 
-    def save(self, path: str | os.PathLike) -> None:
-        atomic_write_text(path, json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+    def save(self, path: str | os.PathLike, torch_dtype: str | None = None) -> None:
+        """config.json; `torch_dtype` ("bfloat16", ...): the weights' dtype, which transformers loads them in."""
+        d = self.to_hf_dict()
+        if torch_dtype is not None:
+            d["torch_dtype"] = torch_dtype
+        atomic_write_text(path, json.dumps(d, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":

@@ -104,7 +104,7 @@ def test_sharded_checkpoint_with_index(tmp_path, seed):
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
     save_pretrained(model, tmp_path)  # re-saving unsharded removes the stale shards and index
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path, seed):

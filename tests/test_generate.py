@@ -31,6 +31,26 @@ def test_greedy_matches_transformers_generate(tmp_path, seed, kind, cfg):
     assert nanoseek.generate(ns, prompts, max_new_tokens=24, stop_tokens=[]) == ref
 
 
+def test_a_saved_model_directory_works_in_transformers_as_in_nanoseek(capsys):
+    """Issue 17.4: AutoTokenizer + AutoModelForCausalLM + generate() on a directory nanoseek wrote give
+    nanoseek's ids (BOS included) and `nanoseek generate`'s greedy reply; the files say dtype and sampling."""
+    from nanoseek.cli import main as cli_main
+
+    path = infer_fixtures.chat_model_dir()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    assert hf.dtype == torch.float32 and hf.generation_config.temperature == 0.6  # from the files written
+    prompt = nanoseek.load_tokenizer(path).render_chat([{"role": "user", "content": "hello"}])
+    prompt = prompt.removeprefix(hf_tok.bos_token)  # the tokenizer adds it
+    enc = hf_tok(prompt, return_tensors="pt")
+    assert enc["input_ids"][0].tolist() == nanoseek.load_tokenizer(path).encode(prompt, add_bos=True)
+    out = hf.generate(**enc, do_sample=False, max_new_tokens=30)[0, enc["input_ids"].shape[1]:]
+    reply = hf_tok.decode(out, skip_special_tokens=True)
+    assert reply == infer_fixtures.REPLY  # the think tags survive skip_special_tokens
+    cli_main(["generate", "--model", path, "--prompt", prompt, "--max-new-tokens", "30"])
+    assert capsys.readouterr().out.strip() == reply.strip()
+
+
 def test_sampling_controls(seed):
     model = nanoseek.DeepSeekForCausalLM(nanoseek.ModelConfig.preset("tiny-v3")).eval()
     prompts = [[3, 4, 5], [6, 7]]

@@ -176,6 +176,31 @@ def test_rejection_sampling_feeds_logit_distillation_of_a_smaller_student(base, 
     assert out["traces"]["kept"] == len(rows)
 
 
+def test_the_prompt_format_is_recorded_and_followed(tmp_path, monkeypatch):
+    """Issue 17.4: a model trained on a task's chat prompts ending in <think> is evaluated, sampled from and
+    served that way without being told again."""
+    import argparse
+
+    from nanoseek.eval import cli as eval_cli
+    from nanoseek.infer.cli import thinking
+    from nanoseek.posttrain.sft import sft
+
+    sft(_cfg("task.name=arithmetic", "task.options={template=\"chat\", prefill_think=true}", "task.train_size=64",
+             "train.batch_size=8", "train.steps=2", "model.overrides={num_nextn_predict_layers=0, hidden_size=32}",
+             "eval.examples=4", "eval.max_new_tokens=4", "eval.at_start=false"), tmp_path / "run")
+    model_dir = tmp_path / "run" / "model"
+    tok = nanoseek.load_tokenizer(model_dir)
+    assert tok.prompt_format == {"template": "chat", "prefill_think": True}
+    seen = []
+    monkeypatch.setattr(eval_cli, "evaluate", lambda model, tok, task, examples, cfg: seen.append(task) or {})
+    eval_cli.evaluate_model(model_dir, _cfg("task.name=arithmetic", "eval.examples=4"))
+    assert (seen[0].template, seen[0].prefill_think) == ("chat", True)
+    eval_cli.evaluate_model(model_dir, _cfg("task.name=arithmetic", "eval.examples=4", "task.options={template=\"plain\"}"))
+    assert (seen[1].template, seen[1].prefill_think) == ("plain", True)  # what the config says wins
+    assert thinking(argparse.Namespace(thinking=None), tok) is True
+    assert thinking(argparse.Namespace(thinking=False), tok) is False
+
+
 # ---------------------------------------------------------------- nanoseek eval
 def test_eval_cli_reports_greedy_and_sampled_metrics(base, tmp_path, capsys):
     from nanoseek.cli import main

@@ -84,6 +84,20 @@ def test_transformers_loads_and_agrees(tok, hf_tok):
         assert hf_tok.decode(ids) == text
 
 
+def test_transformers_adds_bos_and_keeps_the_reasoning_tags(tok, hf_tok, tok_dir):
+    """Issue 17.4: AutoTokenizer adds the BOS the models are trained with, as DeepSeek's tokenizers do, and
+    <think>/</think> are added tokens that are not special (as in DeepSeek-R1's), so harnesses that decode
+    with skip_special_tokens=True keep them."""
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is True
+    for text in SAMPLES:
+        assert hf_tok(text)["input_ids"] == tok.encode(text, add_bos=True)
+    reply = f"{THINK}\n2+2=4\n</think>\n\n4"
+    ids = tok.encode(reply + EOS, add_bos=True)
+    assert hf_tok.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True) == reply
+    assert tok.encode(THINK) == [tok.special_ids["think"]]  # still one token each
+
+
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
 @pytest.mark.parametrize("kwargs", [
     {"add_generation_prompt": True},

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from nanoseek.data.chat import (
     ASSISTANT, BOS, CHAT_TEMPLATE, END_THINK, EOS, PAD, SPECIAL_TOKENS, SPECIAL_TOKENS_RE, THINK, USER, RenderedChat,
@@ -27,6 +27,10 @@ from nanoseek.data.corpus import iter_documents
 from nanoseek.utils import atomic_path
 
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tokens
+# Added tokens that are not "special", as in DeepSeek-R1's tokenizer: decode(skip_special_tokens=True),
+# which evaluation harnesses and serving stacks call, keeps the reasoning tags.
+PLAIN_ADDED_TOKENS = (THINK, END_THINK)
+PROMPT_FORMAT_KEY = "nanoseek_prompt_format"
 
 
 def _token_content(value) -> str | None:
@@ -37,7 +41,8 @@ def _token_content(value) -> str | None:
 def default_tokenizer_config() -> dict:
     """tokenizer_config.json for a tokenizer trained here (transformers' generic fast tokenizer)."""
     decoder = {
-        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                 "special": t not in PLAIN_ADDED_TOKENS}
         for i, t in enumerate(SPECIAL_TOKENS)
     }
     return {
@@ -45,7 +50,7 @@ def default_tokenizer_config() -> dict:
         "bos_token": BOS,
         "eos_token": EOS,
         "pad_token": PAD,
-        "add_bos_token": False,
+        "add_bos_token": True,  # as DeepSeek's tokenizers: the models are trained with BOS in front
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": decoder,
@@ -156,6 +161,15 @@ class Tokenizer:
             mask += [int(is_target)] * len(piece)
         return ids, mask
 
+    @property
+    def prompt_format(self) -> dict:
+        """The task prompt format a model was trained with ({"template", "prefill_think"}; {} if none was
+        recorded): kept in tokenizer_config.json beside the chat template, so eval and serve follow it."""
+        return dict(self.config.get(PROMPT_FORMAT_KEY) or {})
+
+    def record_prompt_format(self, fmt: Mapping) -> None:
+        self.config[PROMPT_FORMAT_KEY] = dict(fmt)
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (each atomically)."""
         directory = Path(directory)
@@ -247,7 +261,14 @@ def train_tokenizer_from_texts(
         show_progress=progress,
     )
     backend.train_from_iterator(_without_special_tokens(all_texts()), trainer)
-    tok = Tokenizer(backend)
+    # What transformers adds with add_special_tokens=True (its default): BOS in front, as the models were
+    # trained; nanoseek's own encode never asks for it (add_bos says).
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, backend.token_to_id(BOS))])
+    spec = json.loads(backend.to_str())
+    for added in spec["added_tokens"]:
+        added["special"] = added["content"] not in PLAIN_ADDED_TOKENS
+    tok = Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
     if out_dir is not None:
         tok.save(out_dir)
     return tok

@@ -20,12 +20,12 @@ from nanoseek.utils import atomic_write_text, torch_threads
 
 def evaluate_model(model_dir: str | os.PathLike, cfg) -> dict:
     """Metrics of the model in `model_dir` on cfg's task ([task]) with cfg's [eval] settings."""
-    task = cfg.build_task()
-    if task is None:
-        raise ValueError("eval needs a task: --task arithmetic | countdown | bilingual")
+    if not cfg.task.name:
+        raise ValueError("eval needs a task: --task arithmetic | countdown | bilingual | file")
     with torch_threads(cfg.train.threads):
         model, tok = build_policy(cfg, init_from=os.fspath(model_dir))
         model.eval()
+        task = cfg.build_task(tok.prompt_format)
         result = evaluate(model, tok, task, eval_examples(cfg, task), cfg)
     return {k[len("eval_"):]: v for k, v in result.items()}
 

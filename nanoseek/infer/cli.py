@@ -42,6 +42,19 @@ def sampling_params(args: argparse.Namespace, **more) -> SamplingParams:
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty, **more).validate()
 
 
+def add_thinking_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"{help}; default: as the model was trained (a task's chat prompts ending in <think>)")
+
+
+def thinking(args: argparse.Namespace, tok) -> bool:
+    """--thinking / --no-thinking, else what the model's recorded prompt format says."""
+    if args.thinking is not None:
+        return args.thinking
+    fmt = tok.prompt_format
+    return fmt.get("template") == "chat" and bool(fmt.get("prefill_think"))
+
+
 def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
     """How the commands that load a model hold its weights."""
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -55,10 +68,11 @@ def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     model, tok = load(args.model, args.dtype, args.fp8)
+    think = thinking(args, tok)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": args.prompt}]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, thinking=args.thinking)
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, thinking=think)
     else:
         ids = tok.encode(args.prompt, add_bos=True)
     params = sampling_params(args, seed=args.seed, stop_tokens=[] if args.ignore_eos else None,
@@ -74,7 +88,7 @@ def _generate(args: argparse.Namespace) -> None:
     color = use_color(args.color)
     t0, n = time.perf_counter(), 0
     if args.chat:
-        printer = ReplyPrinter(sys.stdout, color, args.thinking)
+        printer = ReplyPrinter(sys.stdout, color, think)
         write = lambda text, final: printer.feed(text, final)  # noqa: E731
     else:
         write = lambda text, final: (sys.stdout.write(text), sys.stdout.flush())  # noqa: E731
@@ -105,7 +119,7 @@ def _register_generate(subparsers) -> None:
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (thinking shown apart)")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
-    p.add_argument("--thinking", action="store_true", help="with --chat: open the reply with <think> (R1 style)")
+    add_thinking_argument(p, "with --chat: open the reply with <think> (R1 style)")
     add_sampling_arguments(p, max_new_tokens=64, temperature=0.0, top_p=1.0, temperature_help="0 = greedy (default)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
@@ -129,7 +143,7 @@ def _chat(args: argparse.Namespace) -> None:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    chat_loop(engine, tok, params, system=args.system, thinking=args.thinking, color=color, stats=args.stats)
+    chat_loop(engine, tok, params, system=args.system, thinking=thinking(args, tok), color=color, stats=args.stats)
 
 
 def _register_chat(subparsers) -> None:
@@ -138,7 +152,7 @@ def _register_chat(subparsers) -> None:
                                           "Commands: /reset, /exit.")
     p.add_argument("--model", required=True, metavar="DIR", help="model directory with its tokenizer")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--thinking", action="store_true", help="open each reply with <think> (R1 style)")
+    add_thinking_argument(p, "open each reply with <think> (R1 style)")
     add_sampling_arguments(p, max_new_tokens=512, temperature=0.6, top_p=0.95,
                            temperature_help="0 = greedy (R1's recommendation: 0.6)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
@@ -164,7 +178,8 @@ def _serve(args: argparse.Namespace) -> None:
     name = args.model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(model, tok, name, api_key=args.api_key or os.environ.get("NANOSEEK_API_KEY"),
                      max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_model_len=args.max_model_len,
-                     default_max_tokens=args.default_max_tokens, speculative=args.speculative, thinking=args.thinking)
+                     default_max_tokens=args.default_max_tokens, speculative=args.speculative,
+                     thinking=thinking(args, tok))
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (batch {args.max_batch_size}, queue {args.max_queue}"
           f"{', API key required' if args.api_key else ''})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -184,7 +199,7 @@ def _register_serve(subparsers) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
-    p.add_argument("--thinking", action="store_true", help="open every chat reply with <think> (R1 style)")
+    add_thinking_argument(p, "open every chat reply with <think> (R1 style)")
     add_precision_arguments(p)
     p.add_argument("--log-level", default="warning")
     p.add_argument("--seed", type=int, default=0)

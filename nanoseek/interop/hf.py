@@ -97,6 +97,8 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 _SCALE = "_scale_inv"
+# generation_config.json: DeepSeek-R1's recommended sampling, what transformers' generate() then uses.
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
 
 
 @dataclass(frozen=True)
@@ -413,9 +415,11 @@ def write_checkpoint(path: str | os.PathLike, layout: dict[str, list[str]],
     Shards of an earlier checkpoint in `path` are removed."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    weight_map, total = {}, 0
+    weight_map, total, dtype = {}, 0, None
     for name, keys in layout.items():
         shard = {k: t.contiguous() for k, t in tensors(keys).items()}
+        dtype = dtype or next((t.dtype for t in shard.values() if t.dtype in (torch.float32, torch.bfloat16,
+                                                                              torch.float16)), None)
         with atomic_path(os.path.join(path, name)) as tmp:
             save_file(shard, tmp, metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in shard.values())
@@ -429,7 +433,9 @@ def write_checkpoint(path: str | os.PathLike, layout: dict[str, list[str]],
         os.remove(os.path.join(path, INDEX))
     for f in stale:
         os.remove(os.path.join(path, f))
-    config.save(os.path.join(path, "config.json"))
+    config.save(os.path.join(path, "config.json"), torch_dtype=dtype and str(dtype).removeprefix("torch."))
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, **GENERATION_DEFAULTS}
+    atomic_write_text(os.path.join(path, "generation_config.json"), json.dumps(generation, indent=2) + "\n")
 
 
 def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = "5GB",

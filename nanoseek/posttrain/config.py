@@ -10,6 +10,7 @@ so one file can describe a whole family of runs. Every field carries a one-line 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from nanoseek.posttrain.policy_losses import (
@@ -259,11 +260,12 @@ class PostConfig(RunConfig):
             raise ValueError("data.styles is invalid: the shares must not all be zero")
         return self
 
-    def build_task(self) -> Task | None:
-        """The configured Task (None when task.name is "")."""
+    def build_task(self, prompt_format: Mapping | None = None) -> Task | None:
+        """The configured Task (None when task.name is ""). `prompt_format` (what a model recorded: template,
+        prefill_think) fills the options the config leaves unset, so a model is asked as it was trained."""
         if not self.task.name:
             return None
-        kwargs = dict(self.task.options)
+        kwargs = {**(prompt_format or {}), **self.task.options}
         if self.task.weights:
             kwargs["weights"] = dict(self.task.weights)
         try:

@@ -106,8 +106,7 @@ def rejection_sample_run(cfg: PostConfig, out_dir: str | os.PathLike) -> dict:
 
     cfg = cfg.validate()
     r = cfg.rejection
-    task = cfg.build_task()
-    if task is None:
+    if not cfg.task.name:
         raise ValueError("rejection sampling needs a task (task.name) to verify completions")
     if not cfg.model.init_from:
         raise ValueError("rejection sampling needs a model: set model.init_from (e.g. an RL run's DIR/model)")
@@ -118,6 +117,7 @@ def rejection_sample_run(cfg: PostConfig, out_dir: str | os.PathLike) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     with torch_threads(cfg.train.threads):
         model, tok = build_policy(cfg)
+        task = cfg.build_task(tok.prompt_format)
         model.to(device).eval()
         examples = task.examples(r.prompts, seed=r.seed, split="train")
         rows, stats = rejection_sample_ranks(model, tok, task, examples, r.samples, r.temperature, r.top_p,

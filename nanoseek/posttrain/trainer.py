@@ -205,6 +205,8 @@ class PostTrainer(Trainer):
         self._rollout, self._rollout_stale = None, True
         super().__init__(cfg, out_dir, resume=resume, progress=progress)
         self.eval_set = eval_examples(cfg, self.task) if self.task is not None else None
+        if self.task is not None and self.tok is not None:  # saved with the model: eval and serve follow it
+            self.tok.record_prompt_format(self.task.prompt_format)
 
     # ------------------------------------------------------------------ ranks
     def local_share(self, items: Sequence) -> list:

@@ -103,6 +103,11 @@ class Task:
         # The part of the assistant turn that lives in the prompt; completions are scored after it.
         self.prefix = R.THINK_OPEN if prefill_think else ""
 
+    @property
+    def prompt_format(self) -> dict:
+        """How prompts are written ({"template", "prefill_think"}): recorded with a model trained on them."""
+        return {"template": self.template, "prefill_think": self.prefill_think}
+
     # ---- hooks -------------------------------------------------------------------------------
     def _sample(self, rng: random.Random) -> tuple[str, str, dict]:
         """One random problem: (question, reference answer, meta)."""
