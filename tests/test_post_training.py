@@ -234,6 +234,22 @@ def test_pipeline_r1_zero_stages_resume_and_refuse_changed_configs(tmp_path):
 
 
 
+def test_pipeline_r1_zero_on_a_data_file_from_a_given_base(base, tmp_path):
+    """Issue 17.1: the R1-Zero pipeline on a user's GSM8K-format file, starting from an existing base."""
+    from nanoseek.recipes.r1 import run_pipeline
+
+    path = json.dumps(str(DATA / "gsm8k_sums.jsonl"))
+    out = run_pipeline("r1-zero", tmp_path / "z", overrides=[
+        "common.train.threads=1", "pipeline.progress=false", "pipeline.eval_examples=8",
+        f"pipeline.base={json.dumps(str(base / 'model'))}", "common.task.name=file",
+        f"common.task.options={{path={path}, test_fraction=0.3}}", "rl.grpo.prompts_per_step=2",
+        "rl.grpo.group_size=2", "rl.train.steps=2"], log=lambda line: None)
+    rl = out["stages"][-1]
+    assert rl["stage"] == "rl" and rl["steps"] == 2 and 0.0 <= rl["greedy_accuracy"] <= 1.0
+    assert [r["stage"] for r in out["stages"]] == ["rl"]  # the given base replaces the base stage
+    assert "name = \"file\"" in (tmp_path / "z" / "01-rl" / "config.toml").read_text()
+
+
 def test_pipeline_r1_runs_end_to_end_and_reports_every_stage(tmp_path):
     """Tiny budgets and one-digit sums keep it a smoke test; `make test-slow` runs the real one."""
     from nanoseek.recipes.r1 import run_pipeline
