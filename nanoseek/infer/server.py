@@ -57,7 +57,8 @@ _DONE = object()
 
 @dataclass
 class PromptScores:
-    """Row `row`'s prompt tokens from `start` on, with their log p (and top tokens): sent before its deltas."""
+    """Row `row`'s echoed prompt (the client's tokens: not a BOS the server added) with each token's log p and
+    top tokens (None without logprobs): sent before the row's deltas."""
 
     row: int
     tokens: list[int]
