@@ -432,15 +432,36 @@ def write_checkpoint(path: str | os.PathLike, layout: dict[str, list[str]],
     config.save(os.path.join(path, "config.json"))
 
 
+def transformers_mismatch(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why transformers would load these checkpoint tensors as a different model, or None.
+
+    Its DeepseekV2 router has no bias: a V2-layout (softmax) model trained with aux-loss-free balancing selects
+    experts by score + bias here and by score alone there (max |Δlogit| 3.1 on tiny-v2)."""
+    if config.model_type != "deepseek_v2":
+        return None
+    biased = next((k for k, t in tensors.items() if k.endswith("e_score_correction_bias") and t.any()), None)
+    if biased is None:
+        return None
+    return (f"{biased} is non-zero (aux-loss-free balancing), but transformers' DeepseekV2 router has no bias and "
+            "would load this as a different model; train the deepseek_v2 layout with balance.bias_update_speed=0, "
+            "or use the deepseek_v3 layout (its router keeps the bias); nanoseek loads the run's model/ as it is")
+
+
 def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                     dtype: torch.dtype | None = None, fp8: bool = False,
-                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
+                    state_dict: dict[str, torch.Tensor] | None = None, nanoseek_only: bool = False) -> None:
     """Write config.json and safetensors shards (with an index when sharded); each file atomically.
     `state_dict` replaces the model's own (a sharded model's, gathered).
 
-    `fp8` writes DeepSeek-V3's block-scaled FP8 layout (weight + weight_scale_inv, 128x128 blocks)."""
+    `fp8` writes DeepSeek-V3's block-scaled FP8 layout (weight + weight_scale_inv, 128x128 blocks).
+    A model that transformers would compute differently (`transformers_mismatch`) is refused with
+    CheckpointError unless `nanoseek_only`: then it is written whole, and nanoseek loads it exactly."""
+    hf_state = to_hf_state_dict(model, state_dict)
+    mismatch = transformers_mismatch(model.config, hf_state)
+    if mismatch and not nanoseek_only:
+        raise CheckpointError(f"cannot export {path} for transformers: {mismatch}")
     tensors = {}
-    for k, t in to_hf_state_dict(model, state_dict).items():
+    for k, t in hf_state.items():
         t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         if fp8 and is_fp8_eligible(k, t):
             t, tensors[k + _SCALE] = quantize_weight_blockwise(t)

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from nanoseek.interop.hf import CheckpointError, save_pretrained
+from nanoseek.interop.hf import CheckpointError, save_pretrained, transformers_mismatch
 from nanoseek.parallel.mesh import barrier, gather_objects, rank
 
 FORMAT = "nanoseek-train-checkpoint"
@@ -291,14 +291,18 @@ def full_model_state(model: nn.Module, pp_group=None, everywhere: bool = False) 
 
 def export_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, pp_group=None) -> Path:
     """Write the model (HF layout, gathered to rank 0) and its tokenizer to out_dir, replacing it atomically
-    (every rank calls)."""
+    (every rank calls). A model transformers would compute differently (a V2-layout one with routing biases)
+    is written whole all the same, for nanoseek, with a warning saying why transformers cannot use it."""
     out = Path(out_dir)
     state = full_model_state(model, pp_group)
     if rank() == 0:
+        mismatch = transformers_mismatch(model.config, state)
+        if mismatch:
+            warnings.warn(f"{out}: for nanoseek only: {mismatch}", stacklevel=2)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            save_pretrained(model, tmp, state_dict=state)
+            save_pretrained(model, tmp, state_dict=state, nanoseek_only=True)
             if tokenizer is not None:
                 tokenizer.save(tmp)
             _replace_dir(tmp, out)
