@@ -436,7 +436,7 @@ def transformers_mismatch(config: ModelConfig, tensors: dict[str, torch.Tensor])
     """Why transformers would load these checkpoint tensors as a different model, or None.
 
     Its DeepseekV2 router has no bias: a V2-layout (softmax) model trained with aux-loss-free balancing selects
-    experts by score + bias here and by score alone there (max |Δlogit| 3.1 on tiny-v2)."""
+    experts by score + bias here and by score alone there."""
     if config.model_type != "deepseek_v2":
         return None
     biased = next((k for k, t in tensors.items() if k.endswith("e_score_correction_bias") and t.any()), None)
