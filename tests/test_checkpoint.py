@@ -130,6 +130,13 @@ def test_checkpoint_errors_name_the_problem(tmp_path, seed):
     with pytest.raises(CheckpointError, match=r"kv_b_proj.weight has shape \(3, 3\)"):
         load_pretrained(tmp_path / "missing")
 
+    for dtype in (torch.int64, torch.int8, torch.bool):  # were cast to float silently: a different model
+        bad = {**tensors, "model.embed_tokens.weight": tensors["model.embed_tokens.weight"].to(dtype)}
+        save_file(bad, tmp_path / "missing" / "model.safetensors")
+        with pytest.raises(CheckpointError, match=f"model.safetensors: model.embed_tokens.weight is {dtype}, "
+                                                  "not floating point"):
+            load_pretrained(tmp_path / "missing")
+
     data = (tmp_path / "ok" / "model.safetensors").read_bytes()
     (tmp_path / "missing" / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cannot read .*model.safetensors"):

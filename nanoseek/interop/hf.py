@@ -220,6 +220,8 @@ class _Checkpoint:
             target = None if key.endswith(".weight" + _SCALE) else _from_hf_key(key, cfg.num_hidden_layers)
             if target is None or (cfg.tie_word_embeddings and target[0] == "lm_head.weight"):
                 continue
+            if not t.dtype.is_floating_point:  # a copy into the model's float tensors would make up other values
+                raise CheckpointError(f"{t.file}: {key} is {t.dtype}, not floating point: not a model weight")
             targets[key] = name, e = target
             if e is None:
                 shapes[name] = t.shape
