@@ -265,9 +265,10 @@ def train_tokenizer(
     seed: int | None = 0,
     min_frequency: int = 2,
     progress: bool = True,
+    text_column: str = "text",
 ) -> Tokenizer:
-    """Train on local files/directories (.txt, .md, .jsonl, .parquet) and/or the built-in "stdlib"
-    corpus. `max_bytes` caps the text used; `seed` picks which files a capped run reads (see
-    `nanoseek.data.corpus.iter_documents`)."""
-    documents = iter_documents(sources, max_bytes=max_bytes, seed=seed)
+    """Train on local files/directories (text and record files, see `nanoseek.data.corpus`) and/or the built-in
+    "stdlib" corpus. `max_bytes` caps the text used; `seed` picks which files a capped run reads; `text_column`
+    names the records' text field (see `nanoseek.data.corpus.iter_documents`)."""
+    documents = iter_documents(sources, max_bytes=max_bytes, seed=seed, text_column=text_column)
     return train_tokenizer_from_texts(documents, vocab_size, out_dir, min_frequency=min_frequency, progress=progress)

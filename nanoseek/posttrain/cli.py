@@ -121,7 +121,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--model", metavar="DIR", help="starting model directory (model.init_from)")
         p.add_argument("--task", help="verifiable task: arithmetic, countdown, bilingual, file (task.name; a file: --set task.options.path=F)")
         if command in ("sft", "dpo", "distill"):
-            p.add_argument("--data", metavar="FILE", help="training data jsonl (data.train)")
+            p.add_argument("--data", metavar="FILE", help="training data: .jsonl(.gz), .json, .parquet or a saved dataset (data.train)")
         if command != "rejection-sample":
             p.add_argument("--resume", action="store_true",
                            help="continue from DIR's last checkpoint (without --config, DIR/config.toml is used)")

@@ -53,8 +53,8 @@ class PostDataSection:
     """Supervised data."""
 
     train: str = ""
-    """jsonl file: {"messages": [...]} or {"prompt", "completion"} rows (SFT), {"prompt", "chosen", "rejected"}
-    (DPO); "" = generated from the task."""
+    """Data file (.jsonl, .jsonl.gz, .json, .parquet or a `datasets` save_to_disk folder): {"messages": [...]} or
+    {"prompt", "completion"} rows (SFT), {"prompt", "chosen", "rejected"} (DPO); "" = generated from the task."""
     styles: dict = field(default_factory=lambda: {"think": 1.0})
     """Generated SFT data: task style -> share, e.g. {think = 0.3, buggy = 0.7} for a bimodal base."""
     tag_bare: bool = False
