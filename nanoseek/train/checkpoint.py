@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import warnings
 from pathlib import Path
@@ -68,6 +69,19 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def resume_hint(command: str, out: str | os.PathLike, argv: list[str]) -> str:
+    """What an interrupted run in `out` says: its last checkpoint and the command that continues it (the saved
+    DIR/config.toml once written, else the original arguments)."""
+    out, last = Path(out), latest_checkpoint(out)
+    where = f"last checkpoint: step {int(_STEP_DIR.match(last.name).group(1))}" if last else "no checkpoint yet"
+    if (out / "config.toml").is_file():
+        words = ["nanoseek", command, "--out", os.fspath(out), "--resume"]
+    else:
+        words = ["nanoseek", *argv, *([] if any(a.startswith("--out") for a in argv) else ["--out", os.fspath(out)]),
+                 *([] if "--resume" in argv else ["--resume"])]
+    return f"({where}); resume with: {shlex.join(words)}"
 
 
 def open_run_dir(out_dir: str | os.PathLike, resume: bool) -> tuple[Path, Path | None]:
