@@ -23,10 +23,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from nanoseek.data.corpus import iter_documents
 from nanoseek.data.tokenizer import Tokenizer, load_tokenizer
+from nanoseek.utils import progress_bar
 
 FORMAT = "nanoseek-tokens"
 VERSION = 1
@@ -148,7 +148,7 @@ def prepare(
         writers = {split: _SplitWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
         documents = iter_documents(sources, max_bytes=max_bytes, seed=seed, text_column=text_column)
         index = 0
-        with tqdm(total=n_docs, unit="doc", desc="tokenizing", disable=not progress) as bar:
+        with progress_bar(progress, total=n_docs, unit="doc", desc="tokenizing") as bar:
             while batch := [doc for _, doc in zip(range(_ENCODE_BATCH_DOCS), documents)]:
                 for doc, ids in zip(batch, tok.encode_batch(batch)):
                     if not ids or ids[-1] != tok.eos_id:

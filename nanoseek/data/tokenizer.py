@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -247,7 +248,7 @@ def train_tokenizer_from_texts(
         special_tokens=list(SPECIAL_TOKENS),
         # Every byte gets a token up front, so any text encodes and decodes back exactly.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=progress,
+        show_progress=progress and sys.stderr.isatty(),  # its bar has no plain-log form
     )
     backend.train_from_iterator(_without_special_tokens(all_texts()), trainer)
     tok = Tokenizer(backend)

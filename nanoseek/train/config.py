@@ -419,7 +419,7 @@ class LogSection:
     tensorboard: bool = True
     """Also write TensorBoard events to DIR/tensorboard when tensorboard is installed."""
     progress: bool = True
-    """Show a tqdm progress bar."""
+    """Show progress: a bar on a terminal, a plain line every 30 s in a log."""
 
 
 # ---------------------------------------------------------------------- the root
