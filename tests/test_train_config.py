@@ -1,12 +1,15 @@
 """Run configs (TOML + --set), the optimizer's parameter groups, the MTP loss alignment, token dropping."""
 import dataclasses
+import importlib.resources
 import math
+import tomllib
 import typing
 from pathlib import Path
 
 import pytest
 import torch
 
+from nanoseek.posttrain.config import PostConfig
 from nanoseek.pretrain.config import PretrainConfig
 from nanoseek.train.config import field_docs
 
@@ -27,6 +30,31 @@ def test_shipped_configs_load_validate_and_round_trip(name):
     cfg = PretrainConfig.load(ROOT / "configs" / name)
     assert PretrainConfig.from_toml_text(cfg.to_toml()) == cfg
     assert cfg.model.model_config(bos_token_id=0, eos_token_id=1).num_nextn_predict_layers == 1
+
+
+def test_shipped_configs_resolve_by_name_without_the_repository(tmp_path, monkeypatch):
+    """An installed wheel has no configs/ folder beside the user: the shipped configs are package data, found by
+    name (`--config small-v3`) or by the documented `configs/NAME.toml` from any directory."""
+    monkeypatch.chdir(tmp_path)
+    names = sorted(p.name for p in (ROOT / "configs").glob("*.toml"))
+    assert names == ["grpo-arithmetic.toml", "r1-zero.toml", "r1.toml", "small-v3.toml", "tiny.toml"]
+    shipped = importlib.resources.files("nanoseek") / "configs"
+    for name in names:
+        assert (shipped / name).read_text() == (ROOT / "configs" / name).read_text()
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "configs/*.toml" in package_data["nanoseek"]
+    reference = PretrainConfig.load(ROOT / "configs" / "small-v3.toml")
+    assert PretrainConfig.load("small-v3") == reference
+    assert PretrainConfig.load("small-v3.toml") == reference
+    assert PretrainConfig.load("configs/small-v3.toml") == reference
+    assert PostConfig.load("grpo-arithmetic") == PostConfig.load(ROOT / "configs" / "grpo-arithmetic.toml")
+    (tmp_path / "tiny.toml").write_text("[train]\nsteps = 70\n")  # a file of that name here wins
+    assert PretrainConfig.load("tiny.toml").train.steps == 70
+    with pytest.raises(FileNotFoundError, match=r"config file not found: smal-v3 \(shipped configs: "
+                                                r"grpo-arithmetic, r1, r1-zero, small-v3, tiny\)"):
+        PretrainConfig.load("smal-v3")
+    with pytest.raises(FileNotFoundError, match="config file not found: elsewhere/tiny.toml"):
+        PretrainConfig.load("elsewhere/tiny.toml")
 
 
 def test_set_parses_typed_values_and_model_overrides():
