@@ -2,11 +2,11 @@
 import dataclasses
 import importlib.resources
 import math
-import tomllib
 import typing
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from nanoseek.posttrain.config import PostConfig
