@@ -103,3 +103,19 @@ def test_bad_data_files_are_one_line_errors_naming_the_file(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "fake.parquet: not a parquet file" in err
+
+
+def test_post_training_data_names_its_columns(files, tmp_path):
+    """data.fields maps the rows' fields (prompt, completion, messages, chosen, rejected) to the file's columns."""
+    qa = tmp_path / "qa.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": r["prompt"], "answer": r["completion"]} for r in ROWS]), qa)
+    cfg = PostConfig.load(None, [f"data.train={json.dumps(str(qa))}",
+                                 'data.fields={prompt = "question", completion = "answer"}'])
+    assert load_sft_data(cfg, None) == [{"prompt": r["prompt"], "completion": r["completion"]} for r in ROWS]
+    cfg = PostConfig.load(None, [f"data.train={json.dumps(str(qa))}", 'data.fields={prompt = "q"}'])
+    with pytest.raises(ValueError, match=r"qa.parquet row 0: no column 'q' \(data.fields.prompt\); it has answer, "
+                                         r"question"):
+        load_sft_data(cfg, None)
+    with pytest.raises(ValueError, match=r"data.fields.answer is invalid: allowed: messages, prompt, completion, "
+                                         r"chosen, rejected"):
+        PostConfig.load(None, ['data.fields={answer = "a"}'])

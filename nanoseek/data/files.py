@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
@@ -136,12 +136,22 @@ def iter_records(path: str | os.PathLike, columns: list[str] | None = None) -> I
     return _jsonl(path)
 
 
-def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Every row of a record source, each a JSON object; an empty source fails."""
+def read_rows(path: str | os.PathLike, fields: Mapping[str, str] | None = None, option: str = "fields"
+              ) -> list[dict]:
+    """Every row of a record source, each a JSON object; an empty source fails. `fields` maps a field the caller
+    reads to the file's column that holds it (e.g. {"prompt": "question"}): those columns come renamed; `option`
+    names the setting in errors."""
     rows = []
     for where, row in iter_records(path):
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected an object (a row with named fields), got {type(row).__name__}")
+        if fields:
+            missing = next((ours for ours, column in fields.items() if column not in row), None)
+            if missing is not None:
+                raise ValueError(f"{where}: no column {fields[missing]!r} ({option}.{missing}); it has "
+                                 f"{', '.join(sorted(row))}")
+            row = {**{k: v for k, v in row.items() if k not in fields.values()},
+                   **{ours: row[column] for ours, column in fields.items()}}
         rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no rows")

@@ -120,7 +120,7 @@ def pack(examples: Sequence[tuple[list[int], list[int]]], seq_len: int) -> list[
 def load_sft_data(cfg: PostConfig, task) -> list[dict]:
     """The configured rows: data.train, or generated from the task."""
     if cfg.data.train:
-        return read_rows(cfg.data.train)
+        return read_rows(cfg.data.train, cfg.data.fields, "data.fields")
     if task is None:
         raise ValueError("no SFT data: set data.train (a jsonl file) or task.name (generated data)")
     return task_sft_rows(task, cfg.task.train_size, cfg.task.train_seed, cfg.data.styles, cfg.data.tag_bare)
