@@ -441,18 +441,32 @@ def write_checkpoint(path: str | os.PathLike, layout: dict[str, list[str]],
 
 
 def transformers_mismatch(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> str | None:
-    """Why transformers would load these checkpoint tensors as a different model, or None.
-
-    Its DeepseekV2 router has no bias: a V2-layout (softmax) model trained with aux-loss-free balancing selects
-    experts by score + bias here and by score alone there."""
-    if config.model_type != "deepseek_v2":
+    """Why transformers would load these checkpoint tensors as a different model, or None: routing its
+    DeepseekV2/V3 routers do not implement. V2's is softmax, greedy or group-limited by the best expert, never
+    renormalized, and has no bias; V3's is sigmoid with the bias, group-limited by the top-2 sum whenever
+    n_group > 1; neither limits devices (`topk_devices`)."""
+    if config.model_type not in ("deepseek_v2", "deepseek_v3") or not config.is_moe:
         return None
-    biased = next((k for k, t in tensors.items() if k.endswith("e_score_correction_bias") and t.any()), None)
-    if biased is None:
-        return None
-    return (f"{biased} is non-zero (aux-loss-free balancing), but transformers' DeepseekV2 router has no bias and "
-            "would load this as a different model; train the deepseek_v2 layout with balance.bias_update_speed=0, "
-            "or use the deepseek_v3 layout (its router keeps the bias); nanoseek loads the run's model/ as it is")
+    c, v2 = config, config.model_type == "deepseek_v2"
+    name = "DeepseekV2" if v2 else "DeepseekV3"
+    scoring = "softmax" if v2 else "sigmoid"
+    if c.scoring_func != scoring:
+        return f"scoring_func = {c.scoring_func!r}, but transformers' {name} router always uses {scoring}"
+    if v2 and c.topk_method not in ("greedy", "group_limited_greedy"):
+        return f"topk_method = {c.topk_method!r}, which transformers' DeepseekV2 router does not implement"
+    if v2 and c.norm_topk_prob and c.num_experts_per_tok > 1:
+        return "norm_topk_prob = True, but transformers' DeepseekV2 router never renormalizes the top-k weights"
+    if not v2 and (c.n_group or 1) > 1 and c.topk_method != "noaux_tc":
+        return (f"topk_method = {c.topk_method!r} with n_group = {c.n_group}, but transformers' DeepseekV3 router "
+                "always limits groups by their top-2 sum (noaux_tc)")
+    if c.topk_devices is not None:
+        return f"topk_devices = {c.topk_devices} (device-limited routing), which transformers does not implement"
+    biased = v2 and next((k for k, t in tensors.items() if k.endswith("e_score_correction_bias") and t.any()), None)
+    if biased:
+        return (f"{biased} is non-zero (aux-loss-free balancing), but transformers' DeepseekV2 router has no bias; "
+                "train the deepseek_v2 layout with balance.bias_update_speed=0, or use the deepseek_v3 layout (its "
+                "router keeps the bias)")
+    return None
 
 
 def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = "5GB",
@@ -469,7 +483,8 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = 
     hf_state = to_hf_state_dict(model, state_dict)
     mismatch = transformers_mismatch(model.config, hf_state)
     if mismatch and not nanoseek_only:
-        raise CheckpointError(f"cannot export {path} for transformers: {mismatch}")
+        raise CheckpointError(f"cannot export {path} for transformers: {mismatch}, so it would load there as a "
+                              "different model (nanoseek itself loads a run's model/ as it is)")
     tensors = {}
     for k, t in hf_state.items():
         t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
