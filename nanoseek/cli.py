@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if os.environ.get("RANK", "0") != "0":
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     try:
@@ -44,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a training command sets `interrupted`: how to resume
+        hint = getattr(args, "interrupted", None)
+        print(f"nanoseek {args.command}: interrupted" + (f" {hint()}" if hint else ""), file=sys.stderr)
         raise SystemExit(130) from None
 
 

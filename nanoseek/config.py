@@ -25,6 +25,17 @@ ROPE_TYPES = ("default", "yarn")
 YARN_DEFAULTS = {"factor": 1.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
                  "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
 
+# What each field's annotation admits, as config.json / TOML spell it. bool is an int to Python; never here.
+_KINDS = {
+    "int": ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a float", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "bool": ("a bool", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "dict": ("an object", lambda v: isinstance(v, dict)),
+    "list[int]": ("a list of ints", lambda v: isinstance(v, list) and all(_KINDS["int"][1](x) for x in v)),
+    "None": ("null", lambda v: v is None),
+}
+
 # Keys of HF config.json files that carry no model semantics for us; accepted and dropped.
 _IGNORED_KEYS = {
     "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "use_cache",
@@ -192,6 +203,11 @@ class ModelConfig:
         def bad(name, allowed):
             raise ValueError(f"ModelConfig.{name} = {getattr(self, name)!r} is invalid: {allowed}")
 
+        # Types first: a string from --set or config.json would otherwise fail as a TypeError deep inside, or pass.
+        for f in fields(self):
+            kinds = [_KINDS[k.strip()] for k in f.type.split("|")] if f.name != "extra" else []
+            if kinds and not any(ok(getattr(self, f.name)) for _, ok in kinds):
+                bad(f.name, "must be " + " or ".join(name for name, _ in kinds))
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 bad(name, "must be a positive integer")

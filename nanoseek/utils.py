@@ -1,14 +1,17 @@
-"""Small shared helpers: atomic file writes, reading jsonl, a scoped torch thread count."""
+"""Small shared helpers: atomic file writes, reading jsonl, a scoped torch thread count, progress."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 @contextmanager
@@ -113,3 +116,59 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+PROGRESS_EVERY = 30.0
+"""Seconds between the plain progress lines written where stderr is not a terminal (logs, CI, nohup)."""
+
+
+class LineProgress:
+    """tqdm's interface (update, n, set_postfix, refresh, write, close) for logs: a plain line on stderr every
+    `every` seconds and one at the end, instead of a bar redrawn with carriage returns."""
+
+    def __init__(self, total: int | None = None, initial: int = 0, desc: str = "", unit: str = "it",
+                 every: float = PROGRESS_EVERY, **_):
+        self.total, self.n, self.desc, self.unit, self.every = total, initial, desc, unit, every
+        self.start = self.last = time.monotonic()
+        self.first, self.shown, self.postfix = initial, initial, ""
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.refresh()
+
+    def set_postfix(self, values: dict | None = None, refresh: bool = True, **more) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in {**(values or {}), **more}.items())
+        if refresh:
+            self.refresh()
+
+    def refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= self.every:
+            self.last, self.shown = now, self.n
+            done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
+            share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+            rate = (self.n - self.first) / max(now - self.start, 1e-9)
+            line = f"{self.desc}: {done} {self.unit}{share}, {now - self.start:.0f}s, {rate:,.2f} {self.unit}/s"
+            print(line + (f", {self.postfix}" if self.postfix else ""), file=sys.stderr, flush=True)
+
+    @staticmethod
+    def write(line: str) -> None:
+        print(line, flush=True)
+
+    def close(self) -> None:
+        if self.n != self.shown:
+            self.refresh(force=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress_bar(enabled: bool = True, **kwargs):
+    """A tqdm bar on a terminal; plain periodic lines (LineProgress) where stderr is a log; nothing when not
+    `enabled`. Takes tqdm's keyword arguments (total, initial, desc, unit, ...)."""
+    if enabled and not sys.stderr.isatty():
+        return LineProgress(**kwargs)
+    return tqdm(disable=not enabled, **kwargs)

@@ -130,6 +130,13 @@ def test_checkpoint_errors_name_the_problem(tmp_path, seed):
     with pytest.raises(CheckpointError, match=r"kv_b_proj.weight has shape \(3, 3\)"):
         load_pretrained(tmp_path / "missing")
 
+    for dtype in (torch.int64, torch.int8, torch.bool):  # were cast to float silently: a different model
+        bad = {**tensors, "model.embed_tokens.weight": tensors["model.embed_tokens.weight"].to(dtype)}
+        save_file(bad, tmp_path / "missing" / "model.safetensors")
+        with pytest.raises(CheckpointError, match=f"model.safetensors: model.embed_tokens.weight is {dtype}, "
+                                                  "not floating point"):
+            load_pretrained(tmp_path / "missing")
+
     data = (tmp_path / "ok" / "model.safetensors").read_bytes()
     (tmp_path / "missing" / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cannot read .*model.safetensors"):
@@ -295,3 +302,30 @@ def test_a_full_disk_while_saving_is_a_clear_error_and_loses_nothing(tmp_path, s
         ckpt.save_checkpoint(tmp_path, 2, model, opt, {})
     assert ckpt.list_checkpoints(tmp_path) == [first] and ckpt.verify_checkpoint(first)["step"] == 1
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [first.name]
+
+
+def test_v2_layout_with_routing_biases_is_refused_for_transformers_but_round_trips_in_nanoseek(tmp_path, seed):
+    """transformers' DeepseekV2 router has no bias: a V2-layout model trained with aux-loss-free balancing would
+    load there as another model. The HF export refuses it, naming the cause and the fix; a training run's model/
+    (export_model) keeps the biases and nanoseek reloads it exactly."""
+    from nanoseek.interop.cli import convert
+    from nanoseek.train.checkpoint import export_model
+
+    model = nanoseek.DeepSeekForCausalLM(ModelConfig.preset("tiny-v2")).eval()
+    with torch.no_grad():
+        model.moe_layers()[0].gate.e_score_correction_bias.copy_(torch.randn(model.config.n_routed_experts))
+    with pytest.raises(CheckpointError, match=r"e_score_correction_bias is non-zero .*DeepseekV2.*"
+                                              r"bias_update_speed=0.*deepseek_v3"):
+        save_pretrained(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    with pytest.warns(UserWarning, match="transformers"):
+        export_model(model, None, tmp_path / "run" / "model")
+    again = load_pretrained(tmp_path / "run" / "model")
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(CheckpointError, match="e_score_correction_bias is non-zero"):
+        convert(str(tmp_path / "run" / "model"), str(tmp_path / "converted"), "float32")
+    # Without biases (bias_update_speed=0) the V2 layout exports as before.
+    with torch.no_grad():
+        model.moe_layers()[0].gate.e_score_correction_bias.zero_()
+    save_pretrained(model, tmp_path / "plain")

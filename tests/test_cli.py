@@ -1,19 +1,24 @@
 """The command line: convert, and one-line errors with exit status 2 (the demo's own run: tests/test_demo.py)."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import stdlib_dataset
 
 import nanoseek
 from nanoseek.cli import main
 from nanoseek.config import ModelConfig
 from nanoseek.infer.cli import use_color
 from nanoseek.interop.hf import load_pretrained, save_pretrained
+from nanoseek.train.checkpoint import list_checkpoints
 
 
 def test_convert_fp8_and_back(tmp_path, seed):
@@ -70,3 +75,33 @@ def test_config_json_that_is_not_an_object(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="must be a JSON object, not list"):
         ModelConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["pretrain", "sft"])
+def test_ctrl_c_prints_the_resume_command_and_exits_130(tmp_path, command):
+    """Ctrl-C in a training run: no traceback, one line naming the last checkpoint and the exact command that
+    continues the run, exit status 130."""
+    out = tmp_path / "run"
+    sets = ["train.steps=100000", "checkpoint.every=2", "train.threads=1", "log.tensorboard=false"]
+    if command == "pretrain":
+        data = stdlib_dataset(tmp_path, max_bytes=100_000, val_fraction=0.05)
+        argv = ["pretrain", "--config", str(Path(__file__).parents[1] / "configs" / "tiny.toml"),
+                "--set", f"data.dataset={json.dumps(str(data))}"]
+    else:
+        argv = ["sft", "--task", "arithmetic"]
+    for s in sets:
+        argv += ["--set", s]
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", *argv, "--out", str(out)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(list_checkpoints(out)) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err, err[-2000:]
+    assert last.startswith(f"nanoseek {command}: interrupted (last checkpoint: step ")
+    assert last.endswith(f"resume with: nanoseek {command} --out {out} --resume"), last

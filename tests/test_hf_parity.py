@@ -7,7 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import nanoseek  # noqa: E402
-from nanoseek.interop.hf import load_pretrained, save_pretrained  # noqa: E402
+from nanoseek.interop.hf import CheckpointError, load_pretrained, save_pretrained  # noqa: E402
 from conftest import TINY_V2_HF, TINY_V3_HF  # noqa: E402
 
 SEQ = 40  # > original_max_position_embeddings (32): YaRN's extended range is exercised
@@ -110,3 +110,31 @@ def test_dense_deepseek_llm_matches_llama(tmp_path, seed):
     back = load_pretrained(tmp_path / "from_hf")
     assert back.config.attention_type == "gqa"
     assert (_ns_logits(back, ids) - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("preset,change,field", [
+    ("tiny-v2", "bias", "e_score_correction_bias is non-zero"),
+    ("tiny-v2", dict(scoring_func="sigmoid"), "scoring_func = 'sigmoid'"),
+    ("tiny-v2", dict(norm_topk_prob=True), "norm_topk_prob = True"),
+    ("tiny-v3", dict(scoring_func="softmax"), "scoring_func = 'softmax'"),
+    ("tiny-v3", dict(topk_method="group_limited_greedy"), "topk_method = 'group_limited_greedy'"),
+    ("tiny-v3", dict(topk_method="greedy"), "topk_method = 'greedy'"),
+    ("tiny-v3", dict(ep_size=4, topk_devices=1), "topk_devices = 1"),
+])
+def test_a_model_transformers_computes_differently_is_refused(tmp_path, seed, preset, change, field):
+    """Routing that transformers' DeepseekV2/V3 do not implement: the export names it, and it is no false alarm
+    (the model written anyway loads in transformers with other logits)."""
+    cfg = nanoseek.ModelConfig.preset(preset, **({} if change == "bias" else change))
+    ns = nanoseek.DeepSeekForCausalLM(cfg).eval()
+    if change == "bias":
+        with torch.no_grad():
+            for moe in ns.moe_layers():
+                moe.gate.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts))
+    with pytest.raises(CheckpointError, match=f"cannot export .* for transformers: .*{field}"):
+        save_pretrained(ns, tmp_path / "hf")
+    save_pretrained(ns, tmp_path / "ns", nanoseek_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ns", attn_implementation="eager").eval()
+    ids = torch.randint(0, 256, (2, SEQ))
+    assert (_ns_logits(ns, ids) - _hf_logits(hf, ids)).abs().max() > 1e-3

@@ -41,7 +41,7 @@ def test_sft_rows_encode_completion_only_masks_and_pack(tok, tmp_path):
     from nanoseek.posttrain.sft import (
         encode_rows,
         pack,
-        read_jsonl,
+        read_rows,
         style_plan,
         task_sft_rows,
     )
@@ -76,7 +76,7 @@ def test_sft_rows_encode_completion_only_masks_and_pack(tok, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
     with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
-        read_jsonl(bad)
+        read_rows(bad)
     with pytest.raises(ValueError, match="row 0: expected"):
         encode_rows([{"text": "x"}], tok, 16)
 

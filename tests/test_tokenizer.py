@@ -190,6 +190,9 @@ def test_clear_errors(tmp_path):
         train_tokenizer_from_texts([], 512, progress=False)
     with pytest.raises(ValueError, match="263"):
         train_tokenizer_from_texts(["abc"], 100, progress=False)
+    for huge in (5_000_000_000, 10**20):  # the BPE trainer aborted the process (allocation) or overflowed
+        with pytest.raises(ValueError, match=r"vocab_size must be .*<= 16,777,216"):
+            train_tokenizer_from_texts(["abc"], huge, progress=False)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         train_tokenizer([tmp_path / "missing.txt"], 512, progress=False)
     (tmp_path / "empty.txt").write_text("")

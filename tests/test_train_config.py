@@ -1,12 +1,15 @@
 """Run configs (TOML + --set), the optimizer's parameter groups, the MTP loss alignment, token dropping."""
 import dataclasses
+import importlib.resources
 import math
 import typing
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
+from nanoseek.posttrain.config import PostConfig
 from nanoseek.pretrain.config import PretrainConfig
 from nanoseek.train.config import field_docs
 
@@ -27,6 +30,31 @@ def test_shipped_configs_load_validate_and_round_trip(name):
     cfg = PretrainConfig.load(ROOT / "configs" / name)
     assert PretrainConfig.from_toml_text(cfg.to_toml()) == cfg
     assert cfg.model.model_config(bos_token_id=0, eos_token_id=1).num_nextn_predict_layers == 1
+
+
+def test_shipped_configs_resolve_by_name_without_the_repository(tmp_path, monkeypatch):
+    """An installed wheel has no configs/ folder beside the user: the shipped configs are package data, found by
+    name (`--config small-v3`) or by the documented `configs/NAME.toml` from any directory."""
+    monkeypatch.chdir(tmp_path)
+    names = sorted(p.name for p in (ROOT / "configs").glob("*.toml"))
+    assert names == ["grpo-arithmetic.toml", "r1-zero.toml", "r1.toml", "small-v3.toml", "tiny.toml"]
+    shipped = importlib.resources.files("nanoseek") / "configs"
+    for name in names:
+        assert (shipped / name).read_text() == (ROOT / "configs" / name).read_text()
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "configs/*.toml" in package_data["nanoseek"]
+    reference = PretrainConfig.load(ROOT / "configs" / "small-v3.toml")
+    assert PretrainConfig.load("small-v3") == reference
+    assert PretrainConfig.load("small-v3.toml") == reference
+    assert PretrainConfig.load("configs/small-v3.toml") == reference
+    assert PostConfig.load("grpo-arithmetic") == PostConfig.load(ROOT / "configs" / "grpo-arithmetic.toml")
+    (tmp_path / "tiny.toml").write_text("[train]\nsteps = 70\n")  # a file of that name here wins
+    assert PretrainConfig.load("tiny.toml").train.steps == 70
+    with pytest.raises(FileNotFoundError, match=r"config file not found: smal-v3 \(shipped configs: "
+                                                r"grpo-arithmetic, r1, r1-zero, small-v3, tiny\)"):
+        PretrainConfig.load("smal-v3")
+    with pytest.raises(FileNotFoundError, match="config file not found: elsewhere/tiny.toml"):
+        PretrainConfig.load("elsewhere/tiny.toml")
 
 
 def test_set_parses_typed_values_and_model_overrides():
@@ -55,6 +83,15 @@ def test_set_parses_typed_values_and_model_overrides():
     (["optim.lr"], "expected section.key=value"),
     (["balance.bias_update_speed=-1"], "balance.bias_update_speed = -1.0 is invalid: must be >= 0"),
     (["model.overrides.seq_aux_alpha=-1"], "seq_aux_alpha"),
+    # a string where a number or flag belongs was a TypeError traceback, or silently kept
+    (["model.overrides.rms_norm_eps=\"x\""], "ModelConfig.rms_norm_eps = 'x' is invalid: must be a float"),
+    (["model.overrides.first_k_dense_replace=\"1\""], "ModelConfig.first_k_dense_replace = '1' is invalid: must be an int"),
+    (["model.overrides.n_routed_experts=\"8\""], "ModelConfig.n_routed_experts = '8' is invalid: must be an int or null"),
+    (["model.overrides.tie_word_embeddings=\"yes\""], "ModelConfig.tie_word_embeddings = 'yes' is invalid: must be a bool"),
+    (["model.overrides.max_position_embeddings=\"a\""], "max_position_embeddings = 'a' is invalid: must be an int"),
+    (["model.overrides.initializer_range=\"a\""], "initializer_range = 'a' is invalid: must be a float"),
+    (["model.overrides.quantization_config=\"a\""], "quantization_config = 'a' is invalid: must be an object or null"),
+    (["model.overrides.hidden_size=true"], "ModelConfig.hidden_size = True is invalid: must be an int"),
     (["train.micro_batch_size=3"], "train.micro_batch_size = 3 is invalid: must divide train.batch_size = 8"),
     (["schedule.lr_schedule=linear"], "allowed: deepseek-multistep, warmup-constant-cosine, cosine, constant"),
     (["train.steps=0"], "train.steps = 0 is invalid: must be >= 1"),

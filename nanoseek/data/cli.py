@@ -12,7 +12,9 @@ from nanoseek.data.shards import DEFAULT_SHARD_TOKENS, prepare
 from nanoseek.data.tokenizer import train_tokenizer
 
 _SUFFIXES = {"K": 10**3, "M": 10**6, "G": 10**9}
-_INPUT_HELP = "a .txt/.md/.jsonl/.parquet file, a directory of them, or 'stdlib' (Python's own sources); repeatable"
+_INPUT_HELP = ("a .txt/.md/.jsonl/.jsonl.gz/.json/.parquet file, a `datasets` save_to_disk folder, a directory of "
+               "them, or 'stdlib' (Python's own sources); repeatable")
+_TEXT_COLUMN_HELP = "the field of .jsonl/.json/.parquet/saved-dataset rows that holds the text (default text)"
 
 
 def _size(text: str) -> int:
@@ -36,7 +38,7 @@ def _fail(command: str, error: Exception) -> None:
 def _tokenizer_train(args: argparse.Namespace) -> None:
     try:
         tok = train_tokenizer(args.input, args.vocab_size, args.out, max_bytes=args.max_bytes, seed=args.seed,
-                              min_frequency=args.min_frequency)
+                              min_frequency=args.min_frequency, text_column=args.text_column)
     except (FileNotFoundError, ValueError, ImportError) as e:
         _fail("tokenizer train", e)
     print(f"tokenizer with {tok.vocab_size} tokens written to {args.out}")
@@ -45,7 +47,7 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
 def _data_prepare(args: argparse.Namespace) -> None:
     try:
         meta = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                       max_bytes=args.max_bytes, shard_tokens=args.shard_tokens)
+                       max_bytes=args.max_bytes, shard_tokens=args.shard_tokens, text_column=args.text_column)
     except (FileNotFoundError, ValueError, ImportError) as e:
         _fail("data prepare", e)
     train, val = meta["splits"]["train"], meta["splits"]["val"]
@@ -71,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="train on at most N bytes of text (e.g. 20M); default: all of it")
     train.add_argument("--seed", type=int, default=0, help="seeds which files a --max-bytes sample reads (default 0)")
     train.add_argument("--min-frequency", type=int, default=2, help="smallest pair count that may become a merge")
+    train.add_argument("--text-column", default="text", metavar="NAME", help=_TEXT_COLUMN_HELP)
     train.set_defaults(func=_tokenizer_train)
 
     data = subparsers.add_parser(
@@ -88,4 +91,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prep.add_argument("--max-bytes", type=_size, default=None, metavar="N", help="use at most N bytes of text (e.g. 20M)")
     prep.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
                       help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS})")
+    prep.add_argument("--text-column", default="text", metavar="NAME", help=_TEXT_COLUMN_HELP)
     prep.set_defaults(func=_data_prepare)

@@ -3,8 +3,9 @@
 Every Python install ships ~12 MB of real, varied English-and-code text: the standard library's .py
 sources. The source named "stdlib" offers them as documents (one per file) so the whole pipeline runs
 offline with nothing downloaded. Local sources are files or directories of .txt / .md (one document
-per file), .jsonl (one per line: a "text" field, or chat "messages" rendered with DeepSeek's chat
-format) and .parquet (same columns; needs pyarrow).
+per file) and record files (`nanoseek.data.files`: .jsonl, .jsonl.gz, .parquet, `datasets` save_to_disk
+folders; .json when named itself), one document per row: its text column ("text" unless named), or chat
+"messages" rendered with DeepSeek's chat format.
 """
 from __future__ import annotations
 
@@ -16,11 +17,18 @@ from pathlib import Path
 import numpy as np
 
 from nanoseek.data.chat import RenderedChat
-from nanoseek.utils import iter_jsonl
+from nanoseek.data.files import (
+    KINDS,
+    is_record_source,
+    is_saved_dataset,
+    iter_records,
+    record_suffix,
+)
 
 STDLIB = "stdlib"
 TEXT_SUFFIXES = (".txt", ".md")
-SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
+# What a directory is searched for: a .json there is as likely a config file as data, so only named ones are read.
+SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".jsonl.gz", ".parquet")
 # Tests are huge, repetitive and full of deliberately odd encodings; site-packages is not the stdlib.
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
@@ -53,13 +61,17 @@ def resolve_files(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> l
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"input not found: {path} (give a file, a directory or '{STDLIB}')")
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES and p.stat().st_size > 0)
+        if is_saved_dataset(path):
+            files.append(path)
+        elif path.is_dir():
+            found = _search(path)
             if not found:
-                raise ValueError(f"input directory {path} is empty: no non-empty {'/'.join(SUFFIXES)} files in it")
+                raise ValueError(f"input directory {path} is empty: no non-empty {'/'.join(SUFFIXES)} files or "
+                                 "saved datasets in it")
             files += found
-        elif path.suffix not in SUFFIXES:
-            raise ValueError(f"input {path} has unsupported type {path.suffix!r}; supported: {', '.join(SUFFIXES)}")
+        elif not (path.suffix in TEXT_SUFFIXES or is_record_source(path)):
+            raise ValueError(f"input {path} has unsupported type {path.suffix!r}; supported: "
+                             f"{', '.join(TEXT_SUFFIXES)}, {KINDS}")
         elif path.stat().st_size == 0:
             raise ValueError(f"input file {path} is empty")
         else:
@@ -67,40 +79,40 @@ def resolve_files(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> l
     return files
 
 
-def _record_text(record, where: str) -> str:
-    if isinstance(record, dict) and isinstance(record.get("text"), str):
-        return record["text"]
+def _search(directory: Path) -> list[Path]:
+    """The non-empty corpus files below `directory`, a saved dataset folder counting as one."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        if is_saved_dataset(dirpath):
+            found.append(Path(dirpath))
+            dirnames.clear()
+            continue
+        dirnames.sort()
+        for f in filenames:
+            p = Path(dirpath) / f
+            if (p.suffix in TEXT_SUFFIXES or record_suffix(p) in SUFFIXES) and p.stat().st_size > 0:
+                found.append(p)
+    return sorted(found)
+
+
+def _record_text(record, where: str, text_column: str = "text") -> str:
+    if isinstance(record, dict) and isinstance(record.get(text_column), str):
+        return record[text_column]
     if isinstance(record, dict) and record.get("messages") is not None:
         try:
             return RenderedChat(record["messages"])
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-    raise ValueError(f"{where}: expected a 'text' string or a 'messages' list, got {str(record)[:80]!r}")
+    raise ValueError(f"{where}: expected a {text_column!r} string or a 'messages' list, got {str(record)[:80]!r}")
 
 
-def _parquet_records(path: Path) -> Iterator[dict]:
-    try:  # an optional dependency, needed only for parquet inputs
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError(f"reading {path} needs pyarrow, which is not installed (pip install pyarrow)") from None
-    pf = pq.ParquetFile(path)
-    columns = [c for c in ("text", "messages") if c in pf.schema_arrow.names]
-    if not columns:
-        raise ValueError(f"{path}: needs a 'text' or 'messages' column, has {pf.schema_arrow.names}")
-    for batch in pf.iter_batches(columns=columns[:1]):
-        yield from batch.to_pylist()
-
-
-def read_documents(path: str | os.PathLike) -> Iterator[str]:
-    """The non-empty documents of one file."""
+def read_documents(path: str | os.PathLike, text_column: str = "text") -> Iterator[str]:
+    """The non-empty documents of one file (or saved dataset): a record source's `text_column` (or its chat
+    'messages'), a text file whole."""
     path = Path(path)
-    if path.suffix == ".jsonl":
-        for lineno, record in iter_jsonl(path):
-            if text := _record_text(record, f"{path}:{lineno}"):
-                yield text
-    elif path.suffix == ".parquet":
-        for i, record in enumerate(_parquet_records(path)):
-            if text := _record_text(record, f"{path} row {i}"):
+    if is_record_source(path):
+        for where, record in iter_records(path, columns=[text_column, "messages"]):
+            if text := _record_text(record, where, text_column):
                 yield text
     else:
         # errors="replace": one stray byte in a large text file should not stop a pipeline.
@@ -113,10 +125,12 @@ def iter_documents(
     *,
     max_bytes: int | None = None,
     seed: int | None = None,
+    text_column: str = "text",
 ) -> Iterator[str]:
     """Documents (str) from `sources`, in sorted file order, or in a seeded shuffle of the files when
     `seed` is given (so a `max_bytes` cap samples the whole corpus, not its alphabetical head).
     `max_bytes` caps the total UTF-8 size; the last document is cut at a character boundary.
+    `text_column` names the field of record files that holds a document's text.
     Paths are checked now, so a bad one fails at the call, not at the first document."""
     if max_bytes is not None and max_bytes <= 0:
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
@@ -124,14 +138,14 @@ def iter_documents(
     if seed is not None:
         files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
     explicit = {Path(s) for s in _as_list(sources) if os.fspath(s) != STDLIB}
-    return _documents(files, explicit, max_bytes)
+    return _documents(files, explicit, max_bytes, text_column)
 
 
-def _documents(files: list[Path], explicit: set[Path], max_bytes: int | None) -> Iterator[str]:
+def _documents(files: list[Path], explicit: set[Path], max_bytes: int | None, text_column: str) -> Iterator[str]:
     remaining = max_bytes
     for path in files:
         n_docs = 0
-        for doc in read_documents(path):
+        for doc in read_documents(path, text_column):
             n_docs += 1
             if remaining is not None:
                 data = doc.encode("utf-8")

@@ -23,10 +23,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from nanoseek.data.corpus import iter_documents
 from nanoseek.data.tokenizer import Tokenizer, load_tokenizer
+from nanoseek.utils import progress_bar
 
 FORMAT = "nanoseek-tokens"
 VERSION = 1
@@ -110,6 +110,7 @@ def prepare(
     max_bytes: int | None = None,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     progress: bool = True,
+    text_column: str = "text",
 ) -> dict:
     """Tokenize `sources` (see `nanoseek.data.corpus.iter_documents`) into a dataset at `out_dir`
     and return its metadata. `round(val_fraction * docs)` documents (at least one when the fraction
@@ -127,7 +128,7 @@ def prepare(
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
 
     # A first pass counts the documents so the held-out set has an exact, seed-determined size.
-    n_docs = sum(1 for _ in iter_documents(sources, max_bytes=max_bytes, seed=seed))
+    n_docs = sum(1 for _ in iter_documents(sources, max_bytes=max_bytes, seed=seed, text_column=text_column))
     if n_docs == 0:
         raise ValueError(f"input {', '.join(map(str, sources))} is empty: it holds no documents")
     n_val = 0 if val_fraction == 0 else max(1, round(val_fraction * n_docs))
@@ -145,9 +146,9 @@ def prepare(
     try:
         dtype = token_dtype(tok.vocab_size)
         writers = {split: _SplitWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
-        documents = iter_documents(sources, max_bytes=max_bytes, seed=seed)
+        documents = iter_documents(sources, max_bytes=max_bytes, seed=seed, text_column=text_column)
         index = 0
-        with tqdm(total=n_docs, unit="doc", desc="tokenizing", disable=not progress) as bar:
+        with progress_bar(progress, total=n_docs, unit="doc", desc="tokenizing") as bar:
             while batch := [doc for _, doc in zip(range(_ENCODE_BATCH_DOCS), documents)]:
                 for doc, ids in zip(batch, tok.encode_batch(batch)):
                     if not ids or ids[-1] != tok.eos_id:

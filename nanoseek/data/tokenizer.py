@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -27,10 +28,16 @@ from nanoseek.data.corpus import iter_documents
 from nanoseek.utils import atomic_path
 
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tokens
+<<<<<<< HEAD
 # Added tokens that are not "special", as in DeepSeek-R1's tokenizer: decode(skip_special_tokens=True),
 # which evaluation harnesses and serving stacks call, keeps the reasoning tags.
 PLAIN_ADDED_TOKENS = (THINK, END_THINK)
 PROMPT_FORMAT_KEY = "nanoseek_prompt_format"
+=======
+# The BPE trainer allocates ~57 bytes per requested token before reading any text (5e9 asked for 283 GB and
+# aborted the process); 2^24 is 130x DeepSeek-V3's 129,280 and costs under 1 GB.
+MAX_VOCAB_SIZE = 1 << 24
+>>>>>>> wt-harden
 
 
 def _token_content(value) -> str | None:
@@ -232,10 +239,10 @@ def train_tokenizer_from_texts(
 ) -> Tokenizer:
     """Train a byte-level BPE of `vocab_size` tokens (special tokens included) on an iterable of
     documents; save it to `out_dir` when given. A corpus too small for that many merges yields fewer."""
-    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+    if not isinstance(vocab_size, int) or not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
         raise ValueError(
-            f"vocab_size must be an integer >= {MIN_VOCAB_SIZE} (256 byte tokens + {len(SPECIAL_TOKENS)} special), "
-            f"got {vocab_size!r}"
+            f"vocab_size must be an integer >= {MIN_VOCAB_SIZE} (256 byte tokens + {len(SPECIAL_TOKENS)} special) "
+            f"and <= {MAX_VOCAB_SIZE:,}, got {vocab_size!r}"
         )
     texts = iter(texts)
     first = next(texts, None)
@@ -258,7 +265,7 @@ def train_tokenizer_from_texts(
         special_tokens=list(SPECIAL_TOKENS),
         # Every byte gets a token up front, so any text encodes and decodes back exactly.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=progress,
+        show_progress=progress and sys.stderr.isatty(),  # its bar has no plain-log form
     )
     backend.train_from_iterator(_without_special_tokens(all_texts()), trainer)
     # What transformers adds with add_special_tokens=True (its default): BOS in front, as the models were
@@ -283,9 +290,10 @@ def train_tokenizer(
     seed: int | None = 0,
     min_frequency: int = 2,
     progress: bool = True,
+    text_column: str = "text",
 ) -> Tokenizer:
-    """Train on local files/directories (.txt, .md, .jsonl, .parquet) and/or the built-in "stdlib"
-    corpus. `max_bytes` caps the text used; `seed` picks which files a capped run reads (see
-    `nanoseek.data.corpus.iter_documents`)."""
-    documents = iter_documents(sources, max_bytes=max_bytes, seed=seed)
+    """Train on local files/directories (text and record files, see `nanoseek.data.corpus`) and/or the built-in
+    "stdlib" corpus. `max_bytes` caps the text used; `seed` picks which files a capped run reads; `text_column`
+    names the records' text field (see `nanoseek.data.corpus.iter_documents`)."""
+    documents = iter_documents(sources, max_bytes=max_bytes, seed=seed, text_column=text_column)
     return train_tokenizer_from_texts(documents, vocab_size, out_dir, min_frequency=min_frequency, progress=progress)

@@ -11,19 +11,22 @@ from nanoseek.infer.generate import sample_completions
 
 
 def completions(model, tok, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
-                top_p: float = 1.0, seed: int | None = None, batch_size: int = 64) -> list[tuple[str, int]]:
+                top_p: float = 1.0, seed: int | None = None, batch_size: int = 64,
+                progress: str | None = None) -> list[tuple[str, int]]:
     """(text, token count) per prompt; the prompt is encoded with BOS, generation stops at EOS (the count
     includes it, the text does not)."""
-    return [(s.text, len(s.tokens))
-            for s in sample_completions(model, tok, prompts, max_new_tokens, temperature, top_p, seed, batch_size)]
+    return [(s.text, len(s.tokens)) for s in sample_completions(model, tok, prompts, max_new_tokens, temperature,
+                                                                top_p, seed, batch_size, progress)]
 
 
 def evaluate_task(model, tok, task, examples, k: int = 0, temperature: float = 0.6, top_p: float = 0.95,
-                  max_new_tokens: int = 64, seed: int = 0, batch_size: int = 64) -> dict:
-    """Metrics over `examples`; `k` > 0 adds the sampled metrics (pass@1 mean, pass@k, cons@k)."""
+                  max_new_tokens: int = 64, seed: int = 0, batch_size: int = 64, progress: bool = False) -> dict:
+    """Metrics over `examples`; `k` > 0 adds the sampled metrics (pass@1 mean, pass@k, cons@k). `progress`
+    shows the generation's progress ("eval", then "eval k samples")."""
     if not examples:
         raise ValueError("evaluate_task needs at least one example")
-    greedy = completions(model, tok, [e.prompt for e in examples], max_new_tokens, batch_size=batch_size)
+    greedy = completions(model, tok, [e.prompt for e in examples], max_new_tokens, batch_size=batch_size,
+                         progress="eval" if progress else None)
     scores = [task.score(e, text) for e, (text, _) in zip(examples, greedy)]
     result = {
         "n": len(examples),
@@ -36,7 +39,8 @@ def evaluate_task(model, tok, task, examples, k: int = 0, temperature: float = 0
         result["language_consistency"] = mean(s["language"] for s in scores)
     if k:
         prompts = [e.prompt for e in examples for _ in range(k)]
-        sampled = completions(model, tok, prompts, max_new_tokens, temperature, top_p, seed, batch_size)
+        sampled = completions(model, tok, prompts, max_new_tokens, temperature, top_p, seed, batch_size,
+                              progress=f"eval {k} samples" if progress else None)
         p1, pk, ck = [], [], []
         for j, e in enumerate(examples):
             texts = [t for t, _ in sampled[j * k:(j + 1) * k]]

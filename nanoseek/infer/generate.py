@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.utils import progress_bar
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, temperature: float = 0.0,
@@ -48,16 +49,19 @@ class Sample:
 
 def sample_completions(model, tok, prompts: Sequence[str] | Sequence[list[int]], max_new_tokens: int,
                        temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                       batch_size: int = 256) -> list[Sample]:
+                       batch_size: int = 256, progress: str | None = None) -> list[Sample]:
     """One completion per prompt, in batches of `batch_size` (batch i seeded with seed + i).
 
-    Prompts are texts (encoded with BOS) or token ids; generation stops at EOS."""
+    Prompts are texts (encoded with BOS) or token ids; generation stops at EOS. `progress` names a progress bar
+    over the prompts (None: none)."""
     out: list[Sample] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = [tok.encode(p, add_bos=True) if isinstance(p, str) else list(p) for p in prompts[i:i + batch_size]]
-        new = generate(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       seed=None if seed is None else seed + i, stop_tokens=[tok.eos_id], pad_id=tok.pad_id)
-        for ids in new:
-            stopped = bool(ids) and ids[-1] == tok.eos_id
-            out.append(Sample(list(ids), tok.decode(ids[:-1] if stopped else ids), stopped))
+    with progress_bar(progress is not None, total=len(prompts), desc=progress, unit="sample") as bar:
+        for i in range(0, len(prompts), batch_size):
+            chunk = [tok.encode(p, add_bos=True) if isinstance(p, str) else list(p) for p in prompts[i:i + batch_size]]
+            new = generate(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           seed=None if seed is None else seed + i, stop_tokens=[tok.eos_id], pad_id=tok.pad_id)
+            for ids in new:
+                stopped = bool(ids) and ids[-1] == tok.eos_id
+                out.append(Sample(list(ids), tok.decode(ids[:-1] if stopped else ids), stopped))
+            bar.update(len(chunk))
     return out

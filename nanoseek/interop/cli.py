@@ -17,8 +17,9 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", max_shard_size: str = "
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError("convert writes a new directory: --out must differ from the source")
     fp8 = dtype == "fp8"
-    model = load_pretrained(src, dtype=torch.float32 if fp8 else DTYPES[dtype])
-    save_pretrained(model, dst, max_shard_size=max_shard_size, dtype=torch.bfloat16 if fp8 else None, fp8=fp8)
+    model = load_pretrained(src, dtype=torch.float32 if fp8 else DTYPES[dtype], progress="convert: reading")
+    save_pretrained(model, dst, max_shard_size=max_shard_size, dtype=torch.bfloat16 if fp8 else None, fp8=fp8,
+                    progress="convert: writing")
     for name in TOKENIZER_FILES:  # a model directory carries its tokenizer
         if os.path.exists(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))

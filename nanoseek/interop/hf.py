@@ -32,7 +32,7 @@ from nanoseek.model.rope import rope_inv_freq
 from nanoseek.model.transformer import DeepSeekForCausalLM
 from nanoseek.quant.fp8 import dequantize_weight_blockwise, quantize_weight_blockwise
 from nanoseek.quant.fp8_weights import holds_fp8, store_fp8
-from nanoseek.utils import atomic_path, atomic_write_text
+from nanoseek.utils import atomic_path, atomic_write_text, progress_bar
 
 INDEX = "model.safetensors.index.json"
 FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
@@ -222,6 +222,8 @@ class _Checkpoint:
             target = None if key.endswith(".weight" + _SCALE) else _from_hf_key(key, cfg.num_hidden_layers)
             if target is None or (cfg.tie_word_embeddings and target[0] == "lm_head.weight"):
                 continue
+            if not t.dtype.is_floating_point:  # a copy into the model's float tensors would make up other values
+                raise CheckpointError(f"{t.file}: {key} is {t.dtype}, not floating point: not a model weight")
             targets[key] = name, e = target
             if e is None:
                 shapes[name] = t.shape
@@ -251,7 +253,7 @@ class _Checkpoint:
         return out
 
     def read_into(self, targets: dict[str, tuple[str, int | None]], dst: dict[str, torch.Tensor],
-                  kept_scales: dict[str, torch.Tensor]) -> None:
+                  kept_scales: dict[str, torch.Tensor], done: Callable[[], object] = lambda: None) -> None:
         """Read each tensor of `targets` into its place in `dst` (its parameter, or its expert's slice of the
         stacked one), one file at a time: an FP8 weight dequantized into dst's dtype or, for the parameters in
         `kept_scales`, copied as it is, with its scales into kept_scales."""
@@ -272,6 +274,7 @@ class _Checkpoint:
                         (kept_scales[name] if e is None else kept_scales[name][e]).copy_(scales[key])
                     else:
                         out.copy_(dequantize_weight_blockwise(_read(f, self.tensors[key]), scales[key], dtype=out.dtype))
+                    done()
 
 
 def _expected(model) -> dict[str, torch.Tensor]:
@@ -306,13 +309,14 @@ def _short(keys: list[str], n: int = 6) -> str:
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
-                    device: str | torch.device = "cpu", keep_fp8: bool = False):
+                    device: str | torch.device = "cpu", keep_fp8: bool = False, progress: str | None = None):
     """A DeepSeekForCausalLM in eval mode from a checkpoint directory (config.json + safetensors), its floating-point
     tensors in `dtype` (None: the checkpoint's). Streamed: see the module docstring.
 
     An FP8 checkpoint's weights are dequantized (the fp32 product, then `dtype`), unless `keep_fp8`: then they
     stay E4M3 with their block scales and are dequantized whenever their layer runs (quant.fp8_weights), to the
-    same values; the model computes in `dtype`. keep_fp8 needs an FP8 checkpoint."""
+    same values; the model computes in `dtype`. keep_fp8 needs an FP8 checkpoint. `progress` names a progress
+    bar over the tensors read (None: none)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -346,7 +350,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = torch.f
         else:
             own = expected[name].dtype
             dst[name] = torch.empty(shape, dtype=dtype if own.is_floating_point else own, device=device)
-    ckpt.read_into(targets, dst, scales)
+    with progress_bar(progress is not None, total=len(targets), desc=progress, unit="tensor") as bar:
+        ckpt.read_into(targets, dst, scales, bar.update)
     dst.update({name: torch.zeros(expected[name].shape, dtype=dtype, device=device) for name in zeros})
     model.load_state_dict({k: t for k, t in dst.items() if k not in kept}, strict=False, assign=True)
     for name in kept:
@@ -409,12 +414,14 @@ def shard_layout(sizes: dict[str, int], max_shard_size: int | str = "5GB") -> di
 
 
 def write_checkpoint(path: str | os.PathLike, layout: dict[str, list[str]],
-                     tensors: Callable[[list[str]], dict[str, torch.Tensor]], config: ModelConfig) -> None:
+                     tensors: Callable[[list[str]], dict[str, torch.Tensor]], config: ModelConfig,
+                     progress: str | None = None) -> None:
     """Write a checkpoint directory: each file of `layout` (atomically) with the tensors `tensors(keys)` gives for
     its keys — one file's worth in memory at a time —, the index when there are several files, and config.json.
     Shards of an earlier checkpoint in `path` are removed."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
+<<<<<<< HEAD
     weight_map, total, dtype = {}, 0, None
     for name, keys in layout.items():
         shard = {k: t.contiguous() for k, t in tensors(keys).items()}
@@ -425,6 +432,18 @@ def write_checkpoint(path: str | os.PathLike, layout: dict[str, list[str]],
         total += sum(t.numel() * t.element_size() for t in shard.values())
         weight_map.update(dict.fromkeys(shard, name))
         del shard
+=======
+    weight_map, total = {}, 0
+    with progress_bar(progress is not None, total=sum(map(len, layout.values())), desc=progress, unit="tensor") as bar:
+        for name, keys in layout.items():
+            shard = {k: t.contiguous() for k, t in tensors(keys).items()}
+            with atomic_path(os.path.join(path, name)) as tmp:
+                save_file(shard, tmp, metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+            weight_map.update(dict.fromkeys(shard, name))
+            bar.update(len(keys))
+            del shard
+>>>>>>> wt-harden
     stale = [f for f in os.listdir(path) if f.endswith(".safetensors") and f not in layout]
     if len(layout) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -438,19 +457,57 @@ def write_checkpoint(path: str | os.PathLike, layout: dict[str, list[str]],
     atomic_write_text(os.path.join(path, "generation_config.json"), json.dumps(generation, indent=2) + "\n")
 
 
+def transformers_mismatch(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why transformers would load these checkpoint tensors as a different model, or None: routing its
+    DeepseekV2/V3 routers do not implement. V2's is softmax, greedy or group-limited by the best expert, never
+    renormalized, and has no bias; V3's is sigmoid with the bias, group-limited by the top-2 sum whenever
+    n_group > 1; neither limits devices (`topk_devices`)."""
+    if config.model_type not in ("deepseek_v2", "deepseek_v3") or not config.is_moe:
+        return None
+    c, v2 = config, config.model_type == "deepseek_v2"
+    name = "DeepseekV2" if v2 else "DeepseekV3"
+    scoring = "softmax" if v2 else "sigmoid"
+    if c.scoring_func != scoring:
+        return f"scoring_func = {c.scoring_func!r}, but transformers' {name} router always uses {scoring}"
+    if v2 and c.topk_method not in ("greedy", "group_limited_greedy"):
+        return f"topk_method = {c.topk_method!r}, which transformers' DeepseekV2 router does not implement"
+    if v2 and c.norm_topk_prob and c.num_experts_per_tok > 1:
+        return "norm_topk_prob = True, but transformers' DeepseekV2 router never renormalizes the top-k weights"
+    if not v2 and (c.n_group or 1) > 1 and c.topk_method != "noaux_tc":
+        return (f"topk_method = {c.topk_method!r} with n_group = {c.n_group}, but transformers' DeepseekV3 router "
+                "always limits groups by their top-2 sum (noaux_tc)")
+    if c.topk_devices is not None:
+        return f"topk_devices = {c.topk_devices} (device-limited routing), which transformers does not implement"
+    biased = v2 and next((k for k, t in tensors.items() if k.endswith("e_score_correction_bias") and t.any()), None)
+    if biased:
+        return (f"{biased} is non-zero (aux-loss-free balancing), but transformers' DeepseekV2 router has no bias; "
+                "train the deepseek_v2 layout with balance.bias_update_speed=0, or use the deepseek_v3 layout (its "
+                "router keeps the bias)")
+    return None
+
+
 def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                     dtype: torch.dtype | None = None, fp8: bool = False,
-                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
+                    state_dict: dict[str, torch.Tensor] | None = None, nanoseek_only: bool = False,
+                    progress: str | None = None) -> None:
     """Write config.json and safetensors shards (with an index when sharded); each file atomically.
     `state_dict` replaces the model's own (a sharded model's, gathered).
 
-    `fp8` writes DeepSeek-V3's block-scaled FP8 layout (weight + weight_scale_inv, 128x128 blocks)."""
+    `fp8` writes DeepSeek-V3's block-scaled FP8 layout (weight + weight_scale_inv, 128x128 blocks).
+    A model that transformers would compute differently (`transformers_mismatch`) is refused with
+    CheckpointError unless `nanoseek_only`: then it is written whole, and nanoseek loads it exactly. `progress`
+    names a progress bar over the tensors written."""
+    hf_state = to_hf_state_dict(model, state_dict)
+    mismatch = transformers_mismatch(model.config, hf_state)
+    if mismatch and not nanoseek_only:
+        raise CheckpointError(f"cannot export {path} for transformers: {mismatch}, so it would load there as a "
+                              "different model (nanoseek itself loads a run's model/ as it is)")
     tensors = {}
-    for k, t in to_hf_state_dict(model, state_dict).items():
+    for k, t in hf_state.items():
         t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         if fp8 and is_fp8_eligible(k, t):
             t, tensors[k + _SCALE] = quantize_weight_blockwise(t)
         tensors[k] = t
     layout = shard_layout({k: t.numel() * t.element_size() for k, t in tensors.items()}, max_shard_size)
     cfg = model.config.replace(quantization_config=FP8_QUANTIZATION_CONFIG) if fp8 else model.config
-    write_checkpoint(path, layout, lambda keys: {k: tensors[k] for k in keys}, cfg)
+    write_checkpoint(path, layout, lambda keys: {k: tensors[k] for k in keys}, cfg, progress)

@@ -26,6 +26,7 @@ from nanoseek.posttrain.dpo import dpo
 from nanoseek.posttrain.grpo import grpo
 from nanoseek.posttrain.rejection import rejection_sample_run
 from nanoseek.posttrain.sft import sft
+from nanoseek.train.checkpoint import resume_hint
 
 TRAINERS = {"sft": sft, "dpo": dpo, "grpo": grpo, "distill": distill}
 COMMANDS = {
@@ -87,6 +88,7 @@ def _run(args: argparse.Namespace) -> None:
         print(f"rejection-sample: kept {stats['kept']} of {stats['samples']} samples ({stats['prompts']} prompts, "
               f"sample accuracy {stats['sample_accuracy']:.3f}); rejected {stats['rejected']}; data in {stats['data']}")
         return
+    args.interrupted = lambda: resume_hint(command, out, args.argv)
     summary = TRAINERS[command](cfg, out, resume=args.resume)
     parts = [f"{summary['steps']} steps in {summary['train_time']:.1f}s"]
     if summary.get("loss") is not None:
@@ -121,7 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--model", metavar="DIR", help="starting model directory (model.init_from)")
         p.add_argument("--task", help="verifiable task: arithmetic, countdown, bilingual, file (task.name; a file: --set task.options.path=F)")
         if command in ("sft", "dpo", "distill"):
-            p.add_argument("--data", metavar="FILE", help="training data jsonl (data.train)")
+            p.add_argument("--data", metavar="FILE", help="training data: .jsonl(.gz), .json, .parquet or a saved dataset (data.train)")
         if command != "rejection-sample":
             p.add_argument("--resume", action="store_true",
                            help="continue from DIR's last checkpoint (without --config, DIR/config.toml is used)")

@@ -31,6 +31,8 @@ from nanoseek.train.config import (
     TrainSection,
 )
 
+DATA_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected")  # what SFT and DPO rows hold
+
 
 @dataclass
 class TaskSection:
@@ -54,8 +56,10 @@ class PostDataSection:
     """Supervised data."""
 
     train: str = ""
-    """jsonl file: {"messages": [...]} or {"prompt", "completion"} rows (SFT), {"prompt", "chosen", "rejected"}
-    (DPO); "" = generated from the task."""
+    """Data file (.jsonl, .jsonl.gz, .json, .parquet or a `datasets` save_to_disk folder): {"messages": [...]} or
+    {"prompt", "completion"} rows (SFT), {"prompt", "chosen", "rejected"} (DPO); "" = generated from the task."""
+    fields: dict = field(default_factory=dict)
+    """data.train's column for each field it is read for, e.g. {prompt = "question", completion = "answer"}."""
     styles: dict = field(default_factory=lambda: {"think": 1.0})
     """Generated SFT data: task style -> share, e.g. {think = 0.3, buggy = 0.7} for a bimodal base."""
     tag_bare: bool = False
@@ -253,6 +257,10 @@ class PostConfig(RunConfig):
             self.fail("distill.temperature", "must be > 0")
         if self.task.name and self.task.name not in TASKS:
             self.fail("task.name", f"allowed: {', '.join(sorted(TASKS))} or \"\" (no task)")
+        for name, column in self.data.fields.items():
+            if name not in DATA_FIELDS or not isinstance(column, str):
+                raise ValueError(f"data.fields.{name} is invalid: allowed: {', '.join(DATA_FIELDS)}, each naming a "
+                                 "column")
         for style, share in self.data.styles.items():
             if not (isinstance(share, (int, float)) and share >= 0):
                 raise ValueError(f"data.styles.{style} = {share!r} is invalid: must be a share >= 0")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.data.files import read_rows
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.rejection import rejection_sample_ranks
 from nanoseek.posttrain.sft import EpochSampler, SFTTrainer
@@ -54,7 +55,7 @@ class DistillTrainer(SFTTrainer):
         traces_file = self.out / "traces.jsonl"
         self.trace_stats = None
         if d.traces:
-            rows = read_jsonl(d.traces)
+            rows = read_rows(d.traces)
         elif self._resume_from is not None and traces_file.is_file():
             rows = read_jsonl(traces_file)
         else:

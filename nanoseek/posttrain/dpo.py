@@ -27,6 +27,7 @@ import random
 import torch
 from safetensors.torch import load_file, save_file
 
+from nanoseek.data.files import read_rows
 from nanoseek.infer.generate import sample_completions
 from nanoseek.parallel.mesh import gather_objects
 from nanoseek.posttrain.config import PostConfig
@@ -84,7 +85,7 @@ class DPOTrainer(PostTrainer):
         self.model, self.tok = build_policy(cfg)
         pairs_file = self.out / "pairs.jsonl"
         if cfg.data.train:
-            pairs = read_jsonl(cfg.data.train)
+            pairs = read_rows(cfg.data.train, cfg.data.fields, "data.fields")
             for i, p in enumerate(pairs):
                 if not all(isinstance(p.get(k), str) for k in ("prompt", "chosen", "rejected")):
                     raise ValueError(f"{cfg.data.train} row {i}: a DPO pair needs string prompt, chosen and rejected")

@@ -44,11 +44,12 @@ REASONS = ("incorrect", "truncated", "format", "language", "duplicate", "over_li
 
 def rejection_sample(model, tok, task, examples, samples: int = 4, temperature: float = 0.7, top_p: float = 0.95,
                      max_new_tokens: int = 64, require_format: bool = True, require_language: bool = True,
-                     max_per_prompt: int = 1, seed: int = 0, batch_size: int = 256) -> tuple[list[dict], dict]:
+                     max_per_prompt: int = 1, seed: int = 0, batch_size: int = 256,
+                     progress: bool = False) -> tuple[list[dict], dict]:
     """(kept rows, statistics): rows are {"prompt", "completion", "answer"}; stats count every rejection reason."""
     prompts = [e.prompt for e in examples for _ in range(samples)]
     out = sample_completions(model, tok, prompts, max_new_tokens, temperature, top_p, seed=seed,
-                             batch_size=batch_size)
+                             batch_size=batch_size, progress="rejection-sample" if progress else None)
     rows, rejected = [], dict.fromkeys(REASONS, 0)
     solved = 0
     correct_samples = 0
@@ -122,7 +123,7 @@ def rejection_sample_run(cfg: PostConfig, out_dir: str | os.PathLike) -> dict:
         examples = task.examples(r.prompts, seed=r.seed, split="train")
         rows, stats = rejection_sample_ranks(model, tok, task, examples, r.samples, r.temperature, r.top_p,
                                              r.max_new_tokens, r.require_format, r.require_language, r.max_per_prompt,
-                                             seed=cfg.train.seed)
+                                             seed=cfg.train.seed, progress=cfg.log.progress and rank() == 0)
     stats["data"] = os.fspath(out / "data.jsonl")
     if rank() == 0:  # (every rank holds the gathered rows; one writes them)
         write_jsonl(out / "data.jsonl", rows)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.data.chat import render_chat
+from nanoseek.data.files import read_rows
 from nanoseek.posttrain.config import PostConfig
 from nanoseek.posttrain.policy_losses import token_logprobs
 from nanoseek.posttrain.trainer import (
@@ -47,7 +48,6 @@ from nanoseek.posttrain.trainer import (
 )
 from nanoseek.tasks.rewards import ANSWER_CLOSE, ANSWER_OPEN, TAGS
 from nanoseek.train.loop import autocast, micro_slices
-from nanoseek.utils import read_jsonl
 
 
 # ---------------------------------------------------------------------- data
@@ -120,7 +120,7 @@ def pack(examples: Sequence[tuple[list[int], list[int]]], seq_len: int) -> list[
 def load_sft_data(cfg: PostConfig, task) -> list[dict]:
     """The configured rows: data.train, or generated from the task."""
     if cfg.data.train:
-        return read_jsonl(cfg.data.train)
+        return read_rows(cfg.data.train, cfg.data.fields, "data.fields")
     if task is None:
         raise ValueError("no SFT data: set data.train (a jsonl file) or task.name (generated data)")
     return task_sft_rows(task, cfg.task.train_size, cfg.task.train_seed, cfg.data.styles, cfg.data.tag_bare)

@@ -179,13 +179,15 @@ def eval_examples(cfg: PostConfig, task):
     return task.examples(cfg.eval.examples, seed=cfg.eval.seed, split="test")
 
 
-def evaluate(model, tok, task, examples, cfg: PostConfig, rank: int = 0, world: int = 1) -> dict:
+def evaluate(model, tok, task, examples, cfg: PostConfig, rank: int = 0, world: int = 1,
+             progress: bool = False) -> dict:
     """`nanoseek.eval.tasks.evaluate_task` with the [eval] settings; keys prefixed "eval_". With `world` > 1
     every rank calls it with the same examples and evaluates its share with its (unsharded) model."""
     e = cfg.eval
     mine = shard(examples, rank, world)
     result = evaluate_task(model, tok, task, mine, k=e.k, temperature=e.temperature, top_p=e.top_p,
-                           max_new_tokens=e.max_new_tokens, seed=rank_seed(e.seed, rank)) if mine else {}
+                           max_new_tokens=e.max_new_tokens, seed=rank_seed(e.seed, rank),
+                           progress=progress and rank == 0) if mine else {}
     if world > 1:
         result = merge_means(gather_objects(result))
     return {f"eval_{k}": v for k, v in result.items()}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from nanoseek.pretrain.config import PretrainConfig
 from nanoseek.pretrain.trainer import TrainingError, pretrain
+from nanoseek.train.checkpoint import resume_hint
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -32,6 +33,7 @@ def _pretrain(args: argparse.Namespace) -> None:
         print(cfg.to_toml(), end="")
         return
 
+    args.interrupted = lambda: resume_hint("pretrain", out, args.argv)
     try:
         summary = pretrain(cfg, out, resume=args.resume)
     except TrainingError as e:

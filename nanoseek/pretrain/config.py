@@ -40,6 +40,8 @@ class DataSection:
     """Prepared dataset directory (`nanoseek data prepare`); "" = build one from `sources`."""
     sources: list[str] = field(default_factory=lambda: ["stdlib"])
     """Text used to build the dataset when `dataset` is "": files, directories or "stdlib"."""
+    text_column: str = "text"
+    """The field of record-file rows (.jsonl, .json, .parquet, saved datasets) that holds a document's text."""
     max_bytes: int = 0
     """Cap on the text read when building the tokenizer and dataset (0 = all of it)."""
     val_fraction: float = 0.01

@@ -26,11 +26,14 @@ def _slug(sources: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "+".join(names))[:40]
 
 
-def dataset_key(sources: list[str], tokenizer: str, vocab_size: int, max_bytes: int, val_fraction: float) -> str:
+def dataset_key(sources: list[str], tokenizer: str, vocab_size: int, max_bytes: int, val_fraction: float,
+                text_column: str = "text") -> str:
     """A directory name determined by everything that shapes the built dataset."""
     ident = {"sources": [s if s == "stdlib" else os.path.abspath(s) for s in sources],
              "tokenizer": os.path.abspath(tokenizer) if tokenizer else None, "vocab_size": vocab_size,
              "max_bytes": max_bytes or None, "val_fraction": val_fraction, "seed": DATA_SEED}
+    if text_column != "text":  # (so the datasets built before this field keep their names)
+        ident["text_column"] = text_column
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
     return f"{_slug(sources)}-v{vocab_size}-{digest}"
 
@@ -53,7 +56,8 @@ def resolve_dataset(data_cfg, tokenizer_dir: str, run_dir: str | os.PathLike, vo
     resolve_files(data_cfg.sources)  # missing paths and empty files fail here, before any work
     if tokenizer_dir and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"model.tokenizer = {tokenizer_dir!r}: no tokenizer.json there")
-    key = dataset_key(data_cfg.sources, tokenizer_dir, vocab_size, data_cfg.max_bytes, data_cfg.val_fraction)
+    key = dataset_key(data_cfg.sources, tokenizer_dir, vocab_size, data_cfg.max_bytes, data_cfg.val_fraction,
+                      data_cfg.text_column)
     root = Path(data_cfg.cache_dir) if data_cfg.cache_dir else Path(run_dir) / "data"
     path = root / key
     if (path / "metadata.json").is_file():
@@ -68,7 +72,7 @@ def resolve_dataset(data_cfg, tokenizer_dir: str, run_dir: str | os.PathLike, vo
             tokenizer = load_tokenizer(tok_dir)
         else:
             tokenizer = train_tokenizer(data_cfg.sources, vocab_size, tok_dir, max_bytes=max_bytes, seed=DATA_SEED,
-                                        progress=progress)
+                                        progress=progress, text_column=data_cfg.text_column)
     prepare(data_cfg.sources, tokenizer, path, val_fraction=data_cfg.val_fraction, seed=DATA_SEED,
-            max_bytes=max_bytes, progress=progress)
+            max_bytes=max_bytes, progress=progress, text_column=data_cfg.text_column)
     return path

@@ -28,17 +28,16 @@ from a stable hash of the question (``test_fraction``), as for the generated tas
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from nanoseek.data.files import read_rows as read_data_rows
 from nanoseek.tasks import rewards as R
 from nanoseek.tasks.base import SPLITS, Example, Task
 from nanoseek.tasks.sandbox import Limits, check_sandbox, run_tests
 from nanoseek.tasks.verifiers import VERIFIERS, equal, last_boxed
-from nanoseek.utils import read_jsonl
 
 # format -> (role -> field names tried in order, default verifier)
 FORMATS: dict[str, tuple[dict[str, tuple[str, ...]], str]] = {
@@ -59,25 +58,10 @@ _FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """The rows of a .jsonl, .json (a list of objects) or .parquet file."""
-    path = Path(path)
-    if not path.is_file():
+    """The rows of a task's data file (`nanoseek.data.files`: .jsonl, .jsonl.gz, .json, .parquet, saved datasets)."""
+    if not Path(path).exists():
         raise FileNotFoundError(f"task file {path} does not exist")
-    if path.suffix == ".jsonl":
-        rows = read_jsonl(path)
-    elif path.suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    elif path.suffix == ".parquet":
-        try:  # an optional dependency, needed only for parquet files
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ImportError(f"reading {path} needs pyarrow, which is not installed (pip install pyarrow)") from None
-        rows = pq.read_table(path).to_pylist()
-    else:
-        raise ValueError(f"task file {path}: unsupported type {path.suffix!r}; expected .jsonl, .json or .parquet")
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"task file {path}: expected a non-empty list of objects (rows)")
-    return rows
+    return read_data_rows(path)
 
 
 def detect_format(row: Mapping) -> str:

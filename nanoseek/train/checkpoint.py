@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import warnings
 from pathlib import Path
@@ -42,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from nanoseek.interop.hf import CheckpointError, save_pretrained
+from nanoseek.interop.hf import CheckpointError, save_pretrained, transformers_mismatch
 from nanoseek.parallel.mesh import barrier, gather_objects, rank
 
 FORMAT = "nanoseek-train-checkpoint"
@@ -68,6 +69,19 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def resume_hint(command: str, out: str | os.PathLike, argv: list[str]) -> str:
+    """What an interrupted run in `out` says: its last checkpoint and the command that continues it (the saved
+    DIR/config.toml once written, else the original arguments)."""
+    out, last = Path(out), latest_checkpoint(out)
+    where = f"last checkpoint: step {int(_STEP_DIR.match(last.name).group(1))}" if last else "no checkpoint yet"
+    if (out / "config.toml").is_file():
+        words = ["nanoseek", command, "--out", os.fspath(out), "--resume"]
+    else:
+        words = ["nanoseek", *argv, *([] if any(a.startswith("--out") for a in argv) else ["--out", os.fspath(out)]),
+                 *([] if "--resume" in argv else ["--resume"])]
+    return f"({where}); resume with: {shlex.join(words)}"
 
 
 def open_run_dir(out_dir: str | os.PathLike, resume: bool) -> tuple[Path, Path | None]:
@@ -291,14 +305,18 @@ def full_model_state(model: nn.Module, pp_group=None, everywhere: bool = False) 
 
 def export_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, pp_group=None) -> Path:
     """Write the model (HF layout, gathered to rank 0) and its tokenizer to out_dir, replacing it atomically
-    (every rank calls)."""
+    (every rank calls). A model transformers would compute differently (a V2-layout one with routing biases)
+    is written whole all the same, for nanoseek, with a warning saying why transformers cannot use it."""
     out = Path(out_dir)
     state = full_model_state(model, pp_group)
     if rank() == 0:
+        mismatch = transformers_mismatch(model.config, state)
+        if mismatch:
+            warnings.warn(f"{out}: for nanoseek only: {mismatch}", stacklevel=2)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            save_pretrained(model, tmp, state_dict=state)
+            save_pretrained(model, tmp, state_dict=state, nanoseek_only=True)
             if tokenizer is not None:
                 tokenizer.save(tmp)
             _replace_dir(tmp, out)

@@ -28,6 +28,8 @@ import typing
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 from functools import cache
+from importlib.resources import files
+from pathlib import Path
 from typing import Any, ClassVar
 
 import tomllib
@@ -189,14 +191,30 @@ def parse_value(text: str):
         return text
 
 
+def shipped_configs() -> list[str]:
+    """Names of the run configs shipped in the package (nanoseek/configs; configs/ in the repository)."""
+    return sorted(f.name[:-len(".toml")] for f in (files("nanoseek") / "configs").iterdir() if f.name.endswith(".toml"))
+
+
+def resolve_config(path: str | os.PathLike):
+    """The config file `path` names: itself when it exists, else the shipped config it names — `small-v3`,
+    `small-v3.toml` or the repository's `configs/small-v3.toml` — so the documented commands work from an
+    installed wheel, in any directory."""
+    if os.path.isfile(path):
+        return Path(path)
+    p = Path(path)
+    if p.parent in (Path("."), Path("configs")):
+        shipped = files("nanoseek") / "configs" / (p.name if p.suffix == ".toml" else f"{p.name}.toml")
+        if shipped.is_file():
+            return shipped
+    raise FileNotFoundError(f"config file not found: {path} (shipped configs: {', '.join(shipped_configs())})")
+
+
 def read_toml(path: str | os.PathLike) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path, "rb") as f:
-        try:
-            return tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML ({e})") from None
+    try:
+        return tomllib.loads(resolve_config(path).read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
 
 
 def parse_toml(text: str, where: str = "<string>") -> dict:
@@ -419,7 +437,7 @@ class LogSection:
     tensorboard: bool = True
     """Also write TensorBoard events to DIR/tensorboard when tensorboard is installed."""
     progress: bool = True
-    """Show a tqdm progress bar."""
+    """Show progress: a bar on a terminal, a plain line every 30 s in a log."""
 
 
 # ---------------------------------------------------------------------- the root

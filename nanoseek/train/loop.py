@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from nanoseek import fastpath
 from nanoseek.parallel.mesh import (
@@ -66,7 +65,7 @@ from nanoseek.train.optim import (
     set_lr,
     state_bytes_per_param,
 )
-from nanoseek.utils import atomic_write_text
+from nanoseek.utils import atomic_write_text, progress_bar
 
 
 class TrainingError(RuntimeError):
@@ -367,7 +366,7 @@ class Trainer:
                 atomic_write_text(self.out / "config.toml", cfg.to_toml())
             shown: dict[str, str] = {}
             with (MetricsLogger(self.out, cfg.log.tensorboard) if self.main else _NoMetrics()) as metrics, \
-                    tqdm(total=cfg.train.steps, initial=self.step, disable=not self.progress, unit="step",
+                    progress_bar(self.progress, total=cfg.train.steps, initial=self.step, unit="step",
                          desc=self.command, dynamic_ncols=True) as bar:
                 log = bar.write if self.main else (lambda line: None)
                 if self._resume_from is not None:
