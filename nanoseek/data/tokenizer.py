@@ -28,16 +28,13 @@ from nanoseek.data.corpus import iter_documents
 from nanoseek.utils import atomic_path
 
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tokens
-<<<<<<< HEAD
 # Added tokens that are not "special", as in DeepSeek-R1's tokenizer: decode(skip_special_tokens=True),
 # which evaluation harnesses and serving stacks call, keeps the reasoning tags.
 PLAIN_ADDED_TOKENS = (THINK, END_THINK)
 PROMPT_FORMAT_KEY = "nanoseek_prompt_format"
-=======
 # The BPE trainer allocates ~57 bytes per requested token before reading any text (5e9 asked for 283 GB and
 # aborted the process); 2^24 is 130x DeepSeek-V3's 129,280 and costs under 1 GB.
 MAX_VOCAB_SIZE = 1 << 24
->>>>>>> wt-harden
 
 
 def _token_content(value) -> str | None:

@@ -25,12 +25,8 @@ def evaluate_model(model_dir: str | os.PathLike, cfg) -> dict:
     with torch_threads(cfg.train.threads):
         model, tok = build_policy(cfg, init_from=os.fspath(model_dir))
         model.eval()
-<<<<<<< HEAD
         task = cfg.build_task(tok.prompt_format)
-        result = evaluate(model, tok, task, eval_examples(cfg, task), cfg)
-=======
         result = evaluate(model, tok, task, eval_examples(cfg, task), cfg, progress=cfg.log.progress)
->>>>>>> wt-harden
     return {k[len("eval_"):]: v for k, v in result.items()}
 
 

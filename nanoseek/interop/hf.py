@@ -421,29 +421,18 @@ def write_checkpoint(path: str | os.PathLike, layout: dict[str, list[str]],
     Shards of an earlier checkpoint in `path` are removed."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-<<<<<<< HEAD
     weight_map, total, dtype = {}, 0, None
-    for name, keys in layout.items():
-        shard = {k: t.contiguous() for k, t in tensors(keys).items()}
-        dtype = dtype or next((t.dtype for t in shard.values() if t.dtype in (torch.float32, torch.bfloat16,
-                                                                              torch.float16)), None)
-        with atomic_path(os.path.join(path, name)) as tmp:
-            save_file(shard, tmp, metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-        weight_map.update(dict.fromkeys(shard, name))
-        del shard
-=======
-    weight_map, total = {}, 0
     with progress_bar(progress is not None, total=sum(map(len, layout.values())), desc=progress, unit="tensor") as bar:
         for name, keys in layout.items():
             shard = {k: t.contiguous() for k, t in tensors(keys).items()}
+            dtype = dtype or next((t.dtype for t in shard.values() if t.dtype in (torch.float32, torch.bfloat16,
+                                                                                  torch.float16)), None)
             with atomic_path(os.path.join(path, name)) as tmp:
                 save_file(shard, tmp, metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in shard.values())
             weight_map.update(dict.fromkeys(shard, name))
             bar.update(len(keys))
             del shard
->>>>>>> wt-harden
     stale = [f for f in os.listdir(path) if f.endswith(".safetensors") and f not in layout]
     if len(layout) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
