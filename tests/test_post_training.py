@@ -192,7 +192,7 @@ def test_the_prompt_format_is_recorded_and_followed(tmp_path, monkeypatch):
     tok = nanoseek.load_tokenizer(model_dir)
     assert tok.prompt_format == {"template": "chat", "prefill_think": True}
     seen = []
-    monkeypatch.setattr(eval_cli, "evaluate", lambda model, tok, task, examples, cfg: seen.append(task) or {})
+    monkeypatch.setattr(eval_cli, "evaluate", lambda model, tok, task, examples, cfg, **kw: seen.append(task) or {})
     eval_cli.evaluate_model(model_dir, _cfg("task.name=arithmetic", "eval.examples=4"))
     assert (seen[0].template, seen[0].prefill_think) == ("chat", True)
     eval_cli.evaluate_model(model_dir, _cfg("task.name=arithmetic", "eval.examples=4", "task.options={template=\"plain\"}"))
