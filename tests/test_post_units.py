@@ -124,6 +124,19 @@ def test_rejection_sampling_keeps_verified_wellformed_single_language(monkeypatc
 
 
 # ---------------------------------------------------------------- pipeline plan
+def test_the_shortcut_style_is_each_tasks_answer_without_reasoning():
+    """The bimodal base's second mode: arithmetic's dropped carries; countdown has no such answer, so a bare
+    expression (which a model cannot find without search) stands in."""
+    from nanoseek.posttrain.sft import task_sft_rows
+
+    rows = task_sft_rows(make_task("arithmetic"), 20, seed=0, styles={"think": 0.5, "shortcut": 0.5})
+    assert {r["style"] for r in rows} == {"think", "buggy"}
+    rows = task_sft_rows(make_task("countdown"), 20, seed=0, styles={"think": 0.5, "shortcut": 0.5})
+    assert {r["style"] for r in rows} == {"think", "bare"}
+    with pytest.raises(ValueError, match="'shortcut'"):
+        task_sft_rows(make_task("countdown"), 4, seed=0, styles={"buggy": 1.0})
+
+
 def test_pipeline_plan_chains_stages_and_applies_overrides(tmp_path):
     from nanoseek.recipes.r1 import load_pipeline_config, plan
 
@@ -170,8 +183,10 @@ def test_cli_commands_have_help_show_config_and_fail_in_one_line(tmp_path, capsy
     assert code == 0
     shown = PostConfig.from_toml_text(out)
     assert shown.grpo.beta == 0.04 and shown.train.seed == 3 and shown.task.name == "bilingual"
+    # issue 18.11: GRPO starts from RL's learning rate, not SFT's (1e-3 took a solved task from 100% to 35%)
+    assert shown.optim.lr == 1e-4 and PostConfig.from_toml_text(_cli(capsys, "sft", "--show-config")[1]).optim.lr == 1e-3
     code, out, _ = _cli(capsys, "grpo", "--keys")
-    assert code == 0 and "grpo.epsilon_high" in out and "[sft]" not in out
+    assert code == 0 and "grpo.epsilon_high" in out and "[sft]" not in out and "optim.lr (float, default 0.0001)" in out
     code, _, err = _cli(capsys, "grpo", "--set", "grpo.aggregation=mean", "--out", str(tmp_path / "x"))
     assert code == 2 and err.count("\n") == 1 and "grpo.aggregation" in err
     code, _, err = _cli(capsys, "grpo", "--task", "arithmetic", "--out", str(tmp_path / "y"))

@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nanoseek.posttrain.config import PostConfig
+from nanoseek.posttrain.config import PostConfig, command_defaults
 from nanoseek.posttrain.distill import distill
 from nanoseek.posttrain.dpo import dpo
 from nanoseek.posttrain.grpo import grpo
@@ -58,7 +58,7 @@ def _config(args: argparse.Namespace, out: Path):
         sets.append(f"data.train={json.dumps(args.data)}")
     if args.seed is not None:
         sets.append(f"train.seed={args.seed}")
-    return PostConfig.load(config, sets + list(args.set or []))
+    return PostConfig.load(config, sets + list(args.set or []), base=command_defaults(args.command))
 
 
 def _fmt_eval(ev: dict | None) -> str:
@@ -76,7 +76,7 @@ def _fmt_eval(ev: dict | None) -> str:
 def _run(args: argparse.Namespace) -> None:
     command = args.command
     if args.keys:
-        print(PostConfig.describe(COMMANDS[command][1]))
+        print(PostConfig.describe(COMMANDS[command][1], command_defaults(command)))
         return
     out = Path(args.out) if args.out else Path("runs") / command
     cfg = _config(args, out)

@@ -69,10 +69,17 @@ def task_sft_rows(task, n: int, seed: int, styles: dict[str, float], tag_bare: b
     `tag_bare` writes answers without reasoning as "<answer>81</answer>": then the reasoning and the
     answering mode part at the first token (<think> vs <answer>) with probabilities equal to their
     shares, so a bimodal base answers greedily without thinking as soon as the bare share is the
-    larger, instead of only once it has learned the answers' first digits."""
+    larger, instead of only once it has learned the answers' first digits. The style "shortcut" is the
+    task's `shortcut_style`."""
+    resolved: dict[str, float] = {}
+    for s, w in styles.items():
+        s = task.shortcut_style if s == "shortcut" else s
+        resolved[s] = resolved.get(s, 0) + w
+    styles = resolved
     unknown = [s for s in styles if s not in task.styles]
     if unknown:
-        raise ValueError(f"data.styles {unknown} are not styles of task {task.name!r}; allowed: {list(task.styles)}")
+        raise ValueError(f"data.styles {unknown} are not styles of task {task.name!r}; allowed: "
+                         f"{[*task.styles, 'shortcut']}")
 
     examples = task.examples(n, seed=seed, split="train")
     rows = []

@@ -6,7 +6,8 @@
 
 r1-zero (arithmetic): base → rl
     base          SFT of a fresh tiny-v3 on a bimodal corpus — 30% correct <think> scratchpad traces,
-                  70% <answer> tags holding the dropped-carry answer — the stand-in for a pretrained
+                  70% <answer> tags holding the task's shortcut answer (arithmetic: carries dropped;
+                  countdown: a bare expression, guessed without search) — the stand-in for a pretrained
                   model that "solves it sometimes but not reliably": greedy, it answers at once and
                   is right only without carries; sampled, it thinks 30% of the time and is then mostly
                   right (skipped when pipeline.base names a model)
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from nanoseek.parallel.mesh import rank
-from nanoseek.posttrain.config import PostConfig
+from nanoseek.posttrain.config import GRPO_LR, PostConfig
 from nanoseek.posttrain.grpo import grpo
 from nanoseek.posttrain.rejection import rejection_sample_run
 from nanoseek.posttrain.sft import sft
@@ -105,7 +106,7 @@ def _sft(cfg: PostConfig, steps: int, batch_size: int, **schedule) -> PostConfig
 
 
 def _grpo(cfg: PostConfig, steps: int, **weights: float) -> PostConfig:
-    return replace(cfg, optim=replace(cfg.optim, lr=1e-4, beta2=0.99), train=replace(cfg.train, steps=steps),
+    return replace(cfg, optim=replace(cfg.optim, lr=GRPO_LR, beta2=0.99), train=replace(cfg.train, steps=steps),
                    grpo=replace(cfg.grpo, group_size=8, prompts_per_step=16, temperature=1.0),
                    task=replace(cfg.task, weights=weights))
 
@@ -122,11 +123,11 @@ class StageSpec:
 
 STAGES: dict[str, dict[str, StageSpec]] = {
     "r1-zero": {
-        "base": StageSpec("sft", None, lambda c: _base(c, {"think": 0.3, "buggy": 0.7})),
+        "base": StageSpec("sft", None, lambda c: _base(c, {"think": 0.3, "shortcut": 0.7})),
         "rl": StageSpec("grpo", "base", lambda c: _grpo(c, 60)),
     },
     "r1": {
-        "base": StageSpec("sft", None, lambda c: _base(c, {"think": 0.15, "switched": 0.15, "buggy": 0.7})),
+        "base": StageSpec("sft", None, lambda c: _base(c, {"think": 0.15, "switched": 0.15, "shortcut": 0.7})),
         "cold_start": StageSpec("sft", "base", lambda c: _sft(
             replace(c, data=replace(c.data, styles={"think": 1.0}),
                     task=replace(c.task, train_size=300, train_seed=11)), steps=40, batch_size=32)),

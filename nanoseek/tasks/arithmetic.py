@@ -119,6 +119,7 @@ class ArithmeticTask(Task):
 
     name = "arithmetic"
     styles = ("think", "bare", "buggy")
+    shortcut_style = "buggy"  # a pupil's dropped carries: wrong exactly where reasoning is needed
 
     def __init__(self, digits: int = 2, ops: Sequence[str] = ("+",), **task_kwargs):
         lo, hi = operand_range(digits)

@@ -66,6 +66,9 @@ class Task:
 
     name = "task"
     styles: tuple[str, ...] = ("think", "bare")
+    shortcut_style = "bare"
+    """What a model answers without reasoning: the other mode of a bimodal base, beside "think" traces
+    (R1-Zero's precondition: the base sometimes reasons). `data.styles` may name it "shortcut"."""
     components: tuple[str, ...] = ("accuracy", "format", "tag_count", "tinyzero", "answered")
     default_weights: Mapping[str, float] = {"accuracy": 1.0}
 

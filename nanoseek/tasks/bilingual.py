@@ -44,6 +44,7 @@ class BilingualTask(Task):
 
     name = "bilingual"
     styles = ("think", "switched", "bare", "buggy")
+    shortcut_style = "buggy"
     components = Task.components + ("language",)
     default_weights = {"accuracy": 1.0, "language": 1.0}
 

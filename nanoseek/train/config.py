@@ -517,10 +517,11 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def describe(cls, only: Collection[str] | None = None) -> str:
-        """Every key (of the sections in `only`, default all) with its type, default and docstring."""
+    def describe(cls, only: Collection[str] | None = None, defaults=None) -> str:
+        """Every key (of the sections in `only`, default all) with its type, default (`defaults`' value when
+        given) and docstring."""
         out = []
-        defaults = cls()
+        defaults = defaults if defaults is not None else cls()
         for name, section in sections(cls).items():
             if only is not None and name not in only:
                 continue
