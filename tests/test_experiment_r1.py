@@ -18,7 +18,7 @@ from nanoseek.utils import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Plan(rl_steps=2, rl_eval_every=1, arm_seconds=0.3, grpo_eval_every=1, distill_eval_every=2,
-            base_steps=6, eval_examples=4, trace_prompts=12, trace_samples=2)
+            base_steps=6, eval_examples=4, trace_prompts=12, trace_samples=2, check_base=False)
 
 
 def test_student_arms_are_matched_on_training_time():

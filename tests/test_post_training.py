@@ -218,7 +218,7 @@ def test_eval_cli_reports_greedy_and_sampled_metrics(base, tmp_path, capsys):
 def test_pipeline_r1_zero_stages_resume_and_refuse_changed_configs(tmp_path):
     from nanoseek.recipes.r1 import run_pipeline
 
-    sets = ["common.train.threads=1", "pipeline.progress=false", "pipeline.eval_examples=8",
+    sets = ["common.train.threads=1", "pipeline.progress=false", "pipeline.eval_examples=8", "pipeline.check_base=false",
             "common.eval.max_new_tokens=8", "common.grpo.max_new_tokens=8", "base.train.steps=10",
             "base.train.batch_size=16", "base.task.train_size=200", "rl.grpo.prompts_per_step=2",
             "rl.grpo.group_size=2", "common.checkpoint.every=1"]
@@ -248,6 +248,21 @@ def test_pipeline_r1_zero_on_a_data_file_from_a_given_base(base, tmp_path):
     assert rl["stage"] == "rl" and rl["steps"] == 2 and 0.0 <= rl["greedy_accuracy"] <= 1.0
     assert [r["stage"] for r in out["stages"]] == ["rl"]  # the given base replaces the base stage
     assert "name = \"file\"" in (tmp_path / "z" / "01-rl" / "config.toml").read_text()
+
+
+def test_pipeline_r1_zero_stops_when_the_base_never_reasons(tmp_path):
+    """Issue 18.11: a base trained only on shortcut answers gives R1-Zero nothing to reinforce; the pipeline
+    says so, with the probe's numbers and what to change, instead of running RL to no effect."""
+    from nanoseek.recipes.r1 import run_pipeline
+
+    with pytest.raises(ValueError, match=r"sometimes reasons.* of 256 sampled completions open <think>, 0\.0% of "
+                                         r"those are right.*base\.train\.steps"):
+        run_pipeline("r1-zero", tmp_path / "z", overrides=[
+            "common.train.threads=1", "pipeline.progress=false", "pipeline.eval_examples=8",
+            "base.data.styles={shortcut=1.0}", "base.train.steps=30", "base.train.batch_size=16",
+            "base.task.train_size=200", "rl.grpo.group_size=4", "common.eval.max_new_tokens=8",
+            "common.grpo.max_new_tokens=8"], log=lambda line: None)
+    assert not (tmp_path / "z" / "02-rl").exists()
 
 
 def test_pipeline_r1_runs_end_to_end_and_reports_every_stage(tmp_path):

@@ -78,6 +78,8 @@ class Plan:
     eval_examples: int = 200
     trace_prompts: int = 1500
     trace_samples: int = 4
+    check_base: bool = True
+    """Stop when the base never reasons its way to a right answer (pipeline.check_base; off for smoke plans)."""
 
 
 QUICK = Plan(rl_steps=40, rl_eval_every=5, arm_seconds=8, grpo_eval_every=3, distill_eval_every=10)
@@ -188,7 +190,8 @@ class R1Experiment(Experiment):
     def _pipeline_overrides(self, p: Plan, seed: int, ctx: Context) -> list[str]:
         return [f"pipeline.seed={seed}", f"pipeline.threads={ctx.threads}", "pipeline.progress=false",
                 f"pipeline.eval_examples={p.eval_examples}", f"base.train.steps={p.base_steps}",
-                f"rl.train.steps={p.rl_steps}", f"rl.eval.every={p.rl_eval_every}"]
+                f"rl.train.steps={p.rl_steps}", f"rl.eval.every={p.rl_eval_every}",
+                f"pipeline.check_base={str(p.check_base).lower()}"]
 
     def _teacher(self, p: Plan, seed: int, shared: Path, ctx: Context) -> dict:
         """The seed's micro R1-Zero (base → GRPO); run_pipeline reuses it once built."""

@@ -45,12 +45,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from nanoseek.infer.generate import sample_completions
 from nanoseek.parallel.mesh import rank
 from nanoseek.posttrain.config import GRPO_LR, PostConfig
 from nanoseek.posttrain.grpo import grpo
 from nanoseek.posttrain.rejection import rejection_sample_run
 from nanoseek.posttrain.sft import sft
-from nanoseek.posttrain.trainer import read_summary
+from nanoseek.posttrain.trainer import build_policy, read_summary
+from nanoseek.utils import torch_threads
 from nanoseek.train.checkpoint import latest_checkpoint
 from nanoseek.train.config import assignments, coerce, read_toml, unknown_key
 from nanoseek.utils import atomic_write_text
@@ -74,6 +76,9 @@ class PipelineSection:
     """Samples per problem for pass@1 / cons@k after each stage (0 = greedy metrics only)."""
     progress: bool = True
     """Progress bars."""
+    check_base: bool = True
+    """R1-Zero: probe the base before RL and stop, saying why, if it never reasons its way to a right answer
+    (false: run RL anyway, e.g. a smoke test of a base trained for a few steps)."""
 
 
 # ---------------------------------------------------------------------- the stages' defaults
@@ -256,6 +261,40 @@ def _run_stage(stage: Stage, log: Callable[[str], None]) -> dict:
     raise ValueError(f"unknown stage command {stage.command!r}")
 
 
+def reasoning_probe(cfg: PostConfig, problems: int = 64) -> dict:
+    """Whether the model RL starts from (cfg.model.init_from) "sometimes reasons", R1-Zero's precondition:
+    grpo.group_size completions per training problem at GRPO's temperature, as its rollouts sample them.
+    think_rate: share opening <think>; think_accuracy: share of those that are right; signal: share of
+    problems whose group holds right and wrong answers, the only ones with a non-zero GRPO advantage."""
+    g = cfg.grpo
+    with torch_threads(cfg.train.threads):
+        model, tok = build_policy(cfg)
+        task = cfg.build_task(tok.prompt_format)
+        examples = task.examples(problems, seed=cfg.task.train_seed, split="train")
+        samples = sample_completions(model.eval(), tok, [e.prompt for e in examples for _ in range(g.group_size)],
+                                     g.max_new_tokens, g.temperature, g.top_p, seed=cfg.train.seed)
+    right = [task.is_correct(examples[i // g.group_size], s.text) for i, s in enumerate(samples)]
+    think = [i for i, s in enumerate(samples) if "<think>" in task.prefix + s.text]  # (prefix: a prefilled <think>)
+    groups = [right[i:i + g.group_size] for i in range(0, len(right), g.group_size)]
+    return {"samples": len(samples), "think_rate": len(think) / len(samples),
+            "think_accuracy": sum(right[i] for i in think) / len(think) if think else 0.0,
+            "signal": sum(any(r) and not all(r) for r in groups) / len(groups)}
+
+
+def _check_reasons(stage: Stage, log: Callable[[str], None]) -> None:
+    """Stop R1-Zero before RL when its base never reasons its way to a right answer: RL can only reinforce
+    what the policy sometimes does (the subtraction base of issue 18 sampled no correct trace)."""
+    p = reasoning_probe(stage.config)
+    line = (f"{100 * p['think_rate']:.1f}% of {p['samples']} sampled completions open <think>, "
+            f"{100 * p['think_accuracy']:.1f}% of those are right; {100 * p['signal']:.1f}% of problems give GRPO "
+            "a signal (right and wrong answers in one group)")
+    if p["think_accuracy"] == 0 or p["signal"] == 0:
+        raise ValueError(f"R1-Zero needs a base that sometimes reasons, and {stage.config.model.init_from} does not: "
+                         f"{line}. Train the base longer (base.train.steps), give it more reasoning traces "
+                         "(base.data.styles), or start from a stronger model (pipeline.base)")
+    log(f"[{stage.name}] the base sometimes reasons: {line}")
+
+
 def _rejection_stage(cfg: PostConfig, d: Path) -> dict:
     t0 = time.perf_counter()
     stats = rejection_sample_run(cfg, d)
@@ -329,6 +368,8 @@ def run_pipeline(kind: str, out: str | os.PathLike, config: str | os.PathLike | 
     rows = []
     t0 = time.perf_counter()
     for stage in stages:
+        if kind == "r1-zero" and cfg.pipeline.check_base and stage.command == "grpo" and read_summary(stage.dir) is None:
+            _check_reasons(stage, log)
         summary = _run_stage(stage, log)
         rows.append(_report_row(stage, summary))
         log(_line(rows[-1]))
