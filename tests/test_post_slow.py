@@ -29,3 +29,23 @@ def test_pipeline_r1_full_reports_accuracy_and_language_consistency(tmp_path):
     assert rows["rl"]["greedy_accuracy"] > rows["base"]["greedy_accuracy"] + 0.3
     assert rows["reasoning_rl"]["language_consistency"] >= rows["cold_start"]["language_consistency"] - 0.02
     assert rows["rl"]["language_consistency"] > 0.9
+
+
+@pytest.mark.parametrize("task,gains", [
+    ('common.task.options={ops = ["+"]}', True),
+    ('common.task.options={ops = ["-"]}', True),  # measured: 56.0% -> 97.0%
+    ('common.task.options={ops = ["*"]}', False),  # the base's sampled traces: 31% of samples, none right
+    ('common.task.name="countdown"', False),  # 27% of samples, none right
+])
+def test_r1_zero_defaults_on_each_task_variant_gain_or_say_why_not(tmp_path, task, gains):
+    """Issue 18.11: with its defaults R1-Zero gains >= 20 points, or stops before RL with the base's diagnosis
+    (a base that never reasons its way to a right answer gives RL nothing to reinforce)."""
+    from nanoseek.recipes.r1 import run_pipeline
+
+    sets = ["pipeline.seed=13", "pipeline.threads=1", "pipeline.progress=false", task]
+    if not gains:
+        with pytest.raises(ValueError, match=r"sometimes reasons.*, 0\.0% of those are right"):
+            run_pipeline("r1-zero", tmp_path / "z", overrides=sets, log=lambda line: None)
+        return
+    base, rl = run_pipeline("r1-zero", tmp_path / "z", overrides=sets, log=lambda line: None)["stages"]
+    assert rl["greedy_accuracy"] >= base["greedy_accuracy"] + 0.20, (base, rl)
