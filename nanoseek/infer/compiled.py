@@ -20,6 +20,20 @@ from nanoseek import fastpath
 from nanoseek.infer.cache import KVCache
 
 
+COMPILE_MIN_PARAMETERS = 1_000_000
+"""`compile="auto"` compiles models at least this large (non-embedding parameters) on CPU: a graph compiles
+in 10-80 s (a few seconds when Inductor's cache has it), which pays back after some thousands of tokens;
+the tiny models of tests and the demo decode a few hundred per run."""
+
+
+def compile_pays(model) -> bool:
+    """Whether `compile="auto"` compiles this model's decode step: CPU (the GPU's path, CUDA graphs, is
+    not measured yet), Inductor available, and a model of at least COMPILE_MIN_PARAMETERS."""
+    dev = next(model.parameters()).device
+    return dev.type == "cpu" and CompiledDecoder.available() \
+        and model.num_parameters(embedding=False) >= COMPILE_MIN_PARAMETERS
+
+
 def bucket(n: int) -> int:
     """The batch a compiled step runs for n rows: the power of two >= n."""
     return 1 << (n - 1).bit_length()
