@@ -13,12 +13,12 @@ step's entries at `slot` (a tensor) and handing back the full buffers.
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 
 from nanoseek import fastpath
 from nanoseek.infer.cache import KVCache
-
 
 COMPILE_MIN_PARAMETERS = 1_000_000
 """`compile="auto"` compiles models at least this large (non-embedding parameters) on CPU: a graph compiles
@@ -136,16 +136,22 @@ class CompiledDecoder:
 
     def _run(self, Bb: int, cap: int, S: int, *args):
         """The graph for these shapes (dynamo keeps one per shape set, guarded; the first call compiles it)."""
-        key = (id(self.model), Bb, cap, S)
-        if key in _compiled:
-            return _STEP(self.model, *args)
+        step = _steps.get(BACKEND)
+        if step is None:
+            step = _steps[BACKEND] = torch.compile(_step, backend=BACKEND, fullgraph=True, dynamic=False)
+        key, done = (BACKEND, Bb, cap, S), _compiled.setdefault(self.model, set())
+        if key in done:
+            return step(self.model, *args)
         t = time.perf_counter()
-        out = _STEP(self.model, *args)
-        _compiled.add(key)
+        out = step(self.model, *args)
+        done.add(key)
         self.compile_seconds += time.perf_counter() - t
         return out
 
 
-_STEP = torch.compile(_step, fullgraph=True, dynamic=False)
-_compiled: set = set()
-"""(id(model), batch bucket, capacity, S) of the graphs compiled in this process."""
+BACKEND = "inductor"
+"""torch.compile's backend ("aot_eager" traces the same graph without generating code: tests use it to
+check shapes and graph breaks in seconds)."""
+_steps: dict = {}
+_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> {(backend, batch bucket, capacity, S)} of the graphs compiled for it in this process."""

@@ -32,7 +32,13 @@ import torch
 from nanoseek import fastpath
 from nanoseek.infer.cache import KVCache
 from nanoseek.infer.compiled import CompiledDecoder, compile_pays
-from nanoseek.infer.sampling import SamplingParams, distributions, draw, penalize, uniform
+from nanoseek.infer.sampling import (
+    SamplingParams,
+    distributions,
+    draw,
+    penalize,
+    uniform,
+)
 from nanoseek.infer.text import IncrementalText
 
 

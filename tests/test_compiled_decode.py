@@ -1,0 +1,46 @@
+"""The compiled decode step (nanoseek.infer.compiled): the eager engine's tokens, graphs reused across
+batches, weights changed between batches (RL) followed, compile time reported. Traced with aot_eager (the
+graphs Inductor would get, in seconds); Inductor itself runs in test_generate's transformers parity test."""
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.infer import compiled
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30]]
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+
+
+def _tokens(engine, prompts, params):
+    return [c.tokens for c in engine.generate(prompts, params)]
+
+
+def test_compiled_rows_of_different_lengths_weights_changed_and_graphs_reused(aot_eager):
+    torch.manual_seed(0)
+    model = nanoseek.DeepSeekForCausalLM(nanoseek.ModelConfig.preset("tiny-v3")).eval()
+    # rows leave at 3, 9 and 14 tokens: batch buckets 4 (3 rows padded), 2, 1
+    params = [SamplingParams(max_new_tokens=n, stop_tokens=[]) for n in (3, 9, 14)]
+    eager, fast = Engine(model, compile=False), Engine(model, compile=True)
+    assert _tokens(fast, PROMPTS, params) == _tokens(eager, PROMPTS, params)
+    assert fast.stats.compile_seconds > 0
+    with torch.no_grad():  # an RL update between batches: in place, the version may not change (fused AdamW)
+        for p in model.parameters():
+            p.data.mul_(1.5)
+    assert _tokens(fast, PROMPTS, params) == _tokens(eager, PROMPTS, params)
+    assert fast.stats.compile_seconds == 0  # the same shapes: the same graphs
+
+
+def test_compile_option():
+    tiny = nanoseek.DeepSeekForCausalLM(nanoseek.ModelConfig.preset("tiny-v3"))
+    assert Engine(tiny).compile is False  # "auto": a tiny model decodes too few tokens to pay for a compile
+    assert compiled.compile_pays(nanoseek.DeepSeekForCausalLM(nanoseek.ModelConfig.preset("small-v3")))
+    assert Engine(tiny, compile=True).compile is True
+    with pytest.raises(ValueError, match="compile"):
+        Engine(tiny, compile="yes")
+    assert [compiled.bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
