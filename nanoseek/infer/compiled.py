@@ -12,6 +12,7 @@ step's entries at `slot` (a tensor) and handing back the full buffers.
 """
 from __future__ import annotations
 
+import os
 import time
 import weakref
 
@@ -28,7 +29,12 @@ the tiny models of tests and the demo decode a few hundred per run."""
 
 def compile_pays(model) -> bool:
     """Whether `compile="auto"` compiles this model's decode step: CPU (the GPU's path, CUDA graphs, is
-    not measured yet), Inductor available, and a model of at least COMPILE_MIN_PARAMETERS."""
+    not measured yet), Inductor available, and a model of at least COMPILE_MIN_PARAMETERS. The environment
+    variable NANOSEEK_COMPILE=0 or 1 decides instead (for the commands that decode inside: GRPO, DPO,
+    rejection sampling, evaluation)."""
+    env = os.environ.get("NANOSEEK_COMPILE", "")
+    if env in ("0", "1"):
+        return env == "1" and CompiledDecoder.available()
     dev = next(model.parameters()).device
     return dev.type == "cpu" and CompiledDecoder.available() \
         and model.num_parameters(embedding=False) >= COMPILE_MIN_PARAMETERS
