@@ -44,3 +44,17 @@ def test_compile_option():
     with pytest.raises(ValueError, match="compile"):
         Engine(tiny, compile="yes")
     assert [compiled.bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+
+
+def test_a_step_that_fails_to_compile_decodes_eagerly(monkeypatch):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(compiled, "BACKEND", broken)
+    torch.manual_seed(0)
+    model = nanoseek.DeepSeekForCausalLM(nanoseek.ModelConfig.preset("tiny-v3")).eval()
+    params = SamplingParams(max_new_tokens=5, stop_tokens=[])
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        out = _tokens(Engine(model, compile=True), PROMPTS, params)
+    assert out == _tokens(Engine(model, compile=False), PROMPTS, params)
+    assert Engine(model, compile=True).new_batch().compiled is None  # (not tried again for this model)

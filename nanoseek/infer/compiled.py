@@ -66,6 +66,10 @@ def _step(model, ids_BS, positions_BS, mask_B1ST, slot_S, buffers):
     return out.logits, out.hidden_states
 
 
+class CompileFailed(RuntimeError):
+    pass
+
+
 class CompiledDecoder:
     """Runs a `Batch`'s decode forwards as compiled graphs. The batch's `KVCache` stays the record: when its
     rows and capacity are already a bucket's, the graph writes into its buffers directly; otherwise into a
@@ -79,6 +83,10 @@ class CompiledDecoder:
         fastpath.warm_caches(model)
         # one graph per shape set, all guarded on the same code object: allow more than dynamo's default 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+    @staticmethod
+    def failed(model) -> bool:
+        return model in _failed
 
     @staticmethod
     def available() -> bool:
@@ -149,7 +157,11 @@ class CompiledDecoder:
         if key in done:
             return step(self.model, *args)
         t = time.perf_counter()
-        out = step(self.model, *args)
+        try:
+            out = step(self.model, *args)
+        except Exception as e:  # (compilation runs before the graph touches the cache: eager can take over)
+            _failed.add(self.model)
+            raise CompileFailed(f"compiling the decode step failed ({type(e).__name__}: {e})") from e
         done.add(key)
         self.compile_seconds += time.perf_counter() - t
         return out
@@ -159,5 +171,7 @@ BACKEND = "inductor"
 """torch.compile's backend ("aot_eager" traces the same graph without generating code: tests use it to
 check shapes and graph breaks in seconds)."""
 _steps: dict = {}
+_failed: weakref.WeakSet = weakref.WeakSet()
+"""Models whose decode step failed to compile (no C++ compiler, an unsupported op): they decode eagerly."""
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """model -> {(backend, batch bucket, capacity, S)} of the graphs compiled for it in this process."""

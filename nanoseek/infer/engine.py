@@ -23,6 +23,7 @@ layer to draft the next token.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -31,7 +32,7 @@ import torch
 
 from nanoseek import fastpath
 from nanoseek.infer.cache import KVCache
-from nanoseek.infer.compiled import CompiledDecoder, compile_pays
+from nanoseek.infer.compiled import CompiledDecoder, CompileFailed, compile_pays
 from nanoseek.infer.sampling import (
     SamplingParams,
     distributions,
@@ -116,6 +117,7 @@ class Batch:
         if tokenizer is not None:
             self.default_stop.add(tokenizer.eos_id)
         self.stats = DecodeStats()
+        compile = compile and not CompiledDecoder.failed(model)
         self.compiled = CompiledDecoder(model, cfg.num_hidden_layers) if compile else None
         """Decode forwards as compiled graphs (nanoseek.infer.compiled); prefill stays eager."""
         self.rows: list[_Row] = []
@@ -337,12 +339,18 @@ class Batch:
         self.cache.reserve(T + S)
         mask = torch.cat([self.mask, self.mask.new_ones(B, S)], 1)
         positions = self.pos[:, None] + torch.arange(S, device=self.device)
+        out = None
         if self.compiled is not None:
             before = self.compiled.compile_seconds
-            logits, hidden = self.compiled.forward(self.cache, ids, positions, mask)
-            out = SimpleNamespace(logits=logits, hidden_states=hidden)
-            self.stats.compile_seconds += self.compiled.compile_seconds - before
-        else:
+            try:
+                logits, hidden = self.compiled.forward(self.cache, ids, positions, mask)
+                out = SimpleNamespace(logits=logits, hidden_states=hidden)
+            except CompileFailed as e:
+                warnings.warn(f"{e}; decoding eagerly", stacklevel=2)
+                self.compiled = None
+            else:
+                self.stats.compile_seconds += self.compiled.compile_seconds - before
+        if out is None:
             out = self.model(ids, attention_mask=None if self._dense else mask, position_ids=positions,
                              cache=self.cache, logits_to_keep=S)
         self.stats.forwards += 1
