@@ -8,7 +8,10 @@ tensors. One graph per (batch bucket, capacity, tokens per step), kept for the p
 or request with the same shapes reuses it, and Inductor's on-disk cache makes a rerun's compile short.
 
 `SlotCache` is what the model sees in place of `KVCache`: the same `update` interface, writing the
-step's entries at `slot` (a tensor) and handing back the full buffers.
+step's entries at `slot` (a tensor) and handing back the full buffers. The CPU fast paths' weight copies
+are built eagerly before (`fastpath.warm_caches`: their keys read data pointers, which a graph cannot)
+and enter the graph as inputs, so weights changed between batches (RL) need no recompile; the routed
+experts take `FastMoE._gathered` (no sync on the expert ids). Prefill stays eager (one forward per prompt).
 """
 from __future__ import annotations
 
