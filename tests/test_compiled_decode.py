@@ -36,6 +36,17 @@ def test_compiled_rows_of_different_lengths_weights_changed_and_graphs_reused(ao
     assert fast.stats.compile_seconds == 0  # the same shapes: the same graphs
 
 
+def test_batches_over_max_batch_decode_eagerly_then_compiled(aot_eager, monkeypatch):
+    monkeypatch.setattr(compiled.CompiledDecoder, "max_batch", 2)
+    torch.manual_seed(0)
+    model = nanoseek.DeepSeekForCausalLM(nanoseek.ModelConfig.preset("tiny-v3")).eval()
+    params = [SamplingParams(max_new_tokens=n, stop_tokens=[]) for n in (3, 9, 14)]  # 3 rows eager, then 2, 1
+    for spec in (False, True):
+        fast = Engine(model, compile=True, speculative=spec)
+        assert _tokens(fast, PROMPTS, params) == _tokens(Engine(model, compile=False, speculative=spec), PROMPTS, params)
+        assert fast.stats.compile_seconds > 0
+
+
 def test_compile_option():
     tiny = nanoseek.DeepSeekForCausalLM(nanoseek.ModelConfig.preset("tiny-v3"))
     assert Engine(tiny).compile is False  # "auto": a tiny model decodes too few tokens to pay for a compile

@@ -340,7 +340,7 @@ class Batch:
         mask = torch.cat([self.mask, self.mask.new_ones(B, S)], 1)
         positions = self.pos[:, None] + torch.arange(S, device=self.device)
         out = None
-        if self.compiled is not None:
+        if self.compiled is not None and B <= self.compiled.max_batch:
             before = self.compiled.compile_seconds
             try:
                 logits, hidden = self.compiled.forward(self.cache, ids, positions, mask)
