@@ -47,10 +47,14 @@ def test_batches_over_max_batch_decode_eagerly_then_compiled(aot_eager, monkeypa
         assert fast.stats.compile_seconds > 0
 
 
-def test_compile_option():
+def test_compile_option(monkeypatch):
+    monkeypatch.delenv("NANOSEEK_COMPILE", raising=False)  # (conftest turns "auto" off for the suite)
     tiny = nanoseek.DeepSeekForCausalLM(nanoseek.ModelConfig.preset("tiny-v3"))
     assert Engine(tiny).compile is False  # "auto": a tiny model decodes too few tokens to pay for a compile
-    assert compiled.compile_pays(nanoseek.DeepSeekForCausalLM(nanoseek.ModelConfig.preset("small-v3")))
+    small = nanoseek.DeepSeekForCausalLM(nanoseek.ModelConfig.preset("small-v3"))
+    assert compiled.compile_pays(small) and not compiled.compile_pays(small.to(torch.bfloat16))
+    monkeypatch.setenv("NANOSEEK_COMPILE", "1")
+    assert Engine(tiny).compile is True
     assert Engine(tiny, compile=True).compile is True
     with pytest.raises(ValueError, match="compile"):
         Engine(tiny, compile="yes")

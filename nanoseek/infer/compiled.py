@@ -33,15 +33,16 @@ the tiny models of tests and the demo decode a few hundred per run."""
 
 def compile_pays(model) -> bool:
     """Whether `compile="auto"` compiles this model's decode step: CPU (the GPU's path, CUDA graphs, is
-    not measured yet), Inductor available, a model of at least COMPILE_MIN_PARAMETERS and without FP8-stored
-    weights (dequantized as read: not written for a graph). The environment
+    not measured yet), Inductor available, an fp32 model (bf16: not measured, and Inductor rounds its fused
+    ops' intermediates differently from eager's per-op bf16, so greedy tokens can differ) of at least
+    COMPILE_MIN_PARAMETERS and without FP8-stored weights (dequantized as read: not written for a graph). The environment
     variable NANOSEEK_COMPILE=0 or 1 decides instead (for the commands that decode inside: GRPO, DPO,
     rejection sampling, evaluation)."""
     env = os.environ.get("NANOSEEK_COMPILE", "")
     if env in ("0", "1"):
         return env == "1" and CompiledDecoder.available()
-    dev = next(model.parameters()).device
-    return dev.type == "cpu" and CompiledDecoder.available() and not holds_fp8(model) \
+    p = next(model.parameters())
+    return p.device.type == "cpu" and p.dtype == torch.float32 and CompiledDecoder.available() and not holds_fp8(model) \
         and model.num_parameters(embedding=False) >= COMPILE_MIN_PARAMETERS
 
 
