@@ -32,18 +32,18 @@ the tiny models of tests and the demo decode a few hundred per run."""
 
 
 def compile_pays(model) -> bool:
-    """Whether `compile="auto"` compiles this model's decode step: CPU (the GPU's path, CUDA graphs, is
-    not measured yet), Inductor available, an fp32 model (bf16: not measured, and Inductor rounds its fused
-    ops' intermediates differently from eager's per-op bf16, so greedy tokens can differ) of at least
-    COMPILE_MIN_PARAMETERS and without FP8-stored weights (dequantized as read: not written for a graph). The environment
-    variable NANOSEEK_COMPILE=0 or 1 decides instead (for the commands that decode inside: GRPO, DPO,
-    rejection sampling, evaluation)."""
+    """Whether `compile="auto"` compiles this model's decode step: on CPU (the GPU's path, CUDA graphs, is
+    not measured yet) with Inductor, an fp32 model (bf16: not measured, and Inductor rounds its fused ops'
+    intermediates differently from eager's per-op bf16, so greedy tokens can differ) of at least
+    COMPILE_MIN_PARAMETERS, without FP8-stored weights (dequantized as read: not written for a graph).
+    The environment variable NANOSEEK_COMPILE=0 or 1 decides instead (for the commands that decode
+    inside: GRPO, DPO, rejection sampling, evaluation)."""
     env = os.environ.get("NANOSEEK_COMPILE", "")
     if env in ("0", "1"):
         return env == "1" and CompiledDecoder.available()
     p = next(model.parameters())
-    return p.device.type == "cpu" and p.dtype == torch.float32 and CompiledDecoder.available() and not holds_fp8(model) \
-        and model.num_parameters(embedding=False) >= COMPILE_MIN_PARAMETERS
+    return p.device.type == "cpu" and p.dtype == torch.float32 and CompiledDecoder.available() \
+        and not holds_fp8(model) and model.num_parameters(embedding=False) >= COMPILE_MIN_PARAMETERS
 
 
 def bucket(n: int) -> int:
@@ -77,9 +77,10 @@ class CompileFailed(RuntimeError):
 
 
 class CompiledDecoder:
-    """Runs a `Batch`'s decode forwards as compiled graphs (batches of at most `max_batch` rows). The batch's `KVCache` stays the record: when its
-    rows and capacity are already a bucket's, the graph writes into its buffers directly; otherwise into a
-    padded copy (refreshed when the batch's rows or slots move), and the step's new entries are copied back."""
+    """Runs a `Batch`'s decode forwards (of at most `max_batch` rows) as compiled graphs. The batch's
+    `KVCache` stays the record: when its rows are already a bucket's, the graph writes into its buffers
+    directly; otherwise into a padded copy (refreshed when the batch's rows or slots move), and the step's
+    new entries are copied back. (The cache's capacity is a bucket already: `KVCache(buckets=True)`.)"""
 
     max_batch = 32
     """Larger batches decode eagerly: the compiled experts read each selected expert once per token (T·K
@@ -145,7 +146,7 @@ class CompiledDecoder:
         if cache.batch_size == Bb:
             self._mirror = self._mirror_key = None
             return main
-        key = (id(cache), cache.version, Bb)
+        key = (cache.version, Bb)  # (versions are unique across caches)
         # (an eager step in between, for a batch over max_batch, appends without a version change)
         if key != self._mirror_key or cache.length > self._mirror_length:
             self._mirror = [tuple(b.new_zeros(Bb, *b.shape[1:]).index_copy_(0, torch.arange(b.shape[0]), b)
