@@ -110,6 +110,13 @@ class DecodeCache:
     def clear(self) -> None:
         self.key = self.value = None
 
+    def built(self):
+        """The copies as last built, for a compiled graph (keys read data pointers, which a graph cannot): the
+        caller builds them eagerly first (`warm_caches`)."""
+        if self.value is None:
+            raise RuntimeError("fastpath.warm_caches(model) must run before a compiled decode step")
+        return self.value
+
     def __deepcopy__(self, memo) -> "DecodeCache":
         return DecodeCache()
 
@@ -143,11 +150,17 @@ class FastLMHead(FastLinear):
         if torch.is_grad_enabled() or rows > 16:
             return linear(h, w, b)
         if rows == 1:
-            return linear(h, self._decode_cache.get((w.data_ptr(), w._version), lambda: decode_layout(w.detach())), b)
+            return linear(h, self._decode_weight(), b)
         if h.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
             return linear(h, w, b)
         y = torch.mm(w, h.reshape(rows, -1).t()).t().contiguous().view(*h.shape[:-1], -1)
         return y if b is None else y + b
+
+    def _decode_weight(self) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._decode_cache.built()
+        w = self.weight
+        return self._decode_cache.get((w.data_ptr(), w._version), lambda: decode_layout(w.detach()))
 
 
 class FastRMSNorm(RMSNorm):
@@ -234,6 +247,8 @@ class FastMLA(MLA):
         weights."""
         if torch.is_grad_enabled() or self._fp8:
             return self._build_absorbed_weights()
+        if torch.compiler.is_compiling():
+            return self._decode_cache.built()
         # every projection's tensors, read from the module dicts (cheaper than attribute access, and a swapped
         # module or parameter shows up too)
         key = tuple((t.data_ptr(), t._version, t.dtype) for name, m in self._modules.items()
@@ -319,12 +334,23 @@ class FastMoE(MoE):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # (measured on CPU, where syncing on the expert ids is free; no bf16 emulation under autocast; all
         # experts local: an expert-parallel dispatcher always dispatches, on every rank alike)
+        local = drop is None and not torch.is_grad_enabled() and type(self.dispatcher) is TokenDispatcher
+        if local and torch.compiler.is_compiling() and not holds_fp8(self.experts):
+            return self._gathered(x_TD, r.indices, r.weights), None
         limit = self.per_token_max if torch.get_num_threads() == 1 else self.per_token_max // 2
-        if x_TD.shape[0] <= limit and drop is None and not torch.is_grad_enabled() \
-                and type(self.dispatcher) is TokenDispatcher \
-                and x_TD.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        if x_TD.shape[0] <= limit and local and x_TD.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
             return self._per_token(x_TD, r.indices, r.weights), None
         return super()._routed(x_TD, r, drop)
+
+    def _gathered(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """The per-token evaluation as indexed products and sums, for a compiled decode step: Inductor reads
+        each selected expert's rows in place inside one reduction kernel per projection (no gathered weight
+        copies, no sort, no sync on the expert ids, which a graph cannot have)."""
+        gate, up, down = self.experts.local_weights()
+        x = x_TD[:, None, None, :]
+        h_TKI = F.silu((gate[indices_TK] * x).sum(-1)) * (up[indices_TK] * x).sum(-1)
+        y_TKD = (down[indices_TK] * h_TKI[:, :, None, :]).sum(-1)
+        return (cast(weights_TK, y_TKD.dtype)[:, :, None] * y_TKD).sum(1)
 
     def _per_token(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """Each token's K experts are one row through one expert each, cheaper than the sort/gather/scatter
@@ -366,6 +392,16 @@ def enable(model: nn.Module) -> nn.Module:
     if type(head) is FastLinear:
         _swap(head, FastLMHead)
     return model
+
+
+@torch.inference_mode()
+def warm_caches(model: nn.Module) -> None:
+    """Build the decoding weight copies a compiled decode step reads (`DecodeCache.built`)."""
+    for m in model.modules():
+        if isinstance(m, FastMLA) and not m._fp8:
+            m._absorbed_weights()
+        elif isinstance(m, FastLMHead):
+            m._decode_weight()
 
 
 def clear_caches(model: nn.Module) -> None:

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -5,6 +7,8 @@ from nanoseek.data import train_tokenizer
 
 torch.set_flush_denormal(True)
 torch.set_num_threads(1)  # pytest -n 2 runs two workers on two cores
+# compiled decoding only where a test asks for it (compile=True): a compile costs 10-80 s (subprocesses inherit it)
+os.environ.setdefault("NANOSEEK_COMPILE", "0")
 
 # The parity config of REFERENCE.md: YaRN (40 tokens > 32 original), groups, bias, query compression.
 TINY_V3_HF = {

@@ -57,7 +57,7 @@ def test_chat_loop_refuses_an_overlong_conversation():
 @pytest.mark.parametrize("extra,expected", [
     (["--chat", "--stream", "--color", "never"], f"<think>\n{REASONING}\n\n</think>\n\n{ANSWER}\n"),
     (["--chat", "--color", "always", "--speculative", "--stats"], f"{DIM}{REASONING}\n{RESET}\n\n{ANSWER}\n"),
-    (["--chat", "--stop", "plus"], "<think>\nTwo \n</think>\n\n\n"),
+    (["--chat", "--stop", "plus", "--no-compile"], "<think>\nTwo \n</think>\n\n\n"),
 ])
 def test_generate_command(capsys, extra, expected):
     torch.manual_seed(0)

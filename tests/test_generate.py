@@ -11,8 +11,9 @@ from conftest import TINY_V2_HF, TINY_V3_HF
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("kind,cfg", [("v3", TINY_V3_HF), ("v2", TINY_V2_HF)])
-def test_greedy_matches_transformers_generate(tmp_path, seed, kind, cfg):
+@pytest.mark.parametrize("kind,cfg,compile", [("v3", TINY_V3_HF, False), ("v2", TINY_V2_HF, False),
+                                              ("v3", TINY_V3_HF, True)])  # (compiled decoding: Inductor, once)
+def test_greedy_matches_transformers_generate(tmp_path, seed, kind, cfg, compile):
     Config, Model = {"v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
                      "v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM)}[kind]
     hf = Model(Config(**cfg, attn_implementation="eager", pad_token_id=0)).eval()
@@ -28,7 +29,7 @@ def test_greedy_matches_transformers_generate(tmp_path, seed, kind, cfg):
         ids[b, L - len(p):], mask[b, L - len(p):] = torch.tensor(p), 1
     ref = hf.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=None,
                       pad_token_id=0)[:, L:].tolist()
-    assert nanoseek.generate(ns, prompts, max_new_tokens=24, stop_tokens=[]) == ref
+    assert nanoseek.generate(ns, prompts, max_new_tokens=24, stop_tokens=[], compile=compile) == ref
 
 
 def test_a_saved_model_directory_works_in_transformers_as_in_nanoseek(capsys):
@@ -83,10 +84,19 @@ import itertools  # noqa: E402
 import math  # noqa: E402
 
 import infer_fixtures  # noqa: E402
+from nanoseek.infer import compiled  # noqa: E402
 from nanoseek.infer.engine import Batch, Engine  # noqa: E402
 from nanoseek.infer.sampling import SamplingParams, apply_repetition_penalty, distributions  # noqa: E402
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30], [40, 41, 42, 43, 44]]
+
+
+@pytest.fixture(params=[False, True], ids=["eager", "compiled"])
+def compile(request, monkeypatch):
+    """Decode eagerly, or as compiled graphs traced by aot_eager (the graphs Inductor would get: static
+    shapes, no breaks, the same numbers; Inductor's own codegen is tested once, against transformers)."""
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -175,12 +185,12 @@ def test_top_logprobs_logit_bias_and_prompt_scores(speculative):
 
 
 @pytest.mark.parametrize("preset", ["tiny-v3", "tiny-dense"])  # latent cache; K/V cache (GQA)
-def test_continuous_batching_join_and_leave(tiny, preset):
+def test_continuous_batching_join_and_leave(tiny, preset, compile):
     """Rows joining a running batch, and rows removed from it, leave every other row's tokens unchanged."""
     model = tiny if preset == "tiny-v3" else nanoseek.DeepSeekForCausalLM(nanoseek.ModelConfig.preset(preset)).eval()
-    solo = [nanoseek.generate(model, [p], max_new_tokens=16, stop_tokens=[])[0] for p in PROMPTS]
+    solo = [nanoseek.generate(model, [p], max_new_tokens=16, stop_tokens=[], compile=False)[0] for p in PROMPTS]
     for speculative in (False, True) if model.config.num_nextn_predict_layers else (False,):
-        batch = Batch(model, speculative=speculative)
+        batch = Batch(model, speculative=speculative, compile=compile)
         params = SamplingParams(max_new_tokens=16, stop_tokens=[])
         got = {i: [] for i in range(len(PROMPTS))}
         batch.add(PROMPTS[:2], params, keys=[0, 1])
@@ -201,10 +211,10 @@ def test_continuous_batching_join_and_leave(tiny, preset):
         assert batch.cache is None and len(batch) == 0
 
 
-def test_speculative_greedy_is_identical(tiny):
-    engine = Engine(tiny, speculative=True)
+def test_speculative_greedy_is_identical(tiny, compile):
+    engine = Engine(tiny, speculative=True, compile=compile)
     spec = [c.tokens for c in engine.generate(PROMPTS, max_new_tokens=24, stop_tokens=[])]
-    assert spec == nanoseek.generate(tiny, PROMPTS, max_new_tokens=24, stop_tokens=[])
+    assert spec == nanoseek.generate(tiny, PROMPTS, max_new_tokens=24, stop_tokens=[], compile=False)
     assert engine.stats.drafted > 0 and 0 <= engine.stats.acceptance_rate <= 1
     assert nanoseek.generate(tiny, PROMPTS, max_new_tokens=24, stop_tokens=[], speculative=True) == spec
     with pytest.raises(ValueError, match="MTP"):

@@ -90,7 +90,7 @@ def test_grpo_raises_heldout_accuracy_from_bimodal_base(base, tmp_path):
     assert end["think_rate"] > start["think_rate"] + 0.3 and end["mean_length"] > start["mean_length"] + 5
     steps = [r for r in read_metrics(tmp_path / "grpo") if r.get("loss") is not None]
     for key in ("reward_mean", "reward_std", "frac_zero_std", "kl", "entropy", "clip_fraction", "response_length",
-                "think_rate", "accuracy", "truncated_fraction", "rollout_time"):
+                "think_rate", "accuracy", "truncated_fraction", "rollout_time", "rollout_tokens_per_s"):
         assert key in steps[-1], key
     assert steps[-1]["reward_mean"] > steps[0]["reward_mean"]
     assert steps[-1]["response_length"] > steps[0]["response_length"]

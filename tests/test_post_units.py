@@ -117,6 +117,7 @@ def test_rejection_sampling_keeps_verified_wellformed_single_language(monkeypatc
     assert stats["rejected"] == {"incorrect": 1, "truncated": 1, "format": 1, "language": 1, "duplicate": 1,
                                  "over_limit": 1}
     assert stats["kept"] == 2 and stats["prompts_solved"] == 1.0
+    assert stats["generated_tokens"] == 8 and stats["tokens_per_s"] > 0
     rows, stats = rej.rejection_sample(None, None, task, ex, samples=4, require_format=False,
                                        require_language=False, max_per_prompt=4)
     assert len(rows) == 5 and stats["rejected"] == {**dict.fromkeys(rej.REASONS, 0), "incorrect": 1, "truncated": 1,

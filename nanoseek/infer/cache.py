@@ -11,14 +11,31 @@ padding), which is what lets `shift`, `select` and `cat` add and drop rows of a 
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
+
+_versions = itertools.count()
+
+
+def capacity_bucket(n: int) -> int:
+    """The power of two >= n (at least 64): the capacities a compiled decode step is built for."""
+    return max(64, 1 << (n - 1).bit_length())
 
 
 class KVCache:
-    def __init__(self, num_layers: int, batch_size: int, max_len: int, dtype: torch.dtype | None = None):
+    def __init__(self, num_layers: int, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                 buckets: bool = False):
         self.buffers: list[tuple[torch.Tensor, ...] | None] = [None] * num_layers
-        self.batch_size, self.max_len, self.dtype = batch_size, max_len, dtype
+        self.buckets = buckets
+        """Round every capacity up to a `capacity_bucket` (a compiled step's shapes come from a few)."""
+        self.batch_size, self.max_len, self.dtype = batch_size, self._capacity(max_len), dtype
         self.length = 0
+        self.version = next(_versions)
+        """Changes (unique across caches) whenever entries move or buffers are replaced, not when appended to."""
+
+    def _capacity(self, n: int) -> int:
+        return capacity_bucket(n) if self.buckets else n
 
     @property
     def num_layers(self) -> int:
@@ -44,7 +61,8 @@ class KVCache:
         """Make room for `max_len` positions (grows by at least half again, so appends stay amortized)."""
         if max_len <= self.max_len:
             return
-        max_len = max(max_len, self.max_len + self.max_len // 2)
+        max_len = self._capacity(max(max_len, self.max_len + self.max_len // 2))
+        self.version = next(_versions)
         for i, bufs in enumerate(self.buffers):
             if bufs is not None:
                 grown = []
@@ -59,6 +77,7 @@ class KVCache:
         """Keep only these batch rows (a 1-D index), in this order."""
         self.buffers = [None if bufs is None else tuple(b.index_select(0, rows) for b in bufs) for bufs in self.buffers]
         self.batch_size = int(rows.numel())
+        self.version = next(_versions)
 
     def shift(self, n: int) -> None:
         """Move every entry n slots right (n > 0: left padding) or drop the first -n slots (n < 0)."""
@@ -66,6 +85,7 @@ class KVCache:
             return
         if n > 0:
             self.reserve(self.length + n)
+        self.version = next(_versions)
         keep = self.length if n > 0 else self.length + n
         for bufs in self.buffers:
             for b in bufs or ():
@@ -81,8 +101,9 @@ class KVCache:
         length = caches[0].length
         if any(c.length != length or c.num_layers != caches[0].num_layers for c in caches):
             raise ValueError("KVCache.cat needs caches with the same length and number of layers")
-        max_len = max(max_len or 0, length)
-        out = KVCache(caches[0].num_layers, sum(c.batch_size for c in caches), max_len, caches[0].dtype)
+        out = KVCache(caches[0].num_layers, sum(c.batch_size for c in caches), max(max_len or 0, length),
+                      caches[0].dtype, caches[0].buckets)
+        max_len = out.max_len
         out.length = length
         for i in range(out.num_layers):
             like = next((c.buffers[i] for c in caches if c.buffers[i] is not None), None)

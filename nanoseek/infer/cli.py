@@ -84,7 +84,7 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"note: --max-new-tokens capped at {context - len(ids)}: the prompt's {len(ids)} tokens and the "
               f"reply must fit this model's context of {context}", file=sys.stderr)
         params = dataclasses.replace(params, max_new_tokens=context - len(ids))
-    engine = Engine(model, tok, speculative=args.speculative)
+    engine = Engine(model, tok, speculative=args.speculative, compile="auto" if args.compile else False)
     color = use_color(args.color)
     t0, n = time.perf_counter(), 0
     if args.chat:
@@ -109,7 +109,8 @@ def _generate(args: argparse.Namespace) -> None:
         dt = time.perf_counter() - t0
         s = engine.stats
         print(f"{n} tokens in {dt:.2f}s ({n / dt:.1f} tokens/s); tokens per forward {s.tokens_per_forward:.2f}"
-              + (f", draft acceptance {s.acceptance_rate:.1%}" if args.speculative else ""), file=sys.stderr)
+              + (f", draft acceptance {s.acceptance_rate:.1%}" if args.speculative else "")
+              + (f"; {s.compile_seconds:.1f}s of it compiling" if s.compile_seconds else ""), file=sys.stderr)
 
 
 def _register_generate(subparsers) -> None:
@@ -125,6 +126,8 @@ def _register_generate(subparsers) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (same output, fewer forwards)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="decode eagerly (default: compiled decode steps where that pays, see Engine)")
     p.add_argument("--stats", action="store_true", help="print tokens/s (and draft acceptance) to stderr")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     add_precision_arguments(p)
@@ -136,7 +139,7 @@ def _register_generate(subparsers) -> None:
 def _chat(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     model, tok = load(args.model, args.dtype, args.fp8)
-    engine = Engine(model, tok, speculative=args.speculative)
+    engine = Engine(model, tok, speculative=args.speculative, compile="auto" if args.compile else False)
     params = sampling_params(args)
     color = use_color(args.color)
     try:  # here, not at the top: only the interactive chat wants it, and not every platform has it
@@ -156,6 +159,8 @@ def _register_chat(subparsers) -> None:
     add_sampling_arguments(p, max_new_tokens=512, temperature=0.6, top_p=0.95,
                            temperature_help="0 = greedy (R1's recommendation: 0.6)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="decode eagerly (default: compiled decode steps where that pays, see Engine)")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     p.add_argument("--stats", action="store_true", help="print tokens/s after each reply")
     add_precision_arguments(p)
@@ -179,7 +184,7 @@ def _serve(args: argparse.Namespace) -> None:
     app = create_app(model, tok, name, api_key=args.api_key or os.environ.get("NANOSEEK_API_KEY"),
                      max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_model_len=args.max_model_len,
                      default_max_tokens=args.default_max_tokens, speculative=args.speculative,
-                     thinking=thinking(args, tok))
+                     thinking=thinking(args, tok), compile="auto" if args.compile else False)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (batch {args.max_batch_size}, queue {args.max_queue}"
           f"{', API key required' if args.api_key else ''})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -199,6 +204,8 @@ def _register_serve(subparsers) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="decode eagerly (default: compiled decode steps where that pays, see Engine)")
     add_thinking_argument(p, "open every chat reply with <think> (R1 style)")
     add_precision_arguments(p)
     p.add_argument("--log-level", default="warning")

@@ -23,14 +23,23 @@ layer to draft the next token.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
 from nanoseek import fastpath
 from nanoseek.infer.cache import KVCache
-from nanoseek.infer.sampling import SamplingParams, distributions, draw, penalize, uniform
+from nanoseek.infer.compiled import CompiledDecoder, CompileFailed, compile_pays
+from nanoseek.infer.sampling import (
+    SamplingParams,
+    distributions,
+    draw,
+    penalize,
+    uniform,
+)
 from nanoseek.infer.text import IncrementalText
 
 
@@ -71,6 +80,8 @@ class DecodeStats:
     tokens: int = 0
     drafted: int = 0
     accepted: int = 0
+    compile_seconds: float = 0.0
+    """Seconds the decode forwards spent compiling graphs (compiled decoding; apart from steady-state speed)."""
 
     @property
     def acceptance_rate(self) -> float:
@@ -93,7 +104,8 @@ class _Row:
 
 
 class Batch:
-    def __init__(self, model, tokenizer=None, *, speculative: bool = False, cache_dtype: torch.dtype | None = None):
+    def __init__(self, model, tokenizer=None, *, speculative: bool = False, cache_dtype: torch.dtype | None = None,
+                 compile: bool = False):
         cfg = model.config
         if speculative and not cfg.num_nextn_predict_layers:
             raise ValueError("speculative decoding needs a model with an MTP module (num_nextn_predict_layers >= 1)")
@@ -108,6 +120,9 @@ class Batch:
         if tokenizer is not None:
             self.default_stop.add(tokenizer.eos_id)
         self.stats = DecodeStats()
+        compile = compile and not CompiledDecoder.failed(model)
+        self.compiled = CompiledDecoder(model, cfg.num_hidden_layers) if compile else None
+        """Decode forwards as compiled graphs (nanoseek.infer.compiled); prefill stays eager."""
         self.rows: list[_Row] = []
         self._pending: list[Delta] = []
         self._keys = itertools.count()
@@ -179,7 +194,7 @@ class Batch:
         pre = [r.prompt[:-1] for r in new]
         L = max(map(len, pre))
         self.stats.prefill_tokens += sum(map(len, pre))
-        cache = KVCache(self.num_layers, G, L + self._room(new), self.cache_dtype)
+        cache = KVCache(self.num_layers, G, L + self._room(new), self.cache_dtype, buckets=self.compiled is not None)
         mask = torch.zeros(G, L, dtype=torch.bool, device=dev)
         for b, p in enumerate(pre):
             mask[b, L - len(p):] = True
@@ -346,8 +361,20 @@ class Batch:
         self.cache.reserve(T + S)
         mask = torch.cat([self.mask, self.mask.new_ones(B, S)], 1)
         positions = self.pos[:, None] + torch.arange(S, device=self.device)
-        out = self.model(ids, attention_mask=None if self._dense else mask, position_ids=positions, cache=self.cache,
-                         logits_to_keep=S)
+        out = None
+        if self.compiled is not None and B <= self.compiled.max_batch:
+            before = self.compiled.compile_seconds
+            try:
+                logits, hidden = self.compiled.forward(self.cache, ids, positions, mask)
+                out = SimpleNamespace(logits=logits, hidden_states=hidden)
+            except CompileFailed as e:
+                warnings.warn(f"{e}; decoding eagerly", stacklevel=2)
+                self.compiled = None
+            else:
+                self.stats.compile_seconds += self.compiled.compile_seconds - before
+        if out is None:
+            out = self.model(ids, attention_mask=None if self._dense else mask, position_ids=positions,
+                             cache=self.cache, logits_to_keep=S)
         self.stats.forwards += 1
         self.stats.row_steps += B
         self.mask = mask
@@ -482,15 +509,24 @@ class Engine:
     `stream` yields, after every forward, the list of `Delta`s of the rows that advanced; `generate`
     collects them into `Completion`s. `new_batch()` gives a `Batch` to drive directly (the server
     adds requests to it while it runs). `stats` holds the last call's `DecodeStats`.
+
+    `compile`: run the decode forwards as compiled graphs (`nanoseek.infer.compiled`: the same tokens, about
+    2x the tokens/s on CPU, after a compile per batch bucket); "auto" where that pays (`compile_pays`),
+    False for eager.
     """
 
-    def __init__(self, model, tokenizer=None, *, speculative: bool = False, cache_dtype: torch.dtype | None = None):
+    def __init__(self, model, tokenizer=None, *, speculative: bool = False, cache_dtype: torch.dtype | None = None,
+                 compile: bool | str = "auto"):
         self.model, self.tokenizer, self.speculative, self.cache_dtype = model, tokenizer, speculative, cache_dtype
         fastpath.enable(model)  # (in place: the same parameters, decoded faster)
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+        self.compile = compile_pays(model) if compile == "auto" else compile and CompiledDecoder.available()
         self.stats = DecodeStats()
 
     def new_batch(self) -> Batch:
-        return Batch(self.model, self.tokenizer, speculative=self.speculative, cache_dtype=self.cache_dtype)
+        return Batch(self.model, self.tokenizer, speculative=self.speculative, cache_dtype=self.cache_dtype,
+                     compile=self.compile)
 
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
                **kwargs) -> Iterator[list[Delta]]:

@@ -218,7 +218,7 @@ class Scheduler:
 def create_app(model, tokenizer, model_name: str = "nanoseek", *, api_key: str | None = None,
                max_batch_size: int = 16, max_queue: int = 64, max_model_len: int | None = None,
                default_max_tokens: int = 256, speculative: bool = False, thinking: bool = False,
-               max_body_bytes: int = 8 << 20):
+               max_body_bytes: int = 8 << 20, compile: bool | str = "auto"):
     """The FastAPI app; its lifespan starts and stops the scheduler (`app.state.scheduler`)."""
     positions = model.config.max_position_embeddings
     limits = {"max_batch_size": max_batch_size, "max_queue": max_queue, "default_max_tokens": default_max_tokens,
@@ -234,7 +234,7 @@ def create_app(model, tokenizer, model_name: str = "nanoseek", *, api_key: str |
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    engine = Engine(model, tokenizer, speculative=speculative)
+    engine = Engine(model, tokenizer, speculative=speculative, compile=compile)
     scheduler = Scheduler(engine, max_batch_size=max_batch_size, max_queue=max_queue)
     context = max_model_len or positions
     # no token spells more characters than the longest vocabulary entry (byte-level: one char per byte),

@@ -95,7 +95,8 @@ class DeepSeekForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, mtp: bool | None = None,
                 logits_to_keep: int = 0) -> ModelOutput:
-        """input_ids [B, S]; attention_mask [B, past + S] (1 = real token, for left-padded batches);
+        """input_ids [B, S]; attention_mask [B, past + S] (1 = real token, for left-padded batches), or a
+        [B, 1, S, past + S] one per query (True = attend), taken as is;
         cache: a KV cache (nanoseek.infer.cache) holding `past` positions; mtp: compute the MTP logits
         (default: when there is no cache)."""
         if input_ids.dim() != 2:
@@ -171,6 +172,12 @@ class DeepSeekForCausalLM(nn.Module):
         T = start + S
         if attention_mask is None:
             return None if start == 0 or S == 1 else causal_mask(S, T, device, dtype)
+        if attention_mask.dim() == 4:  # per query (a fixed-capacity cache: the new slots are not the last ones)
+            if attention_mask.shape != (B, 1, S, T):
+                raise ValueError(f"a 4-D attention_mask must be [batch, 1, seq, past + seq] = {(B, 1, S, T)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            return torch.zeros(attention_mask.shape, device=device, dtype=dtype).masked_fill(
+                ~attention_mask.bool(), torch.finfo(dtype).min)
         if attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask must be [batch, past + seq] = {(B, T)}, got {tuple(attention_mask.shape)}")
         mask = causal_mask(S, T, attention_mask.device, dtype).expand(B, 1, S, T)

@@ -213,6 +213,7 @@ class GRPOTrainer(PostTrainer):
             "response_length": mean(lengths), "response_length_max": max(lengths),
             "truncated_fraction": mean(x for part in shares for x in part[4]),
             **times, "tokens": int(n_tokens.item()),
+            "rollout_tokens_per_s": sum(lengths) / max(times["rollout_time"], 1e-9),  # generated, all ranks
         }
         if "language" in scores[0]:
             record["language_consistency"] = mean(s["language"] for s in scores)

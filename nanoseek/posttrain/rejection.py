@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from nanoseek.infer.generate import sample_completions
@@ -48,8 +49,10 @@ def rejection_sample(model, tok, task, examples, samples: int = 4, temperature: 
                      progress: bool = False) -> tuple[list[dict], dict]:
     """(kept rows, statistics): rows are {"prompt", "completion", "answer"}; stats count every rejection reason."""
     prompts = [e.prompt for e in examples for _ in range(samples)]
+    t0 = time.perf_counter()
     out = sample_completions(model, tok, prompts, max_new_tokens, temperature, top_p, seed=seed,
                              batch_size=batch_size, progress="rejection-sample" if progress else None)
+    seconds = time.perf_counter() - t0
     rows, rejected = [], dict.fromkeys(REASONS, 0)
     solved = 0
     correct_samples = 0
@@ -74,7 +77,9 @@ def rejection_sample(model, tok, task, examples, samples: int = 4, temperature: 
         rows += [{"prompt": e.prompt, "completion": c, "answer": e.answer} for c in kept]
     stats = {"prompts": len(examples), "samples": len(out), "kept": len(rows),
              "kept_fraction": len(rows) / max(len(out), 1), "sample_accuracy": correct_samples / max(len(out), 1),
-             "prompts_solved": solved / max(len(examples), 1), "rejected": rejected}
+             "prompts_solved": solved / max(len(examples), 1), "rejected": rejected,
+             "generated_tokens": sum(len(s.tokens) for s in out), "sampling_seconds": seconds}
+    stats["tokens_per_s"] = stats["generated_tokens"] / max(seconds, 1e-9)
     return rows, stats
 
 
@@ -82,10 +87,12 @@ def merge_stats(parts: list[dict]) -> dict:
     """The statistics of `rejection_sample` over disjoint shares of the prompts."""
     samples, prompts = sum(p["samples"] for p in parts), sum(p["prompts"] for p in parts)
     kept = sum(p["kept"] for p in parts)
+    tokens, seconds = sum(p["generated_tokens"] for p in parts), max(p["sampling_seconds"] for p in parts)
     return {"prompts": prompts, "samples": samples, "kept": kept, "kept_fraction": kept / max(samples, 1),
             "sample_accuracy": sum(p["sample_accuracy"] * p["samples"] for p in parts) / max(samples, 1),
             "prompts_solved": sum(p["prompts_solved"] * p["prompts"] for p in parts) / max(prompts, 1),
-            "rejected": {k: sum(p["rejected"][k] for p in parts) for k in REASONS}}
+            "rejected": {k: sum(p["rejected"][k] for p in parts) for k in REASONS},
+            "generated_tokens": tokens, "sampling_seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
 
 
 def rejection_sample_ranks(model, tok, task, examples, *args, seed: int = 0, **kwargs) -> tuple[list[dict], dict]:

@@ -1,0 +1,192 @@
+"""A compiled decode step (torch.compile, Inductor): the model's own forward over a fixed-capacity cache.
+
+Eager decoding of a small model is bound by the number of dispatched ops (~660 per token at small-v3);
+a compiled graph runs them as a few fused kernels. For a graph to be compiled once and reused, every
+shape in it is fixed: the batch is padded to a bucket (1, 2, 4, 8, ...), attention reads the cache's
+whole capacity (a power of two) under a per-query mask, and the new token's slot and positions are
+tensors. One graph per (batch bucket, capacity, tokens per step), kept for the process: a later batch
+or request with the same shapes reuses it, and Inductor's on-disk cache makes a rerun's compile short.
+
+`SlotCache` is what the model sees in place of `KVCache`: the same `update` interface, writing the
+step's entries at `slot` (a tensor) and handing back the full buffers. The CPU fast paths' weight copies
+are built eagerly before (`fastpath.warm_caches`: their keys read data pointers, which a graph cannot)
+and enter the graph as inputs, so weights changed between batches (RL) need no recompile; the routed
+experts take `FastMoE._gathered` (no sync on the expert ids). Prefill stays eager (one forward per prompt).
+"""
+from __future__ import annotations
+
+import os
+import time
+import weakref
+
+import torch
+
+from nanoseek import fastpath
+from nanoseek.infer.cache import KVCache
+from nanoseek.quant.fp8_weights import holds_fp8
+
+COMPILE_MIN_PARAMETERS = 1_000_000
+"""`compile="auto"` compiles models at least this large (non-embedding parameters) on CPU: a graph compiles
+in 10-80 s (a few seconds when Inductor's cache has it), which pays back after some thousands of tokens;
+the tiny models of tests and the demo decode a few hundred per run."""
+
+
+def compile_pays(model) -> bool:
+    """Whether `compile="auto"` compiles this model's decode step: on CPU (the GPU's path, CUDA graphs, is
+    not measured yet) with Inductor, an fp32 model (bf16: not measured, and Inductor rounds its fused ops'
+    intermediates differently from eager's per-op bf16, so greedy tokens can differ) of at least
+    COMPILE_MIN_PARAMETERS, without FP8-stored weights (dequantized as read: not written for a graph).
+    The environment variable NANOSEEK_COMPILE=0 or 1 decides instead (for the commands that decode
+    inside: GRPO, DPO, rejection sampling, evaluation)."""
+    env = os.environ.get("NANOSEEK_COMPILE", "")
+    if env in ("0", "1"):
+        return env == "1" and CompiledDecoder.available()
+    p = next(model.parameters())
+    return p.device.type == "cpu" and p.dtype == torch.float32 and CompiledDecoder.available() \
+        and not holds_fp8(model) and model.num_parameters(embedding=False) >= COMPILE_MIN_PARAMETERS
+
+
+def bucket(n: int) -> int:
+    """The batch a compiled step runs for n rows: the power of two >= n."""
+    return 1 << (n - 1).bit_length()
+
+
+class SlotCache:
+    """Fixed-capacity buffers [B, capacity, ...] per layer; the step's S entries go to slots slot..slot+S.
+    `length` reads capacity - S, so the model attends over all capacity slots (its mask hides the unused)."""
+
+    def __init__(self, buffers: list[tuple[torch.Tensor, ...]], slot_S: torch.Tensor):
+        self.buffers, self.slot_S = buffers, slot_S
+        self.length = buffers[0][0].shape[1] - slot_S.shape[0]
+
+    def update(self, layer_idx: int, start: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        bufs = self.buffers[layer_idx]
+        for buf, t in zip(bufs, new):
+            buf.index_copy_(1, self.slot_S, fastpath.cast(t, buf.dtype))
+        return tuple(fastpath.cast(buf, t.dtype) for buf, t in zip(bufs, new))
+
+
+def _step(model, ids_BS, positions_BS, mask_B1ST, slot_S, buffers):
+    out = model(ids_BS, attention_mask=mask_B1ST, position_ids=positions_BS, cache=SlotCache(buffers, slot_S),
+                logits_to_keep=ids_BS.shape[1])
+    return out.logits, out.hidden_states
+
+
+class CompileFailed(RuntimeError):
+    pass
+
+
+class CompiledDecoder:
+    """Runs a `Batch`'s decode forwards (of at most `max_batch` rows) as compiled graphs. The batch's
+    `KVCache` stays the record: when its rows are already a bucket's, the graph writes into its buffers
+    directly; otherwise into a padded copy (refreshed when the batch's rows or slots move), and the step's
+    new entries are copied back. (The cache's capacity is a bucket already: `KVCache(buckets=True)`.)"""
+
+    max_batch = 32
+    """Larger batches decode eagerly: the compiled experts read each selected expert once per token (T·K
+    reads, where the eager grouped kernel reads each used expert once); measured faster than eager up to
+    32 rows (small-v3), not beyond."""
+
+    def __init__(self, model, num_layers: int):
+        self.model, self.num_layers = model, num_layers
+        self.compile_seconds = 0.0
+        """Seconds spent compiling (first calls of new graphs) by this decoder."""
+        self._mirror = self._mirror_key = None
+        self._mirror_length = 0
+        fastpath.warm_caches(model)
+        # one graph per shape set, all guarded on the same code object: allow more than dynamo's default 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+    @staticmethod
+    def failed(model) -> bool:
+        return model in _failed
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            import torch._inductor  # noqa: F401  (a torch build without Inductor: eager)
+        except ImportError:
+            return False
+        return True
+
+    def forward(self, cache: KVCache, ids_BS: torch.Tensor, positions_BS: torch.Tensor, mask_BT: torch.Tensor):
+        """One decode forward of S new tokens per row at slots cache.length.. (which it fills, and advances
+        cache.length past); mask_BT [B, cache.length + S] marks each row's real slots. Returns (logits
+        [B, S, V], final hidden states [B, S, D])."""
+        B, S = ids_BS.shape
+        T, dev = cache.length, ids_BS.device
+        Bb, cap = bucket(B), cache.max_len
+        slot_S = torch.arange(T, T + S, device=dev)
+        # per-query mask over the whole capacity: each row's real slots, causal among the S new ones
+        mask = torch.zeros(Bb, 1, S, cap, dtype=torch.bool, device=dev)
+        mask[:B, 0, :, :T] = mask_BT[:, None, :T]
+        mask[:, 0, :, T:T + S] = torch.ones(S, S, dtype=torch.bool, device=dev).tril()  # (padding rows: themselves)
+        # fresh, padded copies: a graph is guarded on its inputs' strides too
+        ids, positions = torch.zeros(2, Bb, S, dtype=torch.long, device=dev)
+        ids[:B], positions[:B] = ids_BS, positions_BS
+        buffers = self._buffers(cache, Bb)
+        logits, hidden = self._run(Bb, cap, S, ids, positions, mask, slot_S, buffers)
+        if buffers is not cache.buffers:  # write the new entries back into the batch's cache
+            for bufs, mine in zip(cache.buffers, buffers):
+                for b, m in zip(bufs, mine):
+                    b[:, T:T + S] = m[:B, T:T + S]
+            self._mirror_length = T + S
+        cache.length = T + S
+        return logits[:B], hidden[:B]
+
+    def _buffers(self, cache: KVCache, Bb: int) -> list:
+        main = cache.buffers[: self.num_layers]
+        if any(b is None for b in main):  # (a batch whose prompts were all one token: nothing prefilled yet)
+            like = self._like()
+            for i in range(self.num_layers):
+                if cache.buffers[i] is None:
+                    cache.buffers[i] = tuple(torch.zeros(cache.batch_size, cache.max_len, *s, dtype=cache.dtype or d,
+                                                         device=like.device) for s, d in self._entry_shapes())
+            main = cache.buffers[: self.num_layers]
+        if cache.batch_size == Bb:
+            self._mirror = self._mirror_key = None
+            return main
+        key = (cache.version, Bb)  # (versions are unique across caches)
+        # (an eager step in between, for a batch over max_batch, appends without a version change)
+        if key != self._mirror_key or cache.length > self._mirror_length:
+            self._mirror = [tuple(b.new_zeros(Bb, *b.shape[1:]).index_copy_(0, torch.arange(b.shape[0]), b)
+                                  for b in bufs) for bufs in main]
+            self._mirror_key = key
+        return self._mirror
+
+    def _like(self) -> torch.Tensor:
+        return next(self.model.parameters())
+
+    def _entry_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        cfg, dtype = self.model.config, self._like().dtype
+        if cfg.is_mla:
+            return [((cfg.kv_lora_rank + cfg.qk_rope_head_dim,), dtype)]
+        return [((cfg.num_key_value_heads, cfg.attn_head_dim), dtype)] * 2
+
+    def _run(self, Bb: int, cap: int, S: int, *args):
+        """The graph for these shapes (dynamo keeps one per shape set, guarded; the first call compiles it)."""
+        step = _steps.get(BACKEND)
+        if step is None:
+            step = _steps[BACKEND] = torch.compile(_step, backend=BACKEND, fullgraph=True, dynamic=False)
+        key, done = (BACKEND, Bb, cap, S), _compiled.setdefault(self.model, set())
+        if key in done:
+            return step(self.model, *args)
+        t = time.perf_counter()
+        try:
+            out = step(self.model, *args)
+        except Exception as e:  # (compilation runs before the graph touches the cache: eager can take over)
+            _failed.add(self.model)
+            raise CompileFailed(f"compiling the decode step failed ({type(e).__name__}: {e})") from e
+        done.add(key)
+        self.compile_seconds += time.perf_counter() - t
+        return out
+
+
+BACKEND = "inductor"
+"""torch.compile's backend ("aot_eager" traces the same graph without generating code: tests use it to
+check shapes and graph breaks in seconds)."""
+_steps: dict = {}
+_failed: weakref.WeakSet = weakref.WeakSet()
+"""Models whose decode step failed to compile (no C++ compiler, an unsupported op): they decode eagerly."""
+_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> {(backend, batch bucket, capacity, S)} of the graphs compiled for it in this process."""
