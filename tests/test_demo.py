@@ -8,7 +8,13 @@ import pytest
 from nanoseek.data.chat import render_chat
 from nanoseek.posttrain.sft import task_sft_rows
 from nanoseek.recipes.demo import STYLES, Demo
-from nanoseek.recipes.report import THRESHOLDS, check_report, findings, results_table, threshold_failures
+from nanoseek.recipes.report import (
+    THRESHOLDS,
+    check_report,
+    findings,
+    results_table,
+    threshold_failures,
+)
 from nanoseek.tasks import make_task
 
 
