@@ -153,7 +153,7 @@ def test_quick_demo_end_to_end_and_rerun_reuses(tmp_path):
     report = run(tmp_path, quick=True, threads=1, progress=False)
     assert check_report(tmp_path)["rows"] == json.loads(json.dumps(report["rows"]))
     assert all(s["identical"] for s in report["speculative"].values())
-    assert "**Plan: quick**" in (tmp_path / "report.md").read_text() and report["plan"]["pretrain_steps"] == 600
+    assert "**Plan: quick**" in (tmp_path / "report.md").read_text() and report["plan"]["pretrain_steps"] == 1000
     for name in ("pretraining", "experts", "grpo", "accuracy"):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 10_000
     lines = []
