@@ -85,9 +85,8 @@ PLANS = {
     # traces (40% instead of 30%, still a minority, so the base answers greedily without reasoning) and 1000
     # short pretraining steps to learn them (600 sufficed for seeds 0 and 2, seed 1 needed 1000; a higher LR, a
     # constant LR, 45% traces or more documents did not help); enough RL and SFT steps for each stage to move
-    # its numbers; and a
-    # student given 1000 teacher prompts and 300 steps (on the R1 pipeline's ~300 rejection samples for 150
-    # steps it reached only 6%).
+    # its numbers; and a student given 1000 teacher prompts and 300 steps (on the R1 pipeline's ~300
+    # rejection samples for 150 steps it reached only 6%).
     "quick": Plan(docs=8_000, vocab_size=300, pretrain_steps=1000, pretrain_batch=16, r1_zero_steps=20,
                   r1_steps={"cold_start": 40, "reasoning_rl": 8, "rejection": 300, "sft": 40, "rl": 8},
                   distill_prompts=1000, distill_steps=300, eval_examples=100, eval_k=2, spec_prompts=4,
