@@ -143,16 +143,17 @@ class Demo:
     def plan_text(self) -> str:
         """Which plan ran; for quick, that its numbers come from a smaller budget than the full demo's."""
         p = self.plan
+        r1 = " / ".join(f"{k} {v}" for k, v in p.r1_steps.items())
         sizes = (f"{p.docs:,} corpus chats, {p.pretrain_steps} pretraining steps of {p.pretrain_batch} sequences, "
-                 f"{p.r1_zero_steps} R1-Zero GRPO steps, R1 stages {p.r1_steps}, {p.distill_steps} distillation "
-                 f"steps, {p.eval_examples} held-out problems per evaluation")
+                 f"{p.r1_zero_steps} R1-Zero GRPO steps, R1 stages {r1} (steps; rejection: prompts), "
+                 f"{p.distill_steps} distillation steps, {p.eval_examples} held-out problems per evaluation")
         if self.mode != "quick":
             return f"**Plan: full** ({sizes})."
         f = PLANS["full"]
         return (f"**Plan: quick** ({sizes}). Its numbers come from a smaller budget than the full demo's "
                 f"(`nanoseek demo`: {f.pretrain_steps} pretraining steps of {f.pretrain_batch} sequences, "
                 f"{f.r1_zero_steps} R1-Zero steps, {f.distill_steps} distillation steps, {f.eval_examples} held-out "
-                f"problems) and a corpus richer in reasoning traces ({p.styles} vs {f.styles}): every stage shows "
+                f"problems) and a corpus richer in reasoning traces ({mix(p.styles)} vs {mix(f.styles)}): every stage shows "
                 f"its effect, but the accuracies are lower and noisier than the full demo's.")
 
     def path(self, name: str) -> Path:
@@ -302,6 +303,10 @@ class Demo:
 
 
 # ---------------------------------------------------------------------- helpers
+def mix(styles: dict) -> str:
+    return ", ".join(f"{name} {100 * share:.0f}%" for name, share in styles.items())
+
+
 def line(metrics: dict) -> str:
     parts = [f"greedy accuracy {100 * metrics['greedy_accuracy']:.1f}%"]
     if "pass@1" in metrics:
