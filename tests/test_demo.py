@@ -8,7 +8,13 @@ import pytest
 from nanoseek.data.chat import render_chat
 from nanoseek.posttrain.sft import task_sft_rows
 from nanoseek.recipes.demo import STYLES, Demo
-from nanoseek.recipes.report import check_report, findings, results_table
+from nanoseek.recipes.report import (
+    THRESHOLDS,
+    check_report,
+    findings,
+    results_table,
+    threshold_failures,
+)
 from nanoseek.tasks import make_task
 
 
@@ -95,6 +101,51 @@ def test_check_report_names_what_is_missing(tmp_path):
         check_report(tmp_path)
 
 
+def _report(base=0.0, zero=0.6, r1=0.62, zero_lang=0.5, r1_lang=1.0, student=0.3, accept=(0.9, 0.8)):
+    rows = [_row("base (pretrained)", "pretrain", base),
+            _row("R1-Zero: GRPO", "r1-zero", zero, language_consistency=zero_lang),
+            _row("R1: cold-start SFT", "r1", 0.99, language_consistency=1.0),
+            _row("R1: rejection sampling", "r1", None, kept=10, samples=40),
+            _row("R1: GRPO", "r1", r1, language_consistency=r1_lang),
+            _row("student (distilled from R1)", "distill", student)]
+    rows[3].pop("greedy_accuracy")
+    spec = {name: {"acceptance_rate": a} for name, a in zip(("base", "r1"), accept)}
+    return {"mode": "quick", "seed": 0, "rows": rows, "speculative": spec}
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"zero": 0.15}, "R1-Zero raises held-out accuracy: base 0.0% -> R1-Zero 15.0% is +15.0 points, needs >= +20"),
+    ({"r1": 0.57}, "R1 keeps R1-Zero's accuracy: R1 57.0% vs R1-Zero 60.0%, needs >= R1-Zero - 2 points"),
+    ({"r1_lang": 0.5}, "R1 raises language consistency over R1-Zero: R1 50.0% vs R1-Zero 50.0%, needs R1 > R1-Zero"),
+    ({"student": 0.0}, "the student learns from the teacher's traces: student 0.0% vs base 0.0%, needs student > base"),
+    ({"accept": (0.9, 0.4)}, "MTP drafts are accepted: r1 acceptance 40.0%, needs >= 50%"),
+])
+def test_check_report_fails_on_each_missed_threshold(tmp_path, change, needle):
+    """The CI check fails when the recipe stops working, naming the finding and its numbers."""
+    assert threshold_failures(_report()) == []
+    assert threshold_failures(_report(r1=0.58)) == []  # 2 points below R1-Zero is still within
+    assert threshold_failures(_report(**change)) == [needle]
+    (tmp_path / "report.md").write_text("| base (pretrained) |\n## Findings\n")
+    (tmp_path / "report.json").write_text(json.dumps(_report()))
+    assert check_report(tmp_path)["seed"] == 0
+    (tmp_path / "report.json").write_text(json.dumps(_report(**change)))
+    with pytest.raises(ValueError, match="quick plan, seed 0\\): 1 finding\\(s\\) miss their threshold") as e:
+        check_report(tmp_path)
+    assert needle in str(e.value)
+    assert check_report(tmp_path, thresholds=None)["seed"] == 0
+    assert set(THRESHOLDS) == {"r1_zero_gain", "r1_below_r1_zero", "mtp_acceptance"}
+
+
+def test_quick_plan_is_smaller_and_says_so(tmp_path):
+    """The report says which plan ran, and that quick's numbers come from a smaller budget."""
+    quick, full = Demo(tmp_path / "q", quick=True), Demo(tmp_path / "f")
+    assert quick.plan.pretrain_steps * quick.plan.pretrain_batch < full.plan.pretrain_steps * full.plan.pretrain_batch
+    assert "**Plan: quick**" in quick.plan_text() and "smaller budget than the full demo's" in quick.plan_text()
+    assert full.plan_text().startswith("**Plan: full**")
+    # The base must answer greedily without reasoning: the bare answers stay the majority.
+    assert quick.plan.styles["buggy"] > 0.5 and full.plan.styles == STYLES
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end_and_rerun_reuses(tmp_path):
     from nanoseek.recipes.demo import run
@@ -102,6 +153,7 @@ def test_quick_demo_end_to_end_and_rerun_reuses(tmp_path):
     report = run(tmp_path, quick=True, threads=1, progress=False)
     assert check_report(tmp_path)["rows"] == json.loads(json.dumps(report["rows"]))
     assert all(s["identical"] for s in report["speculative"].values())
+    assert "**Plan: quick**" in (tmp_path / "report.md").read_text() and report["plan"]["pretrain_steps"] == 1000
     for name in ("pretraining", "experts", "grpo", "accuracy"):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 10_000
     lines = []

@@ -26,7 +26,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -67,21 +67,30 @@ class Plan:
     r1_zero_steps: int        # GRPO steps of R1-Zero
     r1_steps: dict            # the R1 stages' sizes: cold_start / reasoning_rl / sft / rl steps, rejection prompts
     distill_prompts: int      # teacher prompts sampled for the student's traces; 0: the R1 pipeline's
-                              # rejection-sampled data instead (R1 §2.4 distills on those; a quick run's
-                              # teacher solves too few prompts to be sampled reliably)
+                              # rejection-sampled data instead (R1 §2.4 distills on those)
     distill_steps: int
     eval_examples: int        # held-out problems per evaluation
     eval_k: int               # samples per problem for pass@1 / cons@k
     spec_prompts: int         # prompts in the speculative-decoding measurement
+    styles: dict = field(default_factory=lambda: dict(STYLES))  # the corpus mix
+    spec_reps: int = 3        # timed repetitions of the speculative-decoding measurement
+    distill_eval_at_start: bool = True  # also evaluate the untrained student
 
 
 PLANS = {
     "full": Plan(docs=60_000, vocab_size=300, pretrain_steps=1200, pretrain_batch=32, r1_zero_steps=60,
                  r1_steps={"cold_start": 40, "reasoning_rl": 30, "rejection": 1000, "sft": 100, "rl": 30},
                  distill_prompts=4000, distill_steps=600, eval_examples=200, eval_k=4, spec_prompts=16),
-    "quick": Plan(docs=8_000, vocab_size=300, pretrain_steps=200, pretrain_batch=16, r1_zero_steps=6,
-                  r1_steps={"cold_start": 40, "reasoning_rl": 4, "rejection": 200, "sft": 10, "rl": 4},
-                  distill_prompts=0, distill_steps=20, eval_examples=50, eval_k=2, spec_prompts=4),
+    # Every stage still shows its effect, from a smaller budget (issue 20, docs/LOG.md): a corpus richer in
+    # traces (40% instead of 30%, still a minority, so the base answers greedily without reasoning) and 1000
+    # short pretraining steps to learn them (600 sufficed for seeds 0 and 2, seed 1 needed 1000; a higher LR, a
+    # constant LR, 45% traces or more documents did not help); enough RL and SFT steps for each stage to move
+    # its numbers; and a student given 1000 teacher prompts and 300 steps (on the R1 pipeline's ~300
+    # rejection samples for 150 steps it reached only 6%).
+    "quick": Plan(docs=8_000, vocab_size=300, pretrain_steps=1000, pretrain_batch=16, r1_zero_steps=20,
+                  r1_steps={"cold_start": 40, "reasoning_rl": 8, "rejection": 300, "sft": 40, "rl": 8},
+                  distill_prompts=1000, distill_steps=300, eval_examples=100, eval_k=2, spec_prompts=4,
+                  styles={"think": 0.2, "switched": 0.2, "buggy": 0.6}, spec_reps=1, distill_eval_at_start=False),
 }
 STAGES = ("data", "pretrain", "r1-zero", "r1", "distill", "speculative", "report")
 
@@ -131,6 +140,22 @@ class Demo:
         self._save_state()
         return result
 
+    def plan_text(self) -> str:
+        """Which plan ran; for quick, that its numbers come from a smaller budget than the full demo's."""
+        p = self.plan
+        r1 = " / ".join(f"{k} {v}" for k, v in p.r1_steps.items())
+        sizes = (f"{p.docs:,} corpus chats, {p.pretrain_steps} pretraining steps of {p.pretrain_batch} sequences, "
+                 f"{p.r1_zero_steps} R1-Zero GRPO steps, R1 stages {r1} (steps; rejection: prompts), "
+                 f"{p.distill_steps} distillation steps, {p.eval_examples} held-out problems per evaluation")
+        if self.mode != "quick":
+            return f"**Plan: full** ({sizes})."
+        f = PLANS["full"]
+        return (f"**Plan: quick** ({sizes}). Its numbers come from a smaller budget than the full demo's "
+                f"(`nanoseek demo`: {f.pretrain_steps} pretraining steps of {f.pretrain_batch} sequences, "
+                f"{f.r1_zero_steps} R1-Zero steps, {f.distill_steps} distillation steps, {f.eval_examples} held-out "
+                f"problems) and a corpus richer in reasoning traces ({mix(p.styles)} vs {mix(f.styles)}): every stage shows "
+                f"its effect, but the accuracies are lower and noisier than the full demo's.")
+
     def path(self, name: str) -> Path:
         return self.out / f"{STAGES.index(name) + 1:02d}-{name}"
 
@@ -163,7 +188,8 @@ class Demo:
         corpus = d / "corpus.jsonl"
         if not corpus.is_file():
             # Train-split problems only: the held-out ones never appear in pretraining.
-            rows = task_sft_rows(make_task(TASK), self.plan.docs, seed=self.seed, styles=STYLES, tag_bare=True)
+            rows = task_sft_rows(make_task(TASK), self.plan.docs, seed=self.seed, styles=self.plan.styles,
+                                  tag_bare=True)
             chats = [{"messages": [{"role": "user", "content": r["prompt"]},
                                    {"role": "assistant", "content": r["completion"]}]} for r in rows]
             atomic_write_text(corpus, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats))
@@ -246,7 +272,8 @@ class Demo:
             "optim.lr=3e-3", "schedule.lr_schedule=constant", "schedule.warmup_steps=20",
             f"train.steps={p.distill_steps}", "train.batch_size=64", f"train.seed={self.seed}",
             f"train.threads={self.threads}", f"eval.examples={p.eval_examples}", f"eval.k={p.eval_k}",
-            "eval.max_new_tokens=64", f"checkpoint.every={max(p.distill_steps // 4, 1)}",
+            "eval.max_new_tokens=64", f"eval.at_start={str(p.distill_eval_at_start).lower()}",
+            f"checkpoint.every={max(p.distill_steps // 4, 1)}",
             f"log.progress={str(self.progress).lower()}"])
 
     def distill(self) -> dict:
@@ -268,7 +295,7 @@ class Demo:
         models = {"base": self.path("pretrain") / "model", "r1": Path(self.state["stages"]["r1"]["result"]["final_model"])}
         out = {}
         for name, model_dir in models.items():
-            out[name] = measure_speculative(model_dir, self.plan.spec_prompts, seed=self.seed)
+            out[name] = measure_speculative(model_dir, self.plan.spec_prompts, reps=self.plan.spec_reps, seed=self.seed)
             r = out[name]
             self.log(f"{name}: acceptance {100 * r['acceptance_rate']:.1f}%, {r['tokens_per_forward']:.2f} tokens per "
                      f"forward, {r['speedup']:.2f}x tokens/s, identical greedy tokens: {r['identical']}")
@@ -276,6 +303,10 @@ class Demo:
 
 
 # ---------------------------------------------------------------------- helpers
+def mix(styles: dict) -> str:
+    return ", ".join(f"{name} {100 * share:.0f}%" for name, share in styles.items())
+
+
 def line(metrics: dict) -> str:
     parts = [f"greedy accuracy {100 * metrics['greedy_accuracy']:.1f}%"]
     if "pass@1" in metrics:
