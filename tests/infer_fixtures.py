@@ -4,14 +4,21 @@
 (with MTP) trained to answer every question with the same R1-style reply, saved as a model directory.
 `pattern_model()`: a tiny V3-style model whose main head and MTP module both learned a fixed
 successor table, so MTP drafts are almost always right.
+`serve_process(...)`: `nanoseek serve` on that directory in its own process, as users start it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
+import os
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 
 import torch
 import torch.nn.functional as F
@@ -96,3 +103,41 @@ def pattern_model():
 
     _train(model, batches, steps=80, lr=5e-3)
     return model, cycle, succ
+
+
+@contextlib.contextmanager
+def serve_process(*args: str, headers: dict | None = None, timeout: float = 60):
+    """`nanoseek serve --model chat_model_dir() --model-name tiny ARGS` on a free 127.0.0.1 port, 1 thread;
+    yields (url, process) once /health answers (with `headers`); terminated (then killed) afterwards."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    # its output goes to a file: a pipe nobody reads could fill up and stall a long-running server
+    with tempfile.TemporaryFile() as log, subprocess.Popen(
+            [sys.executable, "-m", "nanoseek.cli", "serve", "--model", chat_model_dir(), "--port", str(port),
+             "--model-name", "tiny", *args], stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"}) as proc:
+        try:
+            deadline = time.time() + timeout
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise AssertionError(f"the server exited: {log.read().decode(errors='replace')}")
+                try:
+                    if httpx.get(url + "/health", headers=headers, timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.time() < deadline, "server did not come up"
+                time.sleep(0.2)
+            yield url, proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)

@@ -3,19 +3,14 @@ a multiple-choice (loglikelihood) task and a generate-until task score the same 
 against `nanoseek serve` as through `--model hf` on the same directory, as README's "Evaluating with
 lm-evaluation-harness" runs them."""
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
-from infer_fixtures import QUESTIONS, REPLY, chat_model_dir
+from infer_fixtures import QUESTIONS, REPLY, chat_model_dir, serve_process
 
 pytestmark = pytest.mark.slow
 lm_eval = pytest.importorskip("lm_eval")
-httpx = pytest.importorskip("httpx")
+pytest.importorskip("httpx")
 
 import nanoseek  # noqa: E402
 
@@ -59,32 +54,9 @@ def test_lm_eval_scores_the_same_through_the_server_as_on_the_directory(tmp_path
     _write_tasks(tmp_path, nanoseek.load_tokenizer(path))
     local = _evaluate("hf", f"pretrained={path},dtype=float32,device=cpu", tmp_path)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", "--model", path, "--port", str(port),
-                             "--model-name", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.2)
-        served = _evaluate("local-completions", f"model=tiny,base_url=http://127.0.0.1:{port}/v1/completions,"
+    with serve_process() as (url, _):
+        served = _evaluate("local-completions", f"model=tiny,base_url={url}/v1/completions,"
                            f"tokenizer_backend=huggingface,tokenizer={path},add_bos_token=True,max_retries=1", tmp_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
     assert local["scores"]["nanoseek_mc/acc,none"] == 1.0  # the fixture model prefers the reply it was taught
     assert local["scores"]["nanoseek_gen/exact_match,none"] == 1.0
     assert served["scores"] == local["scores"]

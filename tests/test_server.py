@@ -2,10 +2,7 @@
 (and raw httpx for malformed requests). The model is a tiny one trained to give one R1-style reply."""
 import contextlib
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +14,7 @@ import nanoseek
 from nanoseek.cli import main as cli_main
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.interop.hf import load_pretrained
-from infer_fixtures import ANSWER, QUESTIONS, REASONING, REPLY, chat_model_dir
+from infer_fixtures import ANSWER, QUESTIONS, REASONING, REPLY, chat_model_dir, serve_process
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -481,28 +478,10 @@ def test_full_queue_answers_429(slow_server):
     assert h["rejected"] == 2 and h["tokens"] < 200
 
 
-def test_serve_command_with_api_key(tmp_path):
+def test_serve_command_with_api_key():
     """`nanoseek serve` as users start it: binds 127.0.0.1, requires the key."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", "--model", chat_model_dir(), "--port",
-                             str(port), "--api-key", "sekret", "--model-name", "tiny", "--speculative"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
     key = {"authorization": "Bearer sekret"}
-    try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", headers=key, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.2)
+    with serve_process("--api-key", "sekret", "--speculative", headers=key) as (url, _):
         for path in ("/v1/models", "/health", "/docs", "/openapi.json"):  # issue 18.4: nothing without the key
             r = httpx.get(url + path, timeout=TIMEOUT)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
@@ -514,10 +493,3 @@ def test_serve_command_with_api_key(tmp_path):
         r = good.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is 2+2?"}],
                                          temperature=0, max_tokens=40)
         assert r.choices[0].message.content == ANSWER
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)

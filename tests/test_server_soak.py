@@ -9,10 +9,6 @@ users start it, in its own process on 127.0.0.1:
 """
 import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from infer_fixtures import ANSWER, QUESTIONS, chat_model_dir
+from infer_fixtures import ANSWER, QUESTIONS, serve_process
 
 pytestmark = pytest.mark.slow
 httpx = pytest.importorskip("httpx")
@@ -35,34 +31,10 @@ PARAMS = ["n", "seed", "stop", "stream", "stream_options", "temperature", "top_p
 
 @contextlib.contextmanager
 def served(*args: str):
-    """`nanoseek serve` in a subprocess; yields (url, pid); terminated (then killed) at the end."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", "--model", chat_model_dir(), "--port",
-                             str(port), "--model-name", "tiny", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + TIMEOUT
-        while True:
-            assert proc.poll() is None, "the server exited"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.2)
+    """`nanoseek serve` in its own process; yields (url, pid) and checks that it is still alive at the end."""
+    with serve_process(*args) as (url, proc):
         yield url, proc.pid
         assert proc.poll() is None, "the server died"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def assert_answers_normally(url: str) -> None:
