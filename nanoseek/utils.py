@@ -1,6 +1,7 @@
 """Small shared helpers: atomic file writes, reading jsonl, a scoped torch thread count, progress."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import sys
@@ -59,16 +60,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
-    """(line number, value) of each non-blank line of a jsonl file, read lazily; bad JSON names its line."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            yield n, value
+    """(line number, value) of each non-blank line of a .jsonl (or gzipped .jsonl.gz) file, read lazily; a
+    line that is not UTF-8 or not JSON is named by its number."""
+    opener = gzip.open if os.fspath(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, 1):  # bytes, decoded line by line: a bad byte is named by its line
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not UTF-8 ({e})") from None
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                yield n, value
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a gzip file, or a truncated one ({e})") from None
 
 
 def read_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> list[dict]:

@@ -8,11 +8,12 @@ and the line or row where there is one.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+from nanoseek.utils import iter_jsonl
 
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 KINDS = ".jsonl, .jsonl.gz, .json, .parquet or a `datasets` save_to_disk folder"
@@ -43,23 +44,8 @@ def _pyarrow(path: Path):
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, object]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            for n, raw in enumerate(f, 1):  # bytes, decoded line by line: a bad byte is named by its line
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not a UTF-8 {record_suffix(path)} file ({e})") from None
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                yield f"{path}:{n}", value
-    except (gzip.BadGzipFile, EOFError) as e:
-        raise ValueError(f"{path}: not a gzip file, or a truncated one ({e})") from None
+    for n, value in iter_jsonl(path):
+        yield f"{path}:{n}", value
 
 
 def _json(path: Path) -> Iterator[tuple[str, object]]:
