@@ -168,6 +168,10 @@ def test_echo_returns_the_prompt_tokens_log_probabilities(client):
     assert r.choices[0].text == text and r.choices[0].logprobs.top_logprobs is None
     assert r.choices[0].logprobs.token_logprobs == pytest.approx(
         [logp[i, t].item() for i, t in enumerate(with_bos[1:])], abs=1e-4)
+    # n choices of one prompt: each echoes it with the same log p (scored once)
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=1, n=3)
+    assert [c.logprobs.token_logprobs for c in r.choices] == [r.choices[0].logprobs.token_logprobs] * 3
+    assert r.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
     # streamed: the echo comes first, then the reply
     chunks = [ch.choices[0] for ch in client.completions.create(
         model="tiny", prompt=ids, max_tokens=4, echo=True, logprobs=1, temperature=0, stream=True) if ch.choices]

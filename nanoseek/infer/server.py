@@ -190,10 +190,13 @@ class Scheduler:
         for job in jobs:
             job.open_rows = len(job.prompts)
             self.jobs[job.id] = job
+            scored = {}  # n rows share a prompt: one forward scores it for all of them
             for row, (prompt, p) in enumerate(zip(job.prompts, job.params)):
                 if job.echo_from is not None:
-                    start = job.echo_from[row]
-                    lps, tops = self.engine.score(prompt, p.top_logprobs) if p.logprobs else (None, None)
+                    start, key = job.echo_from[row], tuple(prompt)
+                    if key not in scored:
+                        scored[key] = self.engine.score(prompt, p.top_logprobs) if p.logprobs else (None, None)
+                    lps, tops = scored[key]
                     job.send(PromptScores(row, prompt[start:], lps and lps[start:], tops and tops[start:]))
             prompts += job.prompts
             params += job.params
