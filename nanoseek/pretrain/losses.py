@@ -25,6 +25,22 @@ def model_inputs(window_BT: torch.Tensor, seq_len: int, mtp_depth: int) -> torch
     return window_BT[:, : seq_len + mtp_depth]
 
 
+def document_mask(ids_BS: torch.Tensor, *, bos_id: int | None = None, eos_id: int | None = None) -> torch.Tensor:
+    """[B, 1, S, S] attention mask (True = attend) that keeps each query inside its own document: causal, and
+    cut before every `bos_id` (documents that start with BOS: rendered chats, whose turns each end in EOS)
+    or else after every `eos_id` (plain text, one EOS after each document). A window's tokens before its
+    first cut are the tail of one document."""
+    if bos_id is not None:
+        starts_BS = ids_BS == bos_id
+    else:
+        starts_BS = torch.zeros_like(ids_BS, dtype=torch.bool)
+        starts_BS[:, 1:] = ids_BS[:, :-1] == eos_id
+    doc_BS = torch.cumsum(starts_BS, dim=1)
+    S = ids_BS.shape[1]
+    causal_SS = torch.ones(S, S, dtype=torch.bool, device=ids_BS.device).tril()
+    return ((doc_BS[:, :, None] == doc_BS[:, None, :]) & causal_SS)[:, None]
+
+
 def lm_losses(out, window_BT: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(main cross-entropy, [cross-entropy of MTP depth k for k = 1..D]), each a mean over B·S targets (fp32)."""
     S = seq_len

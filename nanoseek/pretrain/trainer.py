@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from nanoseek import fastpath
 from nanoseek.data.loader import PackedLoader, ValLoader
-from nanoseek.data.shards import check_vocab, load_metadata
+from nanoseek.data.shards import TokenSplit, check_vocab, load_metadata
 from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.interop.hf import load_weights
 from nanoseek.model.transformer import DeepSeekForCausalLM
@@ -41,7 +41,7 @@ from nanoseek.pretrain.balance import (
 )
 from nanoseek.pretrain.config import PretrainConfig
 from nanoseek.pretrain.dataset import resolve_dataset
-from nanoseek.pretrain.losses import lm_losses, model_inputs, total_loss
+from nanoseek.pretrain.losses import document_mask, lm_losses, model_inputs, total_loss
 from nanoseek.scaling.flops import count_params, training_flops_per_token
 from nanoseek.train.checkpoint import full_model_state
 from nanoseek.train.loop import Trainer, TrainingError  # noqa: F401  (TrainingError: raised by run())
@@ -99,6 +99,7 @@ class Pretrainer(Trainer):
         if S + self.depth > self.model_cfg.max_position_embeddings:
             raise ValueError(f"data.seq_len = {S} (+ MTP depth {self.depth}) exceeds the model's "
                              f"max_position_embeddings = {self.model_cfg.max_position_embeddings}")
+        self.cuts = self._document_cuts() if cfg.data.document_mask else None
         self.train_loader = PackedLoader(self.dataset, batch_size=self.micro_batch, seq_len=S, extra=self.depth,
                                          seed=t.seed, rank=self.dp_rank, world_size=self.dp_size)
         self.val_loader = ValLoader(self.dataset, batch_size=cfg.eval.batch_size, seq_len=S,
@@ -117,6 +118,22 @@ class Pretrainer(Trainer):
         if self.dims.pp > 1:
             self._check_pipelined()
 
+    def _document_cuts(self) -> dict:
+        """Where data.document_mask cuts: before each BOS if the documents start with one, else after each EOS."""
+        first = TokenSplit(self.dataset, "train").tokens()[:1].tolist()
+        if self.tok.bos_id is not None and first == [self.tok.bos_id]:
+            return {"bos_id": self.tok.bos_id}
+        if self.tok.eos_id is None:
+            raise ValueError(f"data.document_mask: {self.dataset}'s tokenizer has neither a BOS that starts its "
+                             "documents nor an EOS that ends them, so documents cannot be told apart")
+        return {"eos_id": self.tok.eos_id}
+
+    def inputs(self, ids: torch.Tensor) -> dict:
+        """The model's arguments for input ids [B, S]: with data.document_mask, the mask too."""
+        if self.cuts is None:
+            return {"input_ids": ids}
+        return {"input_ids": ids, "attention_mask": document_mask(ids, **self.cuts)}
+
     def _check_pipelined(self) -> None:
         cfg, t, M = self.cfg, self.cfg.train, self.dims.microbatches
         local = t.batch_size // self.dp_size
@@ -128,6 +145,8 @@ class Pretrainer(Trainer):
                              f"data-parallel ranks = {local}")
         if cfg.schedule.batch_ramp_start:
             raise ValueError("schedule.batch_ramp_* with parallel.pp > 1: the pipeline's micro-batch shapes are fixed")
+        if cfg.data.document_mask:
+            raise ValueError("data.document_mask with parallel.pp > 1: the pipeline's stages take no attention mask")
         if self.loss_hook is not None or cfg.balance.capacity_factor:
             raise ValueError("with parallel.pp > 1 there is no loss hook and no token dropping (balance.capacity_factor)")
 
@@ -198,7 +217,7 @@ class Pretrainer(Trainer):
         for micro in range(n_micro):
             window = next(self.train_loader).to(self.device, non_blocking=True)
             with self.autocast():
-                out = self.forward(model_inputs(window, S, D))
+                out = self.forward(**self.inputs(model_inputs(window, S, D)))
                 main, mtp = lm_losses(out, window, S)
                 loss = total_loss(main, mtp, mtp_weight, out.aux_loss)
             if self.loss_hook is not None:
@@ -286,7 +305,7 @@ class Pretrainer(Trainer):
         for window, counted in self.lockstep(self.val_loader, filler=self.val_filler):
             window = window.to(self.device, non_blocking=True)
             with self.autocast():
-                out = model(window[:, :-1], mtp=False)
+                out = model(**self.inputs(window[:, :-1]), mtp=False)
             if load is None and out.expert_load is not None:
                 load = torch.zeros_like(out.expert_load)  # (on every rank: the load is reduced after)
             if not counted:

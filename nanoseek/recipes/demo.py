@@ -74,6 +74,7 @@ class Plan:
     spec_prompts: int         # prompts in the speculative-decoding measurement
     styles: dict = field(default_factory=lambda: dict(STYLES))  # the corpus mix
     spec_reps: int = 3        # timed repetitions of the speculative-decoding measurement
+    document_mask: bool = False  # pretrain with attention kept inside each packed chat (data.document_mask)
     distill_eval_at_start: bool = True  # also evaluate the untrained student
 
 
@@ -83,14 +84,18 @@ PLANS = {
                  distill_prompts=4000, distill_steps=600, eval_examples=200, eval_k=4, spec_prompts=16),
     # Every stage still shows its effect, from a smaller budget (issue 20, docs/LOG.md): a corpus richer in
     # traces (40% instead of 30%, still a minority, so the base answers greedily without reasoning) and 1000
-    # short pretraining steps to learn them (600 sufficed for seeds 0 and 2, seed 1 needed 1000; a higher LR, a
-    # constant LR, 45% traces or more documents did not help); enough RL and SFT steps for each stage to move
-    # its numbers; and a student given 1000 teacher prompts and 300 steps (on the R1 pipeline's ~300
-    # rejection samples for 150 steps it reached only 6%).
+    # short pretraining steps with attention kept inside each packed chat (data.document_mask). Without the
+    # mask a trace must find its own prompt's tens digits among the previous chats' in the window: that skill
+    # arrived abruptly at a step that seed and thread count decided (some runs never within 1000 steps; LR,
+    # schedule, width, MTP, weight decay and data mix only moved which runs missed); with it, it is learned
+    # gradually by step ~800. Then enough RL and SFT steps for each stage to move its numbers, and a student
+    # given 1000 teacher prompts and 300 steps (on the R1 pipeline's ~300 rejection samples for 150 steps it
+    # reached only 6%).
     "quick": Plan(docs=8_000, vocab_size=300, pretrain_steps=1000, pretrain_batch=16, r1_zero_steps=20,
                   r1_steps={"cold_start": 40, "reasoning_rl": 8, "rejection": 300, "sft": 40, "rl": 8},
                   distill_prompts=1000, distill_steps=300, eval_examples=100, eval_k=2, spec_prompts=4,
-                  styles={"think": 0.2, "switched": 0.2, "buggy": 0.6}, spec_reps=1, distill_eval_at_start=False),
+                  styles={"think": 0.2, "switched": 0.2, "buggy": 0.6}, spec_reps=1, distill_eval_at_start=False,
+                  document_mask=True),
 }
 STAGES = ("data", "pretrain", "r1-zero", "r1", "distill", "speculative", "report")
 
@@ -153,8 +158,9 @@ class Demo:
         return (f"**Plan: quick** ({sizes}). Its numbers come from a smaller budget than the full demo's "
                 f"(`nanoseek demo`: {f.pretrain_steps} pretraining steps of {f.pretrain_batch} sequences, "
                 f"{f.r1_zero_steps} R1-Zero steps, {f.distill_steps} distillation steps, {f.eval_examples} held-out "
-                f"problems) and a corpus richer in reasoning traces ({mix(p.styles)} vs {mix(f.styles)}): every stage shows "
-                f"its effect, but the accuracies are lower and noisier than the full demo's.")
+                f"problems) and a corpus richer in reasoning traces ({mix(p.styles)} vs {mix(f.styles)}), pretrained with "
+                f"attention kept inside each chat (the full demo packs them without a mask, as DeepSeek-V3 does): "
+                f"every stage shows its effect, but the accuracies are lower and noisier than the full demo's.")
 
     def path(self, name: str) -> Path:
         return self.out / f"{STAGES.index(name) + 1:02d}-{name}"
@@ -211,7 +217,8 @@ class Demo:
         return PretrainConfig.from_dict({
             # tiny-v3's balance: the V3 sequence-wise loss (seq_aux_alpha 1e-4) with the aux-loss-free bias update
             "model": {"preset": "tiny-v3", "overrides": {"vocab_size": vocab}},
-            "data": {"dataset": os.fspath(self.path("data") / "tokens"), "seq_len": 120},
+            "data": {"dataset": os.fspath(self.path("data") / "tokens"), "seq_len": 120,
+                     "document_mask": p.document_mask},
             "optim": {"lr": 3e-3},
             # DeepSeek LLM's multi-step schedule: the full rate for 80% of the run, then x0.316 and x0.1.
             "schedule": {"lr_schedule": "deepseek-multistep", "warmup_steps": 20},
