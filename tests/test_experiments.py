@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,3 +216,18 @@ def test_runs_are_reused_and_rerun_when_the_variant_changes(tmp_path):
     r = run_experiment(exp, ctx, log=lambda _: None)
     assert exp.calls == [("a", 0), ("a", 1)] and r["verdict"] == "not reproduced"
     assert (tmp_path / "report.md").read_text().count("not reproduced") >= 2
+
+
+def test_fp8_error_is_measured_beside_bf16s_own_error_against_fp32():
+    def runs(*losses):
+        return [{"metrics": {"train_loss": t, "val_loss": v}} for t, v in losses]
+
+    rows = get("fp8").derive({"FP32": runs((2.0, 3.0), (2.2, 3.0)), "BF16": runs((2.02, 3.03), (2.2, 2.97)),
+                              "FP8": runs((2.0402, 3.03), (2.178, 3.0))}, Context(out=Path(".")))
+    fp8, floor = rows
+    assert (fp8["name"], floor["name"]) == ("FP8 vs BF16", "BF16 vs FP32")
+    assert fp8["metrics"]["rel_train_loss_error"]["values"] == pytest.approx([0.01, 0.01])
+    assert fp8["metrics"]["rel_val_loss_error"]["values"] == pytest.approx([0.0, 0.01010101])
+    assert floor["metrics"]["rel_train_loss_error"]["values"] == pytest.approx([0.01, 0.0])
+    assert floor["metrics"]["rel_val_loss_error"]["values"] == pytest.approx([0.01, 0.01])
+    assert fp8["metrics"]["bf16_seed_spread"]["mean"] == pytest.approx(statistics.stdev([2.02, 2.2]) / 2.11)
