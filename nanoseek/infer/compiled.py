@@ -11,7 +11,10 @@ or request with the same shapes reuses it, and Inductor's on-disk cache makes a 
 step's entries at `slot` (a tensor) and handing back the full buffers. The CPU fast paths' weight copies
 are built eagerly before (`fastpath.warm_caches`: their keys read data pointers, which a graph cannot)
 and enter the graph as inputs, so weights changed between batches (RL) need no recompile; the routed
-experts take `FastMoE._gathered` (no sync on the expert ids). Prefill stays eager (one forward per prompt).
+experts take `FastMoE._gathered` (no sync on the expert ids). The step's token selection (`sampling.select`:
+temperature, top-k, top-p over the logits, divided by Exp(1) draws made eagerly from the rows' generators)
+is a second, small graph whose batch dimension is dynamic. Prefill stays eager (one forward per prompt: over
+many tokens the gathered experts read T·K expert weights where the eager grouped kernel reads each once).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 
 from nanoseek import fastpath
 from nanoseek.infer.cache import KVCache
+from nanoseek.infer.sampling import Filters, select
 from nanoseek.quant.fp8_weights import holds_fp8
 
 COMPILE_MIN_PARAMETERS = 1_000_000
@@ -125,7 +129,7 @@ class CompiledDecoder:
         ids, positions = torch.zeros(2, Bb, S, dtype=torch.long, device=dev)
         ids[:B], positions[:B] = ids_BS, positions_BS
         buffers = self._buffers(cache, Bb)
-        logits, hidden = self._run(Bb, cap, S, ids, positions, mask, slot_S, buffers)
+        logits, hidden = self._step(Bb, cap, S, ids, positions, mask, slot_S, buffers)
         if buffers is not cache.buffers:  # write the new entries back into the batch's cache
             for bufs, mine in zip(cache.buffers, buffers):
                 for b, m in zip(bufs, mine):
@@ -163,17 +167,26 @@ class CompiledDecoder:
             return [((cfg.kv_lora_rank + cfg.qk_rope_head_dim,), dtype)]
         return [((cfg.num_key_value_heads, cfg.attn_head_dim), dtype)] * 2
 
-    def _run(self, Bb: int, cap: int, S: int, *args):
-        """The graph for these shapes (dynamo keeps one per shape set, guarded; the first call compiles it)."""
-        step = _steps.get(BACKEND)
-        if step is None:
-            step = _steps[BACKEND] = torch.compile(_step, backend=BACKEND, fullgraph=True, dynamic=False)
-        key, done = (BACKEND, Bb, cap, S), _compiled.setdefault(self.model, set())
+    def select(self, logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
+               top_p_B: torch.Tensor, noise_BV: torch.Tensor, filters: Filters) -> torch.Tensor:
+        """`sampling.select` as a graph: one per (filters, logits dtype, one row or more), any batch size."""
+        key = ("select", filters, logits_BV.dtype, min(logits_BV.shape[0], 2))
+        return self._run(select, True, key, logits_BV, temperature_B, top_k_B, top_p_B, noise_BV, filters)
+
+    def _step(self, Bb: int, cap: int, S: int, *args):
+        return self._run(_step, False, ("step", Bb, cap, S), self.model, *args)
+
+    def _run(self, fn, dynamic: bool, key: tuple, *args):
+        """fn's graph for these inputs (dynamo keeps one per shape set, guarded; the first call compiles it)."""
+        graph = _graphs.get((fn, BACKEND))
+        if graph is None:
+            graph = _graphs[fn, BACKEND] = torch.compile(fn, backend=BACKEND, fullgraph=True, dynamic=dynamic)
+        key, done = (BACKEND, *key), _compiled.setdefault(self.model, set())
         if key in done:
-            return step(self.model, *args)
+            return graph(*args)
         t = time.perf_counter()
         try:
-            out = step(self.model, *args)
+            out = graph(*args)
         except Exception as e:  # (compilation runs before the graph touches the cache: eager can take over)
             _failed.add(self.model)
             raise CompileFailed(f"compiling the decode step failed ({type(e).__name__}: {e})") from e
@@ -185,8 +198,10 @@ class CompiledDecoder:
 BACKEND = "inductor"
 """torch.compile's backend ("aot_eager" traces the same graph without generating code: tests use it to
 check shapes and graph breaks in seconds)."""
-_steps: dict = {}
+_graphs: dict = {}
+"""(function, backend) -> its torch.compile wrapper (which holds the graphs)."""
 _failed: weakref.WeakSet = weakref.WeakSet()
 """Models whose decode step failed to compile (no C++ compiler, an unsupported op): they decode eagerly."""
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""model -> {(backend, batch bucket, capacity, S)} of the graphs compiled for it in this process."""
+"""model -> {(backend, "step", batch bucket, capacity, S) or (backend, "select", ...)} of the graphs compiled for
+it in this process."""

@@ -34,10 +34,12 @@ from nanoseek import fastpath
 from nanoseek.infer.cache import KVCache
 from nanoseek.infer.compiled import CompiledDecoder, CompileFailed, compile_pays
 from nanoseek.infer.sampling import (
+    Filters,
     SamplingParams,
     distributions,
-    draw,
+    exponential,
     penalize,
+    select,
     uniform,
 )
 from nanoseek.infer.text import IncrementalText
@@ -132,7 +134,7 @@ class Batch:
         self.cache: KVCache | None = None
         self.mask = self.pos = self.last = self.draft = self.q = self.seen = self._bias = None
         self._dense = True
-        self._params = None
+        self._params = self._filters = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -312,6 +314,7 @@ class Batch:
                             torch.tensor([p.repetition_penalty for p in ps], device=dev),
                             any(p.repetition_penalty != 1 for p in ps) or self._bias is not None,
                             any(p.logprobs for p in ps), all(p.temperature == 0 for p in ps))
+            self._filters = Filters.of(ps, self.vocab_size)
         return self._params
 
     def _distributions(self, logits_BV, rows, seen=None):
@@ -325,13 +328,39 @@ class Batch:
         return distributions(logits_BV, temp[rows], top_k[rows], top_p[rows])
 
     def _draw(self, probs_BV, rows) -> torch.Tensor:
+        return (probs_BV / self._noise(rows, probs_BV.shape[1])).argmax(-1)
+
+    def _noise(self, rows, n: int) -> torch.Tensor:
+        """`exponential` draws [len(rows), n] from the sampled rows' generators; ones on greedy rows (which
+        draw nothing: their distributions are one-hot)."""
         rows = list(rows)
-        greedy = [self.rows[i].params.temperature == 0 for i in rows]
-        tok = probs_BV.argmax(-1)
-        sampled = [j for j, g in enumerate(greedy) if not g]
+        sampled = [j for j, i in enumerate(rows) if self.rows[i].params.temperature != 0]
+        if len(sampled) == len(rows):
+            return exponential([self.rows[i].generator for i in rows], n, self.device)
+        noise = torch.ones(len(rows), n, device=self.device)
         if sampled:
-            tok[sampled] = draw(probs_BV[sampled], [self.rows[rows[j]].generator for j in sampled])
-        return tok
+            noise[sampled] = exponential([self.rows[rows[j]].generator for j in sampled], n, self.device)
+        return noise
+
+    def _sample(self, logits_BV) -> torch.Tensor:
+        """Every row's next token: penalty and bias applied, then `select` (compiled with the decode step)."""
+        temp, top_k, top_p, penalty, *_ = self._param_tensors()
+        if self.seen is not None:
+            logits_BV = penalize(logits_BV, self.seen, penalty)
+        if self._bias is not None:
+            logits_BV = logits_BV.float() + self._bias
+        args = (logits_BV, temp, top_k, top_p, self._noise(range(len(self.rows)), logits_BV.shape[-1]), self._filters)
+        if self.compiled is not None:
+            before = self.compiled.compile_seconds
+            try:
+                tok = self.compiled.select(*args)
+            except CompileFailed as e:
+                warnings.warn(f"{e}; sampling eagerly", stacklevel=3)
+                self.compiled = None
+            else:
+                self.stats.compile_seconds += self.compiled.compile_seconds - before
+                return tok
+        return select(*args)
 
     def _rebuild_seen(self):
         self.seen = torch.zeros(len(self.rows), self.vocab_size, dtype=torch.bool, device=self.device)
@@ -384,10 +413,7 @@ class Batch:
             return deltas
         logits = out.logits[:, -1]
         *_, any_penalty, any_logprobs, all_greedy = self._param_tensors()
-        if all_greedy and not any_penalty:
-            tok = logits.argmax(-1)
-        else:
-            tok = self._draw(self._distributions(logits, range(B)), range(B))
+        tok = logits.argmax(-1) if all_greedy and not any_penalty else self._sample(logits)
         lp, top = self._logprobs(logits, tok) if any_logprobs else (None, None)
         self.pos, self.last = self.pos + 1, tok
         toks = tok.tolist()
