@@ -193,17 +193,22 @@ class Batch:
 
     def _prefill_and_join(self, new: list[_Row]) -> None:
         dev, G = self.device, len(new)
-        pre = [r.prompt[:-1] for r in new]
+        # rows with the same prompt (a GRPO group, n samples of one request) share one prefill row
+        first: dict[tuple[int, ...], int] = {}
+        src = [first.setdefault(tuple(r.prompt), len(first)) for r in new]
+        once = [new[src.index(u)] for u in range(len(first))]
+        pre = [r.prompt[:-1] for r in once]
         L = max(map(len, pre))
         self.stats.prefill_tokens += sum(map(len, pre))
-        cache = KVCache(self.num_layers, G, L + self._room(new), self.cache_dtype, buckets=self.compiled is not None)
-        mask = torch.zeros(G, L, dtype=torch.bool, device=dev)
+        cache = KVCache(self.num_layers, len(once), L + self._room(new), self.cache_dtype,
+                        buckets=self.compiled is not None)
+        mask = torch.zeros(len(once), L, dtype=torch.bool, device=dev)
         for b, p in enumerate(pre):
             mask[b, L - len(p):] = True
         dense = bool(mask.all())
         mtp_logits = None
         if L:
-            ids = torch.full((G, L), self.pad_id, dtype=torch.long, device=dev)
+            ids = torch.full((len(once), L), self.pad_id, dtype=torch.long, device=dev)
             for b, p in enumerate(pre):
                 if p:
                     ids[b, L - len(p):] = torch.tensor(p, device=dev)
@@ -211,12 +216,17 @@ class Batch:
             out = self.model(ids, attention_mask=None if dense else mask, position_ids=positions, cache=cache,
                              logits_to_keep=1)
             if self.speculative:  # the MTP input at slot i: h_i and the token after it, t_{i+1}
-                nxt = torch.full((G, L), self.pad_id, dtype=torch.long, device=dev)
-                for b, r in enumerate(new):
+                nxt = torch.full((len(once), L), self.pad_id, dtype=torch.long, device=dev)
+                for b, r in enumerate(once):
                     if len(r.prompt) > 1:
                         nxt[b, L - len(pre[b]):] = torch.tensor(r.prompt[1:], device=dev)
                 mtp_logits, _ = self.model.mtp_forward(out.hidden_states, nxt, None if dense else mask, positions,
                                                        cache, start=0, logits_to_keep=1)
+        if len(once) < G:
+            rows = torch.tensor(src, device=dev)
+            cache.select(rows)
+            mask = mask[rows]
+            mtp_logits = mtp_logits[rows] if mtp_logits is not None else None
         last = torch.tensor([r.prompt[-1] for r in new], device=dev)
         pos = torch.tensor([len(r.prompt) - 1 for r in new], device=dev)
         # join: left-pad whichever side is shorter so the newest slots line up

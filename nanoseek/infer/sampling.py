@@ -140,6 +140,8 @@ def select(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.
 def exponential(generators: Sequence[torch.Generator | None], n: int, device) -> torch.Tensor:
     """Exp(1) draws [B, n], row i's from generators[i]; rows sharing a generator draw together, in row order,
     as `torch.multinomial(probs[rows], 1, generator=gen)` does, so argmax(probs / draws) is its sample."""
+    if all(g is generators[0] for g in generators):  # (one generator: no regrouping)
+        return torch.empty(len(generators), n, device=device).exponential_(generator=generators[0])
     out = torch.empty(len(generators), n, device=device)
     for gen, rows in _group(generators, device):
         out[rows] = torch.empty(len(rows), n, device=device).exponential_(generator=gen)
