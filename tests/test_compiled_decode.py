@@ -46,6 +46,7 @@ def test_batches_over_max_batch_decode_eagerly_then_compiled(aot_eager, monkeypa
         fast = Engine(model, compile=True, speculative=spec)
         assert _tokens(fast, PROMPTS, params) == _tokens(Engine(model, compile=False, speculative=spec), PROMPTS, params)
         assert fast.stats.compile_seconds > 0
+    assert {k[1] for k in compiled._compiled[model]} == {"step", "draft"}  # (speculation drafts in a graph too)
 
 
 def test_compile_option(monkeypatch):
@@ -90,7 +91,8 @@ def test_a_draw_is_what_multinomial_draws():
 
 def test_compiled_sampling_gives_the_eager_tokens(aot_eager, monkeypatch):
     """Sampled rows (temperature, top-k, top-p; per-row and shared seeded generators; a greedy row among
-    them): the compiled step and selection draw the eager path's tokens."""
+    them): the compiled step and selection draw the eager path's tokens, speculative decoding's (compiled
+    verification and drafting) too."""
     monkeypatch.setattr(compiled, "SELECT_MIN_VOCAB", 0)  # (tiny-v3's vocabulary selects eagerly)
     torch.manual_seed(0)
     model = nanoseek.DeepSeekForCausalLM(nanoseek.ModelConfig.preset("tiny-v3")).eval()
@@ -98,10 +100,11 @@ def test_compiled_sampling_gives_the_eager_tokens(aot_eager, monkeypatch):
              SamplingParams(max_new_tokens=7, temperature=0.7, top_k=20, top_p=0.9, seed=2, stop_tokens=[]),
              SamplingParams(max_new_tokens=12, stop_tokens=[])]
     shared = SamplingParams(max_new_tokens=10, temperature=1.0, seed=3, stop_tokens=[])  # one generator, 3 rows
-    fast, eager = Engine(model, compile=True), Engine(model, compile=False)
-    for params in (mixed, shared):
-        assert _tokens(fast, PROMPTS, params) == _tokens(eager, PROMPTS, params)
-    assert {k[1] for k in compiled._compiled[model]} == {"step", "select"}
+    for spec in (False, True):
+        fast, eager = Engine(model, compile=True, speculative=spec), Engine(model, compile=False, speculative=spec)
+        for params in (mixed, shared):
+            assert _tokens(fast, PROMPTS, params) == _tokens(eager, PROMPTS, params), (spec, params)
+    assert {k[1] for k in compiled._compiled[model]} == {"step", "select", "draft"}
 
 
 def test_filters_read_from_the_parameters_are_the_tensors():

@@ -360,17 +360,23 @@ class Batch:
         if self._bias is not None:
             logits_BV = logits_BV.float() + self._bias
         args = (logits_BV, temp, top_k, top_p, self._noise(range(len(self.rows)), logits_BV.shape[-1]), self._filters)
-        if self.compiled is not None:
-            before = self.compiled.compile_seconds
-            try:
-                tok = self.compiled.select(*args)
-            except CompileFailed as e:
-                warnings.warn(f"{e}; sampling eagerly", stacklevel=3)
-                self.compiled = None
-            else:
-                self.stats.compile_seconds += self.compiled.compile_seconds - before
-                return tok
-        return select(*args)
+        tok = self._compiled("select", *args)
+        return select(*args) if tok is None else tok
+
+    def _compiled(self, method: str, *args):
+        """self.compiled.<method>(*args), its compile time counted; None without a compiled decoder, or when
+        the graph failed to compile (the batch then decodes eagerly)."""
+        if self.compiled is None:
+            return None
+        before = self.compiled.compile_seconds
+        try:
+            out = getattr(self.compiled, method)(*args)
+        except CompileFailed as e:
+            warnings.warn(f"{e}; decoding eagerly", stacklevel=3)
+            self.compiled = None
+            return None
+        self.stats.compile_seconds += self.compiled.compile_seconds - before
+        return out
 
     def _rebuild_seen(self):
         self.seen = torch.zeros(len(self.rows), self.vocab_size, dtype=torch.bool, device=self.device)
@@ -401,16 +407,8 @@ class Batch:
         mask = torch.cat([self.mask, self.mask.new_ones(B, S)], 1)
         positions = self.pos[:, None] + torch.arange(S, device=self.device)
         out = None
-        if self.compiled is not None and B <= self.compiled.max_batch:
-            before = self.compiled.compile_seconds
-            try:
-                logits, hidden = self.compiled.forward(self.cache, ids, positions, mask)
-                out = SimpleNamespace(logits=logits, hidden_states=hidden)
-            except CompileFailed as e:
-                warnings.warn(f"{e}; decoding eagerly", stacklevel=2)
-                self.compiled = None
-            else:
-                self.stats.compile_seconds += self.compiled.compile_seconds - before
+        if B <= CompiledDecoder.max_batch and (got := self._compiled("forward", self.cache, ids, positions, mask)):
+            out = SimpleNamespace(logits=got[0], hidden_states=got[1])
         if out is None:
             out = self.model(ids, attention_mask=None if self._dense else mask, position_ids=positions,
                              cache=self.cache, logits_to_keep=S)
@@ -484,8 +482,12 @@ class Batch:
         positions = pos0[:, None] + torch.arange(S, device=dev)
         # each row drafts from its last accepted slot: the last one unless it rejected (then the first)
         keep = 1 if S == 1 or bool(accept.all()) else 2
-        logits, _ = self.model.mtp_forward(hidden[:, :S], nxt, None if self._dense else self.mask, positions,
-                                           self.cache, start=T, logits_to_keep=keep)
+        logits = None
+        if len(self.rows) <= CompiledDecoder.max_batch:
+            logits = self._compiled("draft", self.cache, hidden[:, :S], nxt, positions, self.mask, T, keep)
+        if logits is None:
+            logits, _ = self.model.mtp_forward(hidden[:, :S], nxt, None if self._dense else self.mask, positions,
+                                               self.cache, start=T, logits_to_keep=keep)
         lq = logits[:, -1] if keep == 1 else logits[torch.arange(len(self.rows), device=dev), accept.long()]
         if self._param_tensors()[-1] and not self._param_tensors()[4]:
             self.draft = lq.argmax(-1)  # greedy drafts: q is one-hot on them
