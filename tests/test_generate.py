@@ -131,7 +131,7 @@ def test_rows_with_one_prompt_share_its_prefill(tiny):
         assert out == [_reference_greedy(tiny, p, 8) for p in prompts]
         assert engine.stats.prefill_tokens == len(PROMPTS[0]) + len(PROMPTS[1]) - 2
     params = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=s, stop_tokens=[]) for s in (1, 2, 1, 3)]
-    a, b, c, d = (c.tokens for c in Engine(tiny).generate(prompts, params))
+    a, _, c, d = (c.tokens for c in Engine(tiny).generate(prompts, params))
     assert a == c == Engine(tiny).generate([PROMPTS[0]], params[0])[0].tokens and a != d  # (rows own their seeds)
 
 
