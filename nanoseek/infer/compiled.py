@@ -12,11 +12,12 @@ step's entries at `slot` (a tensor) and handing back the full buffers. The CPU f
 are built eagerly before (`fastpath.warm_caches`: their keys read data pointers, which a graph cannot)
 and enter the graph as inputs, so weights changed between batches (RL) need no recompile; the routed
 experts take `FastMoE._gathered` (no sync on the expert ids). Speculative decoding's two forwards are graphs
-alike: the verifying step (2 tokens per row) and the MTP module's drafting forward (one decoder layer and
-the head over the 1 or 2 new slots), which writes its own cache layer. Over a large vocabulary the step's token selection
-(`sampling.select`: temperature, top-k, top-p over the logits, divided by Exp(1) draws made eagerly from the rows'
-generators) is a second, small graph whose batch dimension is dynamic. Prefill stays eager (one forward per prompt: over
-many tokens the gathered experts read T·K expert weights where the eager grouped kernel reads each once).
+alike: the verifying step (2 tokens per row) and the MTP module's drafting forward (one decoder layer and the
+head over the 1 or 2 new slots, writing the module's own cache layer). Over a large vocabulary the step's token
+selection (`sampling.select`: temperature, top-k, top-p, then the division by Exp(1) draws made eagerly from
+the rows' generators) is a small graph of its own, its batch dimension dynamic. Prefill stays eager: over a
+prompt's many tokens the gathered experts would read T·K expert weights where the grouped kernel reads each
+used expert once.
 """
 from __future__ import annotations
 
@@ -243,5 +244,4 @@ _graphs: dict = {}
 _failed: weakref.WeakSet = weakref.WeakSet()
 """Models whose decode step failed to compile (no C++ compiler, an unsupported op): they decode eagerly."""
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""model -> {(backend, "step", batch bucket, capacity, S) or (backend, "select", ...)} of the graphs compiled for
-it in this process."""
+"""model -> {(backend, "step" | "draft" | "select", shapes...)} of the graphs compiled for it in this process."""

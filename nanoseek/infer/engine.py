@@ -353,7 +353,8 @@ class Batch:
         return noise
 
     def _sample(self, logits_BV) -> torch.Tensor:
-        """Every row's next token: penalty and bias applied, then `select` (compiled with the decode step)."""
+        """Every row's next token: penalty and bias applied, then `select` (a graph, over a large vocabulary,
+        when the decode step is compiled)."""
         temp, top_k, top_p, penalty, *_ = self._param_tensors()
         if self.seen is not None:
             logits_BV = penalize(logits_BV, self.seen, penalty)
