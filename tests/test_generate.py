@@ -122,6 +122,19 @@ def test_batched_rows_equal_unbatched_reference(tiny):
     assert pen == [_reference_greedy(tiny, p, 12, 1.5) for p in PROMPTS[:2]]
 
 
+def test_rows_with_one_prompt_share_its_prefill(tiny):
+    """A GRPO group (one prompt, G samples) prefills the prompt once; each row decodes as if alone."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0]]
+    for speculative in (False, True):
+        engine = Engine(tiny, speculative=speculative)
+        out = [c.tokens for c in engine.generate(prompts, max_new_tokens=8, stop_tokens=[])]
+        assert out == [_reference_greedy(tiny, p, 8) for p in prompts]
+        assert engine.stats.prefill_tokens == len(PROMPTS[0]) + len(PROMPTS[1]) - 2
+    params = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=s, stop_tokens=[]) for s in (1, 2, 1, 3)]
+    a, _, c, d = (c.tokens for c in Engine(tiny).generate(prompts, params))
+    assert a == c == Engine(tiny).generate([PROMPTS[0]], params[0])[0].tokens and a != d  # (rows own their seeds)
+
+
 def test_stream_yields_per_step_deltas_that_add_up(tiny):
     engine = Engine(tiny)
     steps = list(engine.stream(PROMPTS, max_new_tokens=6, stop_tokens=[]))

@@ -34,10 +34,12 @@ from nanoseek import fastpath
 from nanoseek.infer.cache import KVCache
 from nanoseek.infer.compiled import CompiledDecoder, CompileFailed, compile_pays
 from nanoseek.infer.sampling import (
+    Filters,
     SamplingParams,
     distributions,
-    draw,
+    exponential,
     penalize,
+    select,
     uniform,
 )
 from nanoseek.infer.text import IncrementalText
@@ -132,7 +134,7 @@ class Batch:
         self.cache: KVCache | None = None
         self.mask = self.pos = self.last = self.draft = self.q = self.seen = self._bias = None
         self._dense = True
-        self._params = None
+        self._params = self._filters = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -191,17 +193,22 @@ class Batch:
 
     def _prefill_and_join(self, new: list[_Row]) -> None:
         dev, G = self.device, len(new)
-        pre = [r.prompt[:-1] for r in new]
+        # rows with the same prompt (a GRPO group, n samples of one request) share one prefill row
+        first: dict[tuple[int, ...], int] = {}
+        src = [first.setdefault(tuple(r.prompt), len(first)) for r in new]
+        once = [new[src.index(u)] for u in range(len(first))]
+        pre = [r.prompt[:-1] for r in once]
         L = max(map(len, pre))
         self.stats.prefill_tokens += sum(map(len, pre))
-        cache = KVCache(self.num_layers, G, L + self._room(new), self.cache_dtype, buckets=self.compiled is not None)
-        mask = torch.zeros(G, L, dtype=torch.bool, device=dev)
+        cache = KVCache(self.num_layers, len(once), L + self._room(new), self.cache_dtype,
+                        buckets=self.compiled is not None)
+        mask = torch.zeros(len(once), L, dtype=torch.bool, device=dev)
         for b, p in enumerate(pre):
             mask[b, L - len(p):] = True
         dense = bool(mask.all())
         mtp_logits = None
         if L:
-            ids = torch.full((G, L), self.pad_id, dtype=torch.long, device=dev)
+            ids = torch.full((len(once), L), self.pad_id, dtype=torch.long, device=dev)
             for b, p in enumerate(pre):
                 if p:
                     ids[b, L - len(p):] = torch.tensor(p, device=dev)
@@ -209,12 +216,17 @@ class Batch:
             out = self.model(ids, attention_mask=None if dense else mask, position_ids=positions, cache=cache,
                              logits_to_keep=1)
             if self.speculative:  # the MTP input at slot i: h_i and the token after it, t_{i+1}
-                nxt = torch.full((G, L), self.pad_id, dtype=torch.long, device=dev)
-                for b, r in enumerate(new):
+                nxt = torch.full((len(once), L), self.pad_id, dtype=torch.long, device=dev)
+                for b, r in enumerate(once):
                     if len(r.prompt) > 1:
                         nxt[b, L - len(pre[b]):] = torch.tensor(r.prompt[1:], device=dev)
                 mtp_logits, _ = self.model.mtp_forward(out.hidden_states, nxt, None if dense else mask, positions,
                                                        cache, start=0, logits_to_keep=1)
+        if len(once) < G:
+            rows = torch.tensor(src, device=dev)
+            cache.select(rows)
+            mask = mask[rows]
+            mtp_logits = mtp_logits[rows] if mtp_logits is not None else None
         last = torch.tensor([r.prompt[-1] for r in new], device=dev)
         pos = torch.tensor([len(r.prompt) - 1 for r in new], device=dev)
         # join: left-pad whichever side is shorter so the newest slots line up
@@ -312,6 +324,7 @@ class Batch:
                             torch.tensor([p.repetition_penalty for p in ps], device=dev),
                             any(p.repetition_penalty != 1 for p in ps) or self._bias is not None,
                             any(p.logprobs for p in ps), all(p.temperature == 0 for p in ps))
+            self._filters = Filters.of(ps, self.vocab_size)
         return self._params
 
     def _distributions(self, logits_BV, rows, seen=None):
@@ -325,13 +338,46 @@ class Batch:
         return distributions(logits_BV, temp[rows], top_k[rows], top_p[rows])
 
     def _draw(self, probs_BV, rows) -> torch.Tensor:
+        return (probs_BV / self._noise(rows, probs_BV.shape[1])).argmax(-1)
+
+    def _noise(self, rows, n: int) -> torch.Tensor:
+        """`exponential` draws [len(rows), n] from the sampled rows' generators; ones on greedy rows (which
+        draw nothing: their distributions are one-hot)."""
         rows = list(rows)
-        greedy = [self.rows[i].params.temperature == 0 for i in rows]
-        tok = probs_BV.argmax(-1)
-        sampled = [j for j, g in enumerate(greedy) if not g]
+        sampled = [j for j, i in enumerate(rows) if self.rows[i].params.temperature != 0]
+        if len(sampled) == len(rows):
+            return exponential([self.rows[i].generator for i in rows], n, self.device)
+        noise = torch.ones(len(rows), n, device=self.device)
         if sampled:
-            tok[sampled] = draw(probs_BV[sampled], [self.rows[rows[j]].generator for j in sampled])
-        return tok
+            noise[sampled] = exponential([self.rows[rows[j]].generator for j in sampled], n, self.device)
+        return noise
+
+    def _sample(self, logits_BV) -> torch.Tensor:
+        """Every row's next token: penalty and bias applied, then `select` (a graph, over a large vocabulary,
+        when the decode step is compiled)."""
+        temp, top_k, top_p, penalty, *_ = self._param_tensors()
+        if self.seen is not None:
+            logits_BV = penalize(logits_BV, self.seen, penalty)
+        if self._bias is not None:
+            logits_BV = logits_BV.float() + self._bias
+        args = (logits_BV, temp, top_k, top_p, self._noise(range(len(self.rows)), logits_BV.shape[-1]), self._filters)
+        tok = self._compiled("select", *args)
+        return select(*args) if tok is None else tok
+
+    def _compiled(self, method: str, *args):
+        """self.compiled.<method>(*args), its compile time counted; None without a compiled decoder, or when
+        the graph failed to compile (the batch then decodes eagerly)."""
+        if self.compiled is None:
+            return None
+        before = self.compiled.compile_seconds
+        try:
+            out = getattr(self.compiled, method)(*args)
+        except CompileFailed as e:
+            warnings.warn(f"{e}; decoding eagerly", stacklevel=3)
+            self.compiled = None
+            return None
+        self.stats.compile_seconds += self.compiled.compile_seconds - before
+        return out
 
     def _rebuild_seen(self):
         self.seen = torch.zeros(len(self.rows), self.vocab_size, dtype=torch.bool, device=self.device)
@@ -362,16 +408,8 @@ class Batch:
         mask = torch.cat([self.mask, self.mask.new_ones(B, S)], 1)
         positions = self.pos[:, None] + torch.arange(S, device=self.device)
         out = None
-        if self.compiled is not None and B <= self.compiled.max_batch:
-            before = self.compiled.compile_seconds
-            try:
-                logits, hidden = self.compiled.forward(self.cache, ids, positions, mask)
-                out = SimpleNamespace(logits=logits, hidden_states=hidden)
-            except CompileFailed as e:
-                warnings.warn(f"{e}; decoding eagerly", stacklevel=2)
-                self.compiled = None
-            else:
-                self.stats.compile_seconds += self.compiled.compile_seconds - before
+        if B <= CompiledDecoder.max_batch and (got := self._compiled("forward", self.cache, ids, positions, mask)):
+            out = SimpleNamespace(logits=got[0], hidden_states=got[1])
         if out is None:
             out = self.model(ids, attention_mask=None if self._dense else mask, position_ids=positions,
                              cache=self.cache, logits_to_keep=S)
@@ -384,10 +422,7 @@ class Batch:
             return deltas
         logits = out.logits[:, -1]
         *_, any_penalty, any_logprobs, all_greedy = self._param_tensors()
-        if all_greedy and not any_penalty:
-            tok = logits.argmax(-1)
-        else:
-            tok = self._draw(self._distributions(logits, range(B)), range(B))
+        tok = logits.argmax(-1) if all_greedy and not any_penalty else self._sample(logits)
         lp, top = self._logprobs(logits, tok) if any_logprobs else (None, None)
         self.pos, self.last = self.pos + 1, tok
         toks = tok.tolist()
@@ -448,8 +483,12 @@ class Batch:
         positions = pos0[:, None] + torch.arange(S, device=dev)
         # each row drafts from its last accepted slot: the last one unless it rejected (then the first)
         keep = 1 if S == 1 or bool(accept.all()) else 2
-        logits, _ = self.model.mtp_forward(hidden[:, :S], nxt, None if self._dense else self.mask, positions,
-                                           self.cache, start=T, logits_to_keep=keep)
+        logits = None
+        if len(self.rows) <= CompiledDecoder.max_batch:
+            logits = self._compiled("draft", self.cache, hidden[:, :S], nxt, positions, self.mask, T, keep)
+        if logits is None:
+            logits, _ = self.model.mtp_forward(hidden[:, :S], nxt, None if self._dense else self.mask, positions,
+                                               self.cache, start=T, logits_to_keep=keep)
         lq = logits[:, -1] if keep == 1 else logits[torch.arange(len(self.rows), device=dev), accept.long()]
         if self._param_tensors()[-1] and not self._param_tensors()[4]:
             self.draft = lq.argmax(-1)  # greedy drafts: q is one-hot on them

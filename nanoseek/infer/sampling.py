@@ -3,12 +3,17 @@
 `distributions` turns a batch of logits into the distributions actually sampled from, each row with
 its own settings; speculative decoding needs these as tensors (it compares target and draft
 probabilities), ordinary decoding just draws from them.
+
+A draw is argmax(p / e) with e ~ Exp(1) drawn from the row's generator: what `torch.multinomial(p, 1)`
+computes on CPU (the same draws, so the same tokens for the same seed), split so that the draws come from
+the generators eagerly and everything after them is plain tensor math a compiled graph can hold (`select`).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -78,34 +83,68 @@ def penalize(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty_B: torch.Te
     return torch.where(seen_BV, torch.where(logits_BV > 0, logits_BV / p, logits_BV * p), logits_BV)
 
 
+class Filters(NamedTuple):
+    """Which steps of `distributions` a batch's rows need, known from their parameters without a sync."""
+
+    top_k: int
+    """How many top logits the top-k step ranks: 0 when no row has top_k, else the largest k a row uses
+    (the vocabulary for a row without top_k)."""
+    top_p: bool
+    """Some row has top_p < 1."""
+    greedy: bool
+    """Some row has temperature 0."""
+
+    @staticmethod
+    def of(params: Sequence[SamplingParams], vocab_size: int) -> Filters:
+        ks = [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params]
+        return Filters(max(ks) if any(p.top_k > 0 for p in params) else 0, any(p.top_p < 1 for p in params),
+                       any(p.temperature == 0 for p in params))
+
+
 def distributions(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
-                  top_p_B: torch.Tensor) -> torch.Tensor:
-    """Per-row sampling distributions [B, V] (fp32); greedy rows (temperature 0) are one-hot."""
+                  top_p_B: torch.Tensor, filters: Filters | None = None) -> torch.Tensor:
+    """Per-row sampling distributions [B, V] (fp32); greedy rows (temperature 0) are one-hot. `filters`
+    (these rows' `Filters`) says which steps to take; None reads it from the tensors (a sync each, which a
+    compiled graph cannot have)."""
     logits = logits_BV.float()
     greedy = temperature_B == 0
     scaled = logits / torch.where(greedy, 1.0, temperature_B.float())[:, None]
     V = logits.shape[-1]
-    if bool((top_k_B > 0).any()):
+    if filters is None:
         k = torch.where(top_k_B > 0, top_k_B.clamp(max=V), V)
-        kth = scaled.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+        filters = Filters(int(k.max()) if bool((top_k_B > 0).any()) else 0, bool((top_p_B < 1).any()),
+                          bool(greedy.any()))
+    if filters.top_k:
+        k = torch.where(top_k_B > 0, top_k_B.clamp(max=V), V)
+        kth = scaled.topk(filters.top_k, dim=-1).values.gather(1, (k - 1)[:, None])
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if bool((top_p_B < 1).any()):
+    if filters.top_p:
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p_B[:, None]  # keep the smallest prefix whose mass reaches top_p
         scaled = scaled.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = scaled.softmax(-1)
-    if bool(greedy.any()):
+    if filters.greedy:
         one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
         probs = torch.where(greedy[:, None], one_hot, probs)
     return probs
 
 
-def draw(probs_BV: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """One token per row [B] from `probs`; rows sharing a generator draw together (one call each)."""
-    out = torch.empty(probs_BV.shape[0], dtype=torch.long, device=probs_BV.device)
-    for gen, rows in _group(generators, probs_BV.device):
-        out[rows] = torch.multinomial(probs_BV[rows], 1, generator=gen)[:, 0]
+def select(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor,
+           noise_BV: torch.Tensor, filters: Filters | None = None) -> torch.Tensor:
+    """One token per row [B]: its distribution's sample under `noise` (`exponential` draws; ones on greedy
+    rows, whose distribution is one-hot). No sync and no generator: a compiled decoder compiles it."""
+    return (distributions(logits_BV, temperature_B, top_k_B, top_p_B, filters) / noise_BV).argmax(-1)
+
+
+def exponential(generators: Sequence[torch.Generator | None], n: int, device) -> torch.Tensor:
+    """Exp(1) draws [B, n], row i's from generators[i]; rows sharing a generator draw together, in row order,
+    as `torch.multinomial(probs[rows], 1, generator=gen)` does, so argmax(probs / draws) is its sample."""
+    if all(g is generators[0] for g in generators):  # (one generator: no regrouping)
+        return torch.empty(len(generators), n, device=device).exponential_(generator=generators[0])
+    out = torch.empty(len(generators), n, device=device)
+    for gen, rows in _group(generators, device):
+        out[rows] = torch.empty(len(rows), n, device=device).exponential_(generator=gen)
     return out
 
 
@@ -134,4 +173,4 @@ def sample(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int = 0, to
     B, dev = logits_BV.shape[0], logits_BV.device
     probs = distributions(logits_BV, torch.full((B,), float(temperature), device=dev),
                           torch.full((B,), top_k, device=dev), torch.full((B,), float(top_p), device=dev))
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return (probs / exponential([generator] * B, probs.shape[1], dev)).argmax(-1)
