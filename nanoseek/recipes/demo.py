@@ -88,11 +88,12 @@ PLANS = {
     # mask a trace must find its own prompt's tens digits among the previous chats' in the window: that skill
     # arrived abruptly at a step that seed and thread count decided (some runs never within 1000 steps; LR,
     # schedule, width, MTP, weight decay and data mix only moved which runs missed); with it, it is learned
-    # gradually by step ~800. Then enough RL and SFT steps for each stage to move its numbers, and a student
+    # gradually by step ~800. Then enough RL and SFT steps for each stage to move its numbers (R1's SFT and
+    # final RL at 40 and 8 steps left it 5 points under R1-Zero for seed 2; 80 and 20 reach it), and a student
     # given 1000 teacher prompts and 300 steps (on the R1 pipeline's ~300 rejection samples for 150 steps it
     # reached only 6%).
     "quick": Plan(docs=8_000, vocab_size=300, pretrain_steps=1000, pretrain_batch=16, r1_zero_steps=20,
-                  r1_steps={"cold_start": 40, "reasoning_rl": 8, "rejection": 300, "sft": 40, "rl": 8},
+                  r1_steps={"cold_start": 40, "reasoning_rl": 8, "rejection": 300, "sft": 80, "rl": 20},
                   distill_prompts=1000, distill_steps=300, eval_examples=100, eval_k=2, spec_prompts=4,
                   styles={"think": 0.2, "switched": 0.2, "buggy": 0.6}, spec_reps=1, distill_eval_at_start=False,
                   document_mask=True),
