@@ -163,8 +163,11 @@ def test_rejection_sampling_feeds_logit_distillation_of_a_smaller_student(base, 
         ex = next(e for e in task.examples(32, seed=7) if e.prompt == r["prompt"])
         assert task.is_correct(ex, r["completion"]) and r["completion"].startswith("<think>")
 
-    out = distill(_cfg(f"distill.teacher={json.dumps(teacher)}", f"distill.traces={json.dumps(stats['data'])}",
-                       "distill.logit_weight=1.0", "distill.temperature=2.0", "task.name=arithmetic",
+    # the traces as another tool writes them (its own column names), read through data.fields
+    traces = tmp_path / "traces-qa.jsonl"
+    traces.write_text("".join(json.dumps({"question": r["prompt"], "answer": r["completion"]}) + "\n" for r in rows))
+    out = distill(_cfg(f"distill.teacher={json.dumps(teacher)}", f"distill.traces={json.dumps(str(traces))}",
+                       'data.fields={prompt = "question", completion = "answer"}', "distill.logit_weight=1.0", "distill.temperature=2.0", "task.name=arithmetic",
                        "model.overrides={num_nextn_predict_layers=0, hidden_size=32, num_hidden_layers=2}",
                        "train.steps=6", "train.batch_size=8", "eval.examples=4", "eval.max_new_tokens=8"),
                   tmp_path / "distill")

@@ -59,7 +59,8 @@ class PostDataSection:
     """Data file (.jsonl, .jsonl.gz, .json, .parquet or a `datasets` save_to_disk folder): {"messages": [...]} or
     {"prompt", "completion"} rows (SFT), {"prompt", "chosen", "rejected"} (DPO); "" = generated from the task."""
     fields: dict = field(default_factory=dict)
-    """data.train's column for each field it is read for, e.g. {prompt = "question", completion = "answer"}."""
+    """data.train's (and distill.traces') column for each field it is read for, e.g. {prompt = "question",
+    completion = "answer"}."""
     styles: dict = field(default_factory=lambda: {"think": 1.0})
     """Generated SFT data: task style -> share, e.g. {think = 0.3, buggy = 0.7} for a bimodal base."""
     tag_bare: bool = False
@@ -162,7 +163,8 @@ class DistillSection:
     teacher: str = ""
     """Teacher model directory (its tokenizer becomes the student's)."""
     traces: str = ""
-    """SFT jsonl of teacher traces ("" = rejection-sample them from the teacher with [rejection])."""
+    """Data file of teacher traces, SFT rows (their columns named by data.fields) ("" = rejection-sample them from
+    the teacher with [rejection])."""
     logit_weight: float = 0.0
     """Weight of the token KL(teacher ‖ student) on completion tokens, added to the SFT loss (0 = off)."""
     temperature: float = 1.0

@@ -55,7 +55,7 @@ class DistillTrainer(SFTTrainer):
         traces_file = self.out / "traces.jsonl"
         self.trace_stats = None
         if d.traces:
-            rows = read_rows(d.traces)
+            rows = read_rows(d.traces, cfg.data.fields, "data.fields")
         elif self._resume_from is not None and traces_file.is_file():
             rows = read_jsonl(traces_file)
         else:
