@@ -32,8 +32,8 @@ class FP8Experiment(MicroPretraining):
               Check("rel_val_loss_error", PAIR, "below", bound=0.0025))
     notes = ("small-v3 (MLA, 32 routed experts top-4 in 4 groups + 1 shared, MTP depth 1, hidden 256; the experiments' "
              "512-token vocabulary) for 300 steps × 8 × 128 tokens (the quick plan: tiny-v3), BF16 autocast in the "
-             "BF16 and FP8 runs. FP8 = V3's recipe emulated on CPU: E4M3 with 1×128 activation tiles and 128×128 weight blocks "
-             "(the quantization error exactly), accumulation in 14-bit sums promoted to FP32 every 128 elements of K, "
+             "BF16 and FP8 runs. FP8 = V3's recipe emulated on CPU: E4M3 with 1×128 activation tiles and 128×128 "
+             "weight blocks (the quantization error exactly), accumulation in 14-bit sums promoted to FP32 every 128 elements of K, "
              "BF16 AdamW moments. Coverage: every GEMM V3 runs in FP8 (attention projections, shared experts, dense "
              "MLPs, the routed experts' grouped GEMMs: forward, input and weight gradients); embedding, LM head, "
              "router, norms, MTP eh_proj and the attention core stay high precision. The error is |FP8 − BF16| / BF16 "

@@ -52,8 +52,9 @@ class DataSection:
     """Tokens per training sequence (main-model positions; MTP's extra targets come on top)."""
     document_mask: bool = False
     """Attend within each packed document only: a block-diagonal causal mask cut at the BOS that starts every
-    document (or, for documents without one, after each EOS), as Llama 3 pretrains. DeepSeek-V3 packs without one (§4.1), the default; the demo's quick plan
-    uses it (docs/LOG.md). Attention then takes an explicit mask instead of the causal kernel."""
+    document (or, for documents without one, after each EOS), as Llama 3 pretrains. DeepSeek-V3 packs without
+    one (§4.1), the default; the demo's quick plan uses it (docs/LOG.md). Attention then takes an explicit mask
+    instead of the causal kernel."""
 
 
 @dataclass
