@@ -316,6 +316,9 @@ def test_training_with_the_document_mask(dataset, tmp_path):
     # same batches and initialization: the mask changes what attention sees, so the losses differ a little
     assert math.isfinite(masked["val_loss"]) and masked["val_loss"] != plain["val_loss"]
     assert abs(masked["val_loss"] - plain["val_loss"]) < 0.1 * plain["val_loss"]
+    # plain-text documents carry no BOS: they are cut after each EOS
+    trainer = Pretrainer(tiny(dataset, "data.document_mask=true"), tmp_path / "c")
+    assert trainer.cuts == {"eos_id": trainer.tok.eos_id}
 
 
 def test_bad_inputs_fail_before_training(dataset, tmp_path):

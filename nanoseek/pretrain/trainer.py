@@ -120,7 +120,8 @@ class Pretrainer(Trainer):
 
     def _document_cuts(self) -> dict:
         """Where data.document_mask cuts: before each BOS if the documents start with one, else after each EOS."""
-        first = TokenSplit(self.dataset, "train").tokens()[:1].tolist()
+        shards = TokenSplit(self.dataset, "train").shards  # (memory maps: only the first token is read)
+        first = shards[0][:1].tolist() if shards else []
         if self.tok.bos_id is not None and first == [self.tok.bos_id]:
             return {"bos_id": self.tok.bos_id}
         if self.tok.eos_id is None:
